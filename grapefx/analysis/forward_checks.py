@@ -1,0 +1,89 @@
+"""Refuse forward graphs whose gradient is not a sum of per-sample gradients.
+
+Two things break the per-sample decomposition: an op that mixes samples (BatchNorm in training mode,
+`x - x.mean(0)`, attention over the batch), and a loss that is a nonlinear function of a batch
+reduction (`out.mean(0).norm()`). A reduction over the batch is allowed only when everything
+downstream of it is batch-free and linear in it, i.e. it builds a sum / mean of per-sample losses.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from grapefx.analysis.layout import LayoutResult
+from grapefx.errors import BatchMixingError, describe_node, module_path
+
+aten = torch.ops.aten
+
+_LINEAR_PASSTHROUGH = {
+    aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze, aten.alias,
+    aten.clone, aten._to_copy, aten.expand, aten.permute, aten.neg, aten.sum, aten.mean,
+    aten.detach, aten.add, aten.sub, aten.select, aten.slice, aten.t, aten.transpose,
+}
+
+
+def check_forward(gm: fx.GraphModule, layouts: LayoutResult) -> None:
+    for node, kind in layouts.batch_reductions.items():
+        if kind == "batch_norm":
+            raise BatchMixingError(
+                f"{describe_node(node)} is BatchNorm in training mode: its statistics mix the samples "
+                "of a batch, so per-sample gradients do not exist. Replace it with GroupNorm or "
+                "LayerNorm (or freeze it with module.eval() and requires_grad_(False))."
+            )
+    tainted: set[fx.Node] = set()
+    for node in gm.graph.nodes:  # topological order
+        if node in layouts.batch_reductions:
+            val = node.meta.get("val")
+            vals = val if isinstance(val, (list, tuple)) else [val]
+            if any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals):
+                tainted.add(node)
+        if node.op != "call_function" or node in tainted:
+            continue
+        parents = [a for a in node.all_input_nodes if a in tainted]
+        if parents:
+            _check_linear_use(node, parents, layouts)
+            tainted.add(node)
+    for node in layouts.batch_reductions:
+        for user in node.users:
+            lay = layouts.layouts.get(user)
+            if lay is not None and user.op != "output":
+                raise _mixing_error(node, user)
+
+
+def _check_linear_use(node: fx.Node, parents: list[fx.Node], layouts: LayoutResult) -> None:
+    lay = layouts.layouts.get(node)
+    if lay is not None:
+        raise _mixing_error(parents[0], node)
+    if node.target is operator.getitem:
+        return
+    packet = getattr(node.target, "overloadpacket", None)
+    ok = packet in _LINEAR_PASSTHROUGH
+    if packet in (aten.mul,) and len(parents) == 1:
+        ok = True
+    if packet in (aten.div,) and node.args[0] in parents and not (
+        isinstance(node.args[1], fx.Node) and node.args[1] in parents
+    ):
+        ok = True
+    if not ok:
+        raise BatchMixingError(
+            f"The loss is not a sum or mean of per-sample terms: {describe_node(node)} applies a "
+            f"nonlinear function to a reduction over the batch ({describe_node(parents[0])}). "
+            "Compute a per-sample loss and reduce it with .sum() or .mean() over the batch "
+            "(e.g. F.cross_entropy(..., reduction='mean'))."
+        )
+
+
+def _mixing_error(reduction: fx.Node, user: fx.Node) -> BatchMixingError:
+    where = module_path(reduction) or module_path(user)
+    hint = f" (module `{where}`)" if where else ""
+    return BatchMixingError(
+        f"{describe_node(reduction)}{hint} reduces over the batch dimension and its result is used "
+        f"again per sample by {describe_node(user)}: this mixes samples, so per-sample gradients "
+        "(and DP-SGD's sensitivity bound) do not exist. Typical causes: BatchNorm in training mode "
+        "(use GroupNorm/LayerNorm), normalizing by batch statistics such as x - x.mean(0), or "
+        "attention across the batch dimension."
+    )
+

@@ -1,0 +1,169 @@
+"""Find, for every trainable parameter, the backward nodes that sum its gradient over the batch.
+
+A *grad site* is the node where the batch disappears on the way to a parameter gradient (an `mm`
+contracting `B*T`, a `sum` over batch dims, `convolution_backward`, `embedding_dense_backward`).
+Everything between the sites and the gradient output is batch-free and linear in the site values
+("post nodes": views, permutes, the `add` of a tied weight's two uses, ...). The DP rewrite replaces
+each site by its per-sample-weighted version and leaves the post nodes as they are.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from grapefx.analysis.layout import UNKNOWN, LayoutResult
+from grapefx.errors import BatchMixingError, UnsupportedOpError, describe_node
+
+aten = torch.ops.aten
+
+_ISOMETRIC = {
+    aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.t, aten.transpose, aten.alias,
+    aten.clone, aten.squeeze, aten.unsqueeze, aten.contiguous, aten.detach,
+}
+_SUPPORTED_KINDS = {"mm", "bmm", "reduce", "convolution_backward", "embedding_dense_backward"}
+
+
+@dataclass
+class ParamGrad:
+    name: str
+    out_index: int
+    out_node: fx.Node
+    sites: list[fx.Node]
+    post_nodes: set[fx.Node] = field(default_factory=set)
+
+    @property
+    def isometric(self) -> bool:
+        """One site, reaching the output through reshapes / permutes only: norm(site) == norm(grad)."""
+        if len(self.sites) != 1:
+            return False
+        return all(getattr(n.target, "overloadpacket", None) in _ISOMETRIC for n in self.post_nodes)
+
+
+def site_kind(node: fx.Node, layouts: LayoutResult) -> str | None:
+    kind = layouts.batch_reductions.get(node)
+    if kind is not None:
+        return kind
+    if node.target is operator.getitem and node.args[0] in layouts.batch_reductions:
+        if layouts.batch_reductions[node.args[0]] == "convolution_backward" and node.args[1] in (1, 2):
+            return "convolution_backward"
+    return None
+
+
+def find_grad_sites(
+    gm: fx.GraphModule, layouts: LayoutResult, params: list[tuple[int, str]]
+) -> list[ParamGrad]:
+    outputs = gm.graph.output_node().args[0]
+    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    tangents = {n for n in placeholders if n.name.startswith("tangents")}
+    result: list[ParamGrad] = []
+    for out_index, name in params:
+        out = outputs[out_index]
+        if out is None:
+            continue
+        grad = ParamGrad(name, out_index, out, [])
+        stack, seen = [out], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            kind = site_kind(n, layouts)
+            if kind is not None:
+                if kind not in _SUPPORTED_KINDS or not _linear_reduction(n):
+                    raise UnsupportedOpError(
+                        f"The gradient of parameter `{name}` is reduced over the batch by "
+                        f"{describe_node(n)}, which grapefx cannot split per sample. Please report "
+                        "this model; as a workaround, express the layer with standard modules."
+                    )
+                if n not in grad.sites:
+                    grad.sites.append(n)
+                continue
+            lay = layouts.layouts.get(n)
+            if lay is UNKNOWN or lay is not None:
+                raise _unknown_error(name, n, layouts)
+            if n in tangents:
+                raise UnsupportedOpError(
+                    f"Part of the gradient of parameter `{name}` does not depend on any sample "
+                    "(e.g. a weight-decay or regularization term inside the compiled loss). "
+                    "Per-sample clipping cannot attribute it to samples: add such terms to the "
+                    "gradient outside the compiled model (e.g. optimizer weight_decay)."
+                )
+            if n is not out or n.op == "call_function":
+                grad.post_nodes.add(n)
+            stack.extend(n.all_input_nodes)
+        grad.post_nodes -= placeholders
+        grad.post_nodes = {n for n in grad.post_nodes if _depends_on_any(n, grad.sites)}
+        if not grad.sites:
+            raise UnsupportedOpError(
+                f"The gradient of parameter `{name}` does not depend on the batch, so it has no "
+                "per-sample decomposition. Freeze it (requires_grad_(False)) or use it on the data."
+            )
+        result.append(grad)
+    _check_site_users(result, layouts)
+    return result
+
+
+def _linear_reduction(node: fx.Node) -> bool:
+    if node.target is operator.getitem:
+        return True
+    packet = getattr(node.target, "overloadpacket", None)
+    if packet is aten.sum:
+        return True
+    if packet in (aten.mm, aten.bmm):
+        return True
+    if packet is aten.embedding_dense_backward:
+        return not node.args[4]  # scale_grad_by_freq counts tokens over the whole batch
+    return packet is aten.convolution_backward
+
+
+def _depends_on_any(node: fx.Node, sites: list[fx.Node]) -> bool:
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in sites:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _check_site_users(grads: list[ParamGrad], layouts: LayoutResult) -> None:
+    allowed: set[fx.Node] = set()
+    for g in grads:
+        allowed |= g.post_nodes
+    for g in grads:
+        for site in g.sites:
+            for user in site.users:
+                if user.op == "output" or user in allowed:
+                    continue
+                raise BatchMixingError(
+                    f"{describe_node(site)} sums over the batch and the result is used by "
+                    f"{describe_node(user)}, not only by parameter gradients: the model mixes "
+                    "samples (e.g. BatchNorm in training mode, statistics over the batch)."
+                )
+
+
+def _unknown_error(name: str, node: fx.Node, layouts: LayoutResult) -> UnsupportedOpError:
+    culprit = node
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in layouts.unknown_ops:
+            culprit = n
+            break
+        stack.extend(a for a in n.all_input_nodes if layouts.layouts.get(a) is UNKNOWN)
+    return UnsupportedOpError(
+        f"Cannot derive per-sample gradients for parameter `{name}`: {describe_node(culprit)} "
+        "has no batch-layout rule (it may mix samples, e.g. indexing or reshaping across the batch "
+        "dimension). Rewrite that step so each sample is processed independently, or freeze the "
+        "parameter."
+    )

@@ -1,0 +1,611 @@
+"""Batch-layout analysis: for every tensor of an fx graph, where the batch lives.
+
+A tensor either carries no batch (`None`), carries it in one dim (`BatchLayout`), or could not be
+analysed (`UNKNOWN`). Inside a dim the batch may be merged with other factors: a dim of size
+`outer * B * inner` indexes sample `b` at `(o * B + b) * inner + i`. `nn.MultiheadAttention`, for
+example, flattens `[T, B, E]` to `[T*B, E]`, which is `outer=T, inner=1` (t-major), while a Linear on
+`[B, T, E]` flattens b-major (`outer=1, inner=T`). The symbol of B alone cannot tell these apart, so
+layouts are propagated op by op from the batch inputs. Anything not understood becomes `UNKNOWN`,
+and a parameter gradient that depends on an `UNKNOWN` tensor is refused rather than guessed.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    dim: int
+    outer: Any  # sympy integer: product of the factors before B inside `dim`
+    inner: Any  # sympy integer: product of the factors after B inside `dim`
+
+    def moved(self, dim: int) -> BatchLayout:
+        return BatchLayout(dim, self.outer, self.inner)
+
+    @property
+    def plain(self) -> bool:
+        return self.outer == 1 and self.inner == 1
+
+
+class _Unknown:
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+UNKNOWN = _Unknown()
+
+
+@dataclass
+class LayoutResult:
+    """Layouts of every node, plus the nodes that reduce over the batch."""
+
+    layouts: dict[fx.Node, Any] = field(default_factory=dict)
+    batch_reductions: dict[fx.Node, str] = field(default_factory=dict)  # node -> kind
+    unknown_ops: dict[fx.Node, str] = field(default_factory=dict)  # first UNKNOWN producers
+
+
+def to_sym(x: Any) -> Any:
+    if isinstance(x, torch.SymInt):
+        return sympy.sympify(x.node.expr)
+    return sympy.Integer(int(x))
+
+
+def shape_of(node: Any) -> list[Any] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return [to_sym(s) for s in val.shape]
+    return None
+
+
+def _prod(xs: list[Any]) -> Any:
+    return sympy.Mul(*xs) if xs else sympy.Integer(1)
+
+
+def _pos_int(x: Any, batch: Any) -> bool:
+    x = sympy.simplify(x)
+    if batch.free_symbols & x.free_symbols:
+        return False
+    return bool(x.is_integer) and bool(x.is_positive)
+
+
+def reshape_layout(lay: BatchLayout, in_shape: list[Any], out_shape: list[Any], batch: Any) -> Any:
+    """Where the batch lands after a row-major reshape (view, squeeze, unsqueeze, flatten)."""
+    pre = _prod(in_shape[: lay.dim]) * lay.outer
+    post = lay.inner * _prod(in_shape[lay.dim + 1 :])
+    for j in range(len(out_shape)):
+        o = sympy.simplify(pre / _prod(out_shape[:j]))
+        i = sympy.simplify(post / _prod(out_shape[j + 1 :]))
+        if not (_pos_int(o, batch) and _pos_int(i, batch)):
+            continue
+        if sympy.expand(out_shape[j] - o * batch * i) == 0:
+            return BatchLayout(j, o, i)
+    return UNKNOWN
+
+
+def _norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+class _Propagator:
+    def __init__(self, gm: fx.GraphModule, batch: Any, seeds: dict[str, Any]) -> None:
+        self.gm = gm
+        self.batch = batch
+        self.seeds = seeds
+        self.res = LayoutResult()
+
+    # -- helpers -------------------------------------------------------------------------------
+    def lay(self, arg: Any) -> Any:
+        return self.res.layouts.get(arg) if isinstance(arg, fx.Node) else None
+
+    def tensor_args(self, node: fx.Node) -> list[fx.Node]:
+        out = []
+        for a in node.args:
+            if isinstance(a, fx.Node):
+                out.append(a)
+            elif isinstance(a, (list, tuple)):
+                out.extend(x for x in a if isinstance(x, fx.Node))
+        out.extend(v for v in node.kwargs.values() if isinstance(v, fx.Node))
+        return out
+
+    def broadcast(self, node: fx.Node, args: list[Any]) -> Any:
+        out_shape = shape_of(node)
+        if out_shape is None:
+            return UNKNOWN
+        result = None
+        for a in args:
+            la = self.lay(a)
+            if la is None:
+                continue
+            if la is UNKNOWN:
+                return UNKNOWN
+            a_shape = shape_of(a)
+            d = la.dim + len(out_shape) - len(a_shape)
+            if sympy.expand(out_shape[d] - a_shape[la.dim]) != 0:
+                return UNKNOWN  # the batch dim itself was broadcast: not a per-sample op
+            cand = la.moved(d)
+            if result is None:
+                result = cand
+            elif result != cand:
+                return UNKNOWN
+        return result
+
+    def reduction(self, node: fx.Node, x: Any, dims: Any, keepdim: bool) -> Any:
+        lx = self.lay(x)
+        if lx is None or lx is UNKNOWN:
+            return lx
+        ndim = len(shape_of(x))
+        if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
+            dims = list(range(ndim))
+        if isinstance(dims, int):
+            dims = [dims]
+        dims = [_norm_dim(d, ndim) for d in dims]
+        if lx.dim in dims:
+            self.res.batch_reductions[node] = "reduce"
+            return None
+        if keepdim:
+            return lx
+        return lx.moved(lx.dim - sum(1 for d in dims if d < lx.dim))
+
+    # -- per-op rules --------------------------------------------------------------------------
+    def rule(self, node: fx.Node) -> Any:
+        t = node.target
+        args = node.args
+        if t is operator.getitem:
+            src = self.lay(args[0])
+            if isinstance(src, (tuple, list)):
+                return src[args[1]]
+            return UNKNOWN if src is not None else None
+        if not isinstance(t, torch._ops.OpOverload):
+            ins = [self.lay(a) for a in self.tensor_args(node)]
+            return None if all(i is None for i in ins) else UNKNOWN
+        ins = self.tensor_args(node)
+        if all(self.lay(a) is None for a in ins):
+            # No batch input: batch-free (creation ops included, even when a size is B).
+            return None
+        packet = t.overloadpacket
+        handler = _RULES.get(packet)
+        if handler is not None:
+            return handler(self, node)
+        if torch.Tag.pointwise in t.tags:
+            return self.broadcast(node, ins)
+        return UNKNOWN
+
+    def run(self) -> LayoutResult:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.res.layouts[node] = self.seeds.get(node.name)
+            elif node.op == "call_function":
+                try:
+                    lay = self.rule(node)
+                except (IndexError, TypeError, ValueError):
+                    lay = UNKNOWN
+                self.res.layouts[node] = lay
+                if lay is UNKNOWN and not any(self.lay(a) is UNKNOWN for a in self.tensor_args(node)):
+                    self.res.unknown_ops[node] = str(node.target)
+            elif node.op == "output":
+                self.res.layouts[node] = None
+            else:
+                self.res.layouts[node] = UNKNOWN
+        return self.res
+
+
+def _same(p: _Propagator, n: fx.Node) -> Any:
+    return p.lay(n.args[0])
+
+
+def _reshape(p: _Propagator, n: fx.Node) -> Any:
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN:
+        return UNKNOWN
+    out = shape_of(n)
+    if not out:
+        return UNKNOWN
+    return reshape_layout(lx, shape_of(n.args[0]), out, p.batch)
+
+
+def _permute(p: _Propagator, n: fx.Node) -> Any:
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN:
+        return UNKNOWN
+    ndim = len(shape_of(n.args[0]))
+    dims = [_norm_dim(d, ndim) for d in n.args[1]]
+    return lx.moved(dims.index(lx.dim))
+
+
+def _transpose(p: _Propagator, n: fx.Node) -> Any:
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN:
+        return UNKNOWN
+    ndim = len(shape_of(n.args[0]))
+    if n.target == aten.t.default:
+        d0, d1 = 0, 1
+    else:
+        d0, d1 = _norm_dim(n.args[1], ndim), _norm_dim(n.args[2], ndim)
+    swap = {d0: d1, d1: d0}
+    return lx.moved(swap.get(lx.dim, lx.dim))
+
+
+def _expand(p: _Propagator, n: fx.Node) -> Any:
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN:
+        return UNKNOWN
+    in_shape, out_shape = shape_of(n.args[0]), shape_of(n)
+    d = lx.dim + len(out_shape) - len(in_shape)
+    if sympy.expand(out_shape[d] - in_shape[lx.dim]) != 0:
+        return UNKNOWN
+    return lx.moved(d)
+
+
+def _select(p: _Propagator, n: fx.Node) -> Any:
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN:
+        return UNKNOWN
+    d = _norm_dim(n.args[1], len(shape_of(n.args[0])))
+    if d == lx.dim:
+        return UNKNOWN  # picks one sample out of the batch
+    return lx.moved(lx.dim - (1 if d < lx.dim else 0))
+
+
+def _slice(p: _Propagator, n: fx.Node) -> Any:
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN:
+        return UNKNOWN
+    d = _norm_dim(n.args[1] if len(n.args) > 1 else 0, len(shape_of(n.args[0])))
+    if d != lx.dim:
+        return lx
+    return lx if sympy.expand(shape_of(n)[d] - shape_of(n.args[0])[d]) == 0 else UNKNOWN
+
+
+def _cat(p: _Propagator, n: fx.Node) -> Any:
+    tensors = n.args[0]
+    out_shape = shape_of(n)
+    d = _norm_dim(n.args[1] if len(n.args) > 1 else 0, len(out_shape))
+    result = None
+    for t in tensors:
+        lt = p.lay(t)
+        if lt is None:
+            continue
+        if lt is UNKNOWN or lt.dim == d or (result is not None and lt != result):
+            return UNKNOWN
+        result = lt
+    return result
+
+
+def _split(p: _Propagator, n: fx.Node) -> Any:
+    lx = p.lay(n.args[0])
+    val = n.meta.get("val")
+    if lx is UNKNOWN or not isinstance(val, (list, tuple)):
+        return UNKNOWN
+    ndim = len(shape_of(n.args[0]))
+    d = _norm_dim(n.args[2] if len(n.args) > 2 else 0, ndim)
+    if n.target.overloadpacket is aten.unbind:
+        d = _norm_dim(n.args[1] if len(n.args) > 1 else 0, ndim)
+        if d == lx.dim:
+            return UNKNOWN
+        return tuple(lx.moved(lx.dim - (1 if d < lx.dim else 0)) for _ in val)
+    if d == lx.dim:
+        return UNKNOWN
+    return tuple(lx for _ in val)
+
+
+def _reduce_dims(p: _Propagator, n: fx.Node) -> Any:
+    x = n.args[0]
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    if n.target in (aten.sum.default, aten.mean.default, aten.amax.default, aten.any.default):
+        dims, keep = None, False
+    return p.reduction(n, x, dims, bool(keep))
+
+
+def _var(p: _Propagator, n: fx.Node) -> Any:
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    return p.reduction(n, n.args[0], dims, bool(n.kwargs.get("keepdim", False)))
+
+
+def _mm(p: _Propagator, n: fx.Node) -> Any:
+    if n.target.overloadpacket is aten.addmm:
+        bias, a, b = n.args[:3]
+    else:
+        bias, (a, b) = None, n.args[:2]
+    la, lb = p.lay(a), p.lay(b)
+    if UNKNOWN in (la, lb):
+        return UNKNOWN
+    if (la is not None and la.dim == 1) or (lb is not None and lb.dim == 0):
+        if (la is not None and la.dim != 1) or (lb is not None and lb.dim != 0):
+            return UNKNOWN  # batch in the contraction and in an output dim: samples would mix
+        if la is not None and lb is not None and la != lb.moved(1):
+            return UNKNOWN
+        if bias is not None and p.lay(bias) is not None:
+            return UNKNOWN
+        p.res.batch_reductions[n] = "mm"
+        return None
+    if la is not None and lb is not None:
+        return UNKNOWN  # batch on both sides of the product: samples would mix
+    out = la.moved(0) if la is not None else lb.moved(1)
+    if bias is not None and p.lay(bias) is not None:
+        lbias = p.lay(bias)
+        bshape = shape_of(bias)
+        if lbias is UNKNOWN or lbias.moved(lbias.dim + 2 - len(bshape)) != out:
+            return UNKNOWN
+    return out
+
+
+def _bmm(p: _Propagator, n: fx.Node) -> Any:
+    if n.target.overloadpacket is aten.baddbmm:
+        return UNKNOWN
+    a, b = n.args[:2]
+    la, lb = p.lay(a), p.lay(b)
+    if UNKNOWN in (la, lb):
+        return UNKNOWN
+    if la is not None and lb is not None:
+        if la.dim == 0 and lb == la:
+            return la
+        if la.dim == 2 and lb.dim == 1 and la.outer == lb.outer and la.inner == lb.inner:
+            p.res.batch_reductions[n] = "bmm"
+            return None
+        return UNKNOWN
+    if la is not None:
+        if la.dim == 2:
+            p.res.batch_reductions[n] = "bmm"
+            return None
+        return la
+    if lb.dim == 1:
+        p.res.batch_reductions[n] = "bmm"
+        return None
+    return lb
+
+
+def _embedding(p: _Propagator, n: fx.Node) -> Any:
+    weight, idx = n.args[:2]
+    if p.lay(weight) is not None:
+        return UNKNOWN
+    return p.lay(idx)
+
+
+def _convolution(p: _Propagator, n: fx.Node) -> Any:
+    x, w = n.args[:2]
+    bias = n.args[2] if len(n.args) > 2 else None
+    lx = p.lay(x)
+    if lx is UNKNOWN or p.lay(w) is not None or p.lay(bias) is not None:
+        return UNKNOWN
+    return lx if lx.dim == 0 and lx.plain else UNKNOWN
+
+
+def _conv_backward(p: _Propagator, n: fx.Node) -> Any:
+    grad, x, w = n.args[:3]
+    lg, lx = p.lay(grad), p.lay(x)
+    if p.lay(w) is not None:
+        return UNKNOWN
+    for lay in (lg, lx):
+        if lay is not None and (lay is UNKNOWN or lay.dim != 0 or not lay.plain):
+            return UNKNOWN
+    p.res.batch_reductions[n] = "convolution_backward"
+    return (lg if lg is not None else lx, None, None)
+
+
+def _embedding_backward(p: _Propagator, n: fx.Node) -> Any:
+    grad, idx = n.args[:2]
+    lg, li = p.lay(grad), p.lay(idx)
+    if UNKNOWN in (lg, li) or li is None or (lg is not None and lg != li):
+        return UNKNOWN
+    p.res.batch_reductions[n] = "embedding_dense_backward"
+    return None
+
+
+def _layer_norm(p: _Propagator, n: fx.Node) -> Any:
+    x, normalized_shape = n.args[:2]
+    lx = p.lay(x)
+    if lx is UNKNOWN or any(p.lay(a) is not None for a in n.args[2:4] if isinstance(a, fx.Node)):
+        return UNKNOWN
+    ndim = len(shape_of(x))
+    if lx.dim >= ndim - len(normalized_shape):
+        return UNKNOWN  # normalizing over the batch
+    return (lx, lx, lx)
+
+
+def _group_norm(p: _Propagator, n: fx.Node) -> Any:
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN or lx.dim != 0 or not lx.plain:
+        return UNKNOWN
+    return (lx, lx, lx)
+
+
+def _batch_norm(p: _Propagator, n: fx.Node) -> Any:
+    training = n.args[5] if n.target.overloadpacket is not aten._native_batch_norm_legit_no_training else False
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN or lx.dim != 0 or not lx.plain:
+        return UNKNOWN
+    if training:
+        p.res.batch_reductions[n] = "batch_norm"
+        return UNKNOWN
+    vals = n.meta.get("val")
+    return tuple(lx if i == 0 else None for i in range(len(vals)))
+
+
+def _softmax(p: _Propagator, n: fx.Node) -> Any:
+    lays = [p.lay(a) for a in n.args[:2] if isinstance(a, fx.Node)]
+    res = p.broadcast(n, [a for a in n.args[:2] if isinstance(a, fx.Node)])
+    if res is None or res is UNKNOWN:
+        return res
+    dim_arg = n.args[1] if n.target.overloadpacket in (aten._softmax, aten._log_softmax) else n.args[2]
+    d = _norm_dim(dim_arg, len(shape_of(n)))
+    del lays
+    return UNKNOWN if d == res.dim else res
+
+
+def _index_along(p: _Propagator, n: fx.Node) -> Any:
+    # gather / scatter: per-sample when every batch operand shares the layout and the indexed
+    # dim is not the batch dim.
+    x, d = n.args[0], n.args[1]
+    res = p.broadcast(n, [a for a in p.tensor_args(n)])
+    if res is None or res is UNKNOWN:
+        return res
+    if _norm_dim(d, len(shape_of(x))) == res.dim:
+        return UNKNOWN
+    for a in p.tensor_args(n):
+        la = p.lay(a)
+        if la is not None and la != res:
+            return UNKNOWN
+    return res
+
+
+def _scatter_into(p: _Propagator, n: fx.Node) -> Any:
+    base, src = n.args[:2]
+    lb, ls = p.lay(base), p.lay(src)
+    if UNKNOWN in (lb, ls):
+        return UNKNOWN
+    ndim = len(shape_of(base))
+    d = _norm_dim(n.args[2] if len(n.args) > 2 else 0, ndim)
+    is_select = n.target.overloadpacket is aten.select_scatter
+    if ls is not None:
+        mapped = ls.moved(ls.dim + (1 if is_select and d <= ls.dim else 0))
+        if mapped.dim == d or (lb is not None and lb != mapped):
+            return UNKNOWN
+        return mapped
+    return UNKNOWN if lb.dim == d else lb
+
+
+def _per_sample_op(p: _Propagator, n: fx.Node) -> Any:
+    """Ops that act on each item of leading dims independently (attention kernels, dropout)."""
+    res = None
+    for a in p.tensor_args(n):
+        la = p.lay(a)
+        if la is None:
+            continue
+        if la is UNKNOWN or (res is not None and la != res):
+            return UNKNOWN
+        res = la
+    val = n.meta.get("val")
+    vals = val if isinstance(val, (list, tuple)) else [val]
+    outs = []
+    for v in vals:
+        if isinstance(v, torch.Tensor) and v.dim() > res.dim:
+            outs.append(res)
+        else:
+            outs.append(None)
+    return tuple(outs) if isinstance(val, (list, tuple)) else outs[0]
+
+
+def _attention(p: _Propagator, n: fx.Node) -> Any:
+    q = n.args[0]
+    lq = p.lay(q)
+    if lq is UNKNOWN or lq is None or lq.dim >= len(shape_of(q)) - 2:
+        return UNKNOWN
+    return _per_sample_op(p, n)
+
+
+def _nll_forward(p: _Propagator, n: fx.Node) -> Any:
+    x, target = n.args[:2]
+    reduction = n.args[3] if len(n.args) > 3 else 1
+    lx = p.lay(x)
+    if lx is UNKNOWN or lx.dim != 0:
+        return UNKNOWN
+    if reduction == 0:
+        return (lx, None)
+    p.res.batch_reductions[n] = "loss"
+    return (None, None)
+
+
+def _nll_backward(p: _Propagator, n: fx.Node) -> Any:
+    lx = p.lay(n.args[1])
+    return lx if lx is not UNKNOWN and lx is not None and lx.dim == 0 else UNKNOWN
+
+
+def _pointwise_with_dim(p: _Propagator, n: fx.Node) -> Any:
+    return p.broadcast(n, p.tensor_args(n))
+
+
+_RULES: dict[Any, Any] = {}
+
+
+def _register(packets: list[Any], fn: Any) -> None:
+    for pk in packets:
+        if pk in _RULES:
+            raise RuntimeError(f"duplicate layout rule for {pk}")
+        _RULES[pk] = fn
+
+
+_register(
+    [aten.clone, aten.alias, aten.detach, aten._to_copy, aten.lift_fresh_copy, aten.contiguous,
+     aten._conj, aten.lift_fresh],
+    _same,
+)
+_register(
+    [aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze, aten.flatten,
+     aten.view_as],
+    _reshape,
+)
+_register([aten.permute], _permute)
+_register([aten.t, aten.transpose], _transpose)
+_register([aten.expand], _expand)
+_register([aten.select], _select)
+_register([aten.slice], _slice)
+_register([aten.cat], _cat)
+_register([aten.split, aten.split_with_sizes, aten.unbind, aten.chunk], _split)
+_register(
+    [aten.sum, aten.mean, aten.amax, aten.amin, aten.any, aten.all, aten.prod, aten.logsumexp,
+     aten.argmax, aten.argmin],
+    _reduce_dims,
+)
+_register([aten.var, aten.var_mean, aten.std], _var)
+_register([aten.mm, aten.addmm], _mm)
+_register([aten.bmm, aten.baddbmm], _bmm)
+_register([aten.embedding], _embedding)
+_register([aten.convolution], _convolution)
+_register([aten.convolution_backward], _conv_backward)
+_register([aten.embedding_dense_backward], _embedding_backward)
+_register([aten.native_layer_norm], _layer_norm)
+_register([aten.native_group_norm], _group_norm)
+_register(
+    [aten._native_batch_norm_legit_functional, aten.native_batch_norm, aten._native_batch_norm_legit,
+     aten._native_batch_norm_legit_no_training],
+    _batch_norm,
+)
+_register(
+    [aten._softmax, aten._log_softmax, aten._softmax_backward_data, aten._log_softmax_backward_data],
+    _softmax,
+)
+_register([aten.gather, aten.scatter, aten.scatter_add], _index_along)
+_register([aten.slice_scatter, aten.select_scatter], _scatter_into)
+_register(
+    [aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
+     aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_cudnn_attention,
+     aten._scaled_dot_product_flash_attention_for_cpu_backward,
+     aten._scaled_dot_product_efficient_attention_backward,
+     aten._scaled_dot_product_flash_attention_backward,
+     aten._scaled_dot_product_cudnn_attention_backward],
+    _attention,
+)
+_register([aten.native_dropout], _per_sample_op)
+_register([aten.nll_loss_forward], _nll_forward)
+_register([aten.nll_loss_backward], _nll_backward)
+_register([aten.where, aten.masked_fill, aten.clamp, aten.native_dropout_backward], _pointwise_with_dim)
+
+
+def analyze_layouts(gm: fx.GraphModule, batch: Any, seeds: dict[str, Any]) -> LayoutResult:
+    """Propagate batch layouts from `seeds` (placeholder name -> layout) through `gm`."""
+    return _Propagator(gm, batch, seeds).run()
+
+
+def numel_sym(shape: list[Any]) -> Any:
+    return _prod(shape)
+
+
+__all__ = [
+    "BatchLayout",
+    "LayoutResult",
+    "UNKNOWN",
+    "analyze_layouts",
+    "reshape_layout",
+    "shape_of",
+    "to_sym",
+]

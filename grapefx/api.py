@@ -1,0 +1,95 @@
+"""`grapefx.compile`: the one-line way to make a model's training private."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from grapefx.backend import GrapefxBackend
+from grapefx.config import PrivacyConfig
+from grapefx.errors import GraphBreakError
+
+
+class PrivateModule(nn.Module):
+    """Wraps a model compiled with the grapefx backend.
+
+    Calls mark dim 0 of every tensor argument dynamic, so varying (Poisson) batch sizes reuse one
+    graph; Dynamo specializes sizes 0 and 1, so at most three graphs are compiled (B=0, B=1, B>=2).
+    After `loss.backward()`, `per_sample_norms()` returns the per-sample gradient norms ([B]) of that
+    backward and `per_layer_norms()` the per-parameter ones ([B, n_params], order of
+    `parameter_names()`): the norms of the gradients of the loss written as a sum over samples.
+    """
+
+    def __init__(self, module: nn.Module, config: PrivacyConfig, dynamic: bool = True) -> None:
+        super().__init__()
+        self.module = module
+        self.privacy_config = config
+        self.grapefx_backend = GrapefxBackend(config)
+        self._compiled = torch.compile(module, backend=self.grapefx_backend, fullgraph=True, dynamic=False)
+        self._dynamic = dynamic
+
+    @property
+    def privacy_state(self) -> Any:
+        return self.grapefx_backend.state
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._dynamic:
+            for a in list(args) + list(kwargs.values()):
+                if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] > 1:
+                    torch._dynamo.mark_dynamic(a, 0)
+        try:
+            return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.Unsupported as e:  # a graph break under fullgraph=True
+            raise GraphBreakError(
+                "grapefx needs the model in one graph (per-sample clipping split over graphs would be "
+                f"wrong), but Dynamo could not trace it: {str(e).splitlines()[0]}. Remove the "
+                "data-dependent Python control flow / unsupported call named above."
+            ) from None
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            inner = e.inner_exception if hasattr(e, "inner_exception") else e.__cause__
+            if inner is not None and isinstance(inner, Exception) and type(inner).__module__.startswith("grapefx"):
+                raise inner from None
+            raise
+
+    def per_sample_norms(self) -> torch.Tensor | None:
+        return self.privacy_state.last_norms
+
+    def per_layer_norms(self) -> torch.Tensor | None:
+        return self.privacy_state.last_layer_norms
+
+    def parameter_names(self) -> list[str]:
+        return list(self.privacy_state.param_names)
+
+    def set_noise_enabled(self, enabled: bool) -> None:
+        """Turn noise off for all but the last micro-batch of a virtual (accumulated) batch."""
+        self.privacy_state.noise_enabled = enabled
+
+
+def compile(  # noqa: A001 - mirrors torch.compile
+    model: nn.Module,
+    *,
+    max_grad_norm: float = 1.0,
+    noise_multiplier: float = 1.0,
+    loss_reduction: str = "mean",
+    clipping: str = "flat",
+    strategy: str = "auto",
+    expected_batch_size: int | None = None,
+    seed: int | None = None,
+    codegen: str = "eager",
+    **options: Any,
+) -> PrivateModule:
+    """Compile `model` so that `loss.backward()` leaves DP-SGD gradients in every `p.grad`."""
+    config = PrivacyConfig(
+        max_grad_norm=max_grad_norm,
+        noise_multiplier=noise_multiplier,
+        loss_reduction=loss_reduction,
+        clipping=clipping,
+        strategy=strategy,
+        expected_batch_size=expected_batch_size,
+        seed=seed,
+        codegen=codegen,
+        **options,
+    )
+    return PrivateModule(model, config)

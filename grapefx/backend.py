@@ -1,0 +1,216 @@
+"""The torch.compile backend: capture, AOTAutograd wiring, the DP pipeline, codegen.
+
+    Dynamo graph ──capture──► AOTAutograd (core-aten decompositions, min-cut partitioner)
+        forward compiler:  batch layouts + refusal of batch-mixing forwards, then codegen
+        backward compiler: privatize_backward (sites → norms → clip → book-keeping → noise), codegen
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx as fx
+from torch._decomp import core_aten_decompositions
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from grapefx.analysis.capture import Capture, capture_inputs
+from grapefx.analysis.forward_checks import check_forward
+from grapefx.analysis.layout import UNKNOWN, BatchLayout, analyze_layouts
+from grapefx.config import PrivacyConfig
+from grapefx.errors import GrapefxError, GraphBreakError
+from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
+from grapefx.passes.tracing import retrace
+from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
+
+log = logging.getLogger("grapefx")
+aten = torch.ops.aten
+
+
+def _decompositions() -> dict[Any, Any]:
+    table = dict(core_aten_decompositions())
+    # Keep these whole: their rules (embedding ghost norm, per-sample conv) need the fused op.
+    table.pop(aten.embedding_dense_backward.default, None)
+    table.pop(aten.convolution_backward.default, None)
+    return table
+
+
+def _configure_torch() -> None:
+    # Traps that give silently wrong gradients (see DESIGN.md): a cached graph compiled for another
+    # privacy config, and Inductor donating buffers of a rewritten backward.
+    torch._functorch.config.enable_autograd_cache = False
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
+
+
+def _require_one_graph() -> None:
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # noqa: BLE001 - not under Dynamo (direct call): nothing to check
+        return
+    if tx is None:
+        return
+    if getattr(tx, "one_graph", False) or getattr(tx, "error_on_graph_break", False):
+        return
+    raise GraphBreakError(
+        "grapefx needs the whole model (and loss, if compiled) in one graph: per-sample clipping "
+        "split over several graphs would clip each part separately. Use grapefx.compile(...) or "
+        "torch.compile(..., backend=grapefx.backend(...), fullgraph=True)."
+    )
+
+
+class GrapefxBackend:
+    """One instance per compiled model: holds the privacy config and run-time state."""
+
+    def __init__(self, config: PrivacyConfig, state: PrivacyState | None = None) -> None:
+        self.config = config
+        self.state = state or PrivacyState(seed=config.seed, secure=config.secure_noise)
+        self.plans: list[BackwardPlan] = []
+        self.graphs: dict[str, fx.GraphModule] = {}
+        _configure_torch()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        _require_one_graph()
+        capture = capture_inputs(gm, example_inputs)
+        self.state.param_names = [p.name for p in capture.params]
+        shared: dict[str, Any] = {}
+
+        def fw_compiler(fw_gm: fx.GraphModule, fw_inputs: list[Any]) -> Callable[..., Any]:
+            self._analyze_forward(fw_gm, capture, shared)
+            self.graphs["forward"] = fw_gm
+            return self._codegen(fw_gm, fw_inputs, is_backward=False)
+
+        def bw_compiler(bw_gm: fx.GraphModule, bw_inputs: list[Any]) -> Callable[..., Any]:
+            self.graphs["backward_original"] = bw_gm
+            new_gm = self._privatize(bw_gm, bw_inputs, capture, shared)
+            self.graphs["backward"] = new_gm
+            return self._codegen(new_gm, bw_inputs, is_backward=True)
+
+        def inference_compiler(gm_: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+            return self._codegen(gm_, inputs, is_backward=False)
+
+        return aot_autograd(
+            fw_compiler=fw_compiler,
+            bw_compiler=bw_compiler,
+            inference_compiler=inference_compiler,
+            decompositions=_decompositions(),
+            partition_fn=min_cut_rematerialization_partition,
+            keep_inference_input_mutations=True,
+        )(gm, example_inputs)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def _analyze_forward(self, fw_gm: fx.GraphModule, capture: Capture, shared: dict[str, Any]) -> None:
+        placeholders = [n for n in fw_gm.graph.nodes if n.op == "placeholder"]
+        seeds = {
+            ph.name: BatchLayout(0, sympy.Integer(1), sympy.Integer(1))
+            for ph, info in zip(placeholders, capture.inputs)
+            if info.kind == "batch"
+        }
+        shared["batch"] = capture.batch_size
+        if capture.batch_size == 0:
+            return
+        layouts = analyze_layouts(fw_gm, capture.batch_size, seeds)
+        check_forward(fw_gm, layouts)
+        outputs = list(fw_gm.graph.output_node().args[0])
+        shared["saved"] = {n.name: layouts.layouts.get(n) for n in outputs if isinstance(n, fx.Node)}
+        shared["tangent_layouts"] = _tangent_layouts(outputs, layouts.layouts)
+
+    # -- backward --------------------------------------------------------------------------------
+    def _privatize(
+        self, bw_gm: fx.GraphModule, bw_inputs: list[Any], capture: Capture, shared: dict[str, Any]
+    ) -> fx.GraphModule:
+        n_out = len(bw_gm.graph.output_node().args[0])
+        params = [(i.index, i.name) for i in capture.params if i.index < n_out]
+        if capture.batch_size == 0:
+            return _noise_only_backward(bw_gm, bw_inputs, params, self.config, self.state.id)
+        seeds: dict[str, Any] = {}
+        tangents = [n for n in bw_gm.graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+        tangent_layouts = shared["tangent_layouts"]
+        if len(tangents) != len(tangent_layouts):
+            raise GrapefxError(
+                f"grapefx could not match the {len(tangents)} backward tangents to the forward outputs "
+                f"({len(tangent_layouts)} candidates); please report this model."
+            )
+        for ph in bw_gm.graph.nodes:
+            if ph.op == "placeholder" and ph.name in shared["saved"]:
+                seeds[ph.name] = shared["saved"][ph.name]
+        for t, lay in zip(tangents, tangent_layouts):
+            seeds[t.name] = lay
+        try:
+            new_gm, plan = privatize_backward(
+                bw_gm, bw_inputs, seeds, shared["batch"], params, self.config, self.state.id
+            )
+        except GrapefxError:
+            raise
+        self.plans.append(plan)
+        return new_gm
+
+    # -- codegen ---------------------------------------------------------------------------------
+    def _codegen(self, gm: fx.GraphModule, inputs: list[Any], is_backward: bool) -> Callable[..., Any]:
+        if self.config.codegen == "inductor":
+            from torch._inductor.compile_fx import compile_fx_inner
+
+            return compile_fx_inner(gm, inputs, is_backward=is_backward)
+        return make_boxed_func(gm)
+
+
+def _tangent_layouts(outputs: list[Any], layouts: dict[fx.Node, Any]) -> list[Any]:
+    """Layouts of the forward outputs that receive a tangent, in tangent order."""
+    ctx = torch._guards.TracingContext.try_get()
+    meta = getattr(ctx, "fw_metadata", None)
+    if meta is None:
+        raise GrapefxError("grapefx needs AOTAutograd's forward metadata (torch >= 2.11)")
+    n_mut = meta.num_mutated_inp_runtime_indices
+    result = []
+    mutated = [i for i, info in enumerate(meta.input_info) if info.mutates_data]
+    for k, inp in enumerate(mutated):
+        if meta.input_info[inp].requires_grad:
+            result.append(layouts.get(outputs[k]) if k < n_mut else UNKNOWN)
+    for k, info in enumerate(meta.output_info):
+        if info.requires_grad:
+            node = outputs[n_mut + k]
+            result.append(layouts.get(node) if isinstance(node, fx.Node) else None)
+    result.extend(UNKNOWN for _ in range(meta.num_intermediate_bases))
+    return result
+
+
+def _noise_only_backward(
+    gm: fx.GraphModule, inputs: list[Any], params: list[tuple[int, str]], config: PrivacyConfig, state_id: int
+) -> fx.GraphModule:
+    """An empty batch (B=0): every parameter gradient is pure noise / denom."""
+    denom = float(config.expected_batch_size or 1) if config.loss_reduction == "mean" else 1.0
+    param_idx = {i for i, _ in params}
+
+    def fn(*args: Any) -> Any:
+        outs = list(torch.fx.Interpreter(gm).run(*args))
+        for i in param_idx:
+            if outs[i] is None:
+                continue
+            grad = torch.zeros_like(outs[i])
+            if config.noise_multiplier > 0:
+                std = float(config.noise_multiplier * config.max_grad_norm)
+                grad = grad + torch.ops.grapefx.gaussian_noise(grad, std, state_id) / denom
+            outs[i] = grad
+        return tuple(outs)
+
+    return retrace(fn, inputs)
+
+
+def backend(config: PrivacyConfig | None = None, **options: Any) -> GrapefxBackend:
+    """A torch.compile backend: `torch.compile(m, backend=grapefx.backend(max_grad_norm=1.0), fullgraph=True)`."""
+    cfg = config if config is not None else PrivacyConfig.from_options(options)
+    return GrapefxBackend(cfg)
+
+
+def grapefx_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None) -> Any:
+    """Entry point for `torch.compile(model, backend="grapefx", options={...})`.
+
+    Each compiled graph gets its own privacy state; use grapefx.compile to read norms afterwards.
+    """
+    return GrapefxBackend(PrivacyConfig.from_options(options))(gm, example_inputs)

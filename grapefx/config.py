@@ -1,0 +1,68 @@
+"""Privacy and compile options: frozen, validated dataclasses (no global mutable config)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from grapefx.errors import ConfigError
+
+CLIPPING_MODES = ("flat", "per_layer", "automatic")
+REDUCTIONS = ("mean", "sum")
+STRATEGIES = ("auto", "ghost", "instantiate")
+CODEGENS = ("eager", "inductor")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """How a backward pass is privatized.
+
+    p.grad = (sum_i c_i * g_i + noise_multiplier * max_grad_norm * xi) / denom, with
+    c_i = min(1, C / (||g_i|| + 1e-6)) (flat / per_layer) or C / (||g_i|| + gamma) (automatic);
+    denom = 1 for "sum", the batch size (or `expected_batch_size`) for "mean".
+    """
+
+    max_grad_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    loss_reduction: str = "mean"
+    clipping: str = "flat"
+    strategy: str = "auto"  # per-layer norm method: auto (cost model) / ghost / instantiate
+    expected_batch_size: int | None = None
+    automatic_gamma: float = 0.01
+    seed: int | None = None
+    codegen: str = "eager"
+    secure_noise: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
+            raise ConfigError(f"max_grad_norm must be a positive number, got {self.max_grad_norm!r}")
+        if not (isinstance(self.noise_multiplier, (int, float)) and self.noise_multiplier >= 0):
+            raise ConfigError(f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}")
+        if not math.isfinite(self.noise_multiplier) or not math.isfinite(self.max_grad_norm):
+            raise ConfigError("max_grad_norm and noise_multiplier must be finite")
+        for name, allowed in (
+            ("loss_reduction", REDUCTIONS),
+            ("clipping", CLIPPING_MODES),
+            ("strategy", STRATEGIES),
+            ("codegen", CODEGENS),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.expected_batch_size is not None and self.expected_batch_size <= 0:
+            raise ConfigError(f"expected_batch_size must be positive, got {self.expected_batch_size}")
+        if self.automatic_gamma <= 0:
+            raise ConfigError(f"automatic_gamma must be > 0, got {self.automatic_gamma}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> PrivacyConfig:
+        options = dict(options or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown grapefx option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**options)
+
+    def with_(self, **changes: Any) -> PrivacyConfig:
+        return replace(self, **changes)

@@ -1,0 +1,30 @@
+"""Trace a Python function over a graph's fake inputs into a new aten GraphModule."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+
+def retrace(fn: Callable[..., Any], example_inputs: list[Any]) -> fx.GraphModule:
+    fake_mode = detect_fake_mode(example_inputs)
+    ctx = contextlib.nullcontext()
+    old = None
+    if fake_mode is not None:
+        # Decompositions and graph constants bring small real tensors (e.g. a 0-d zero).
+        old = fake_mode.allow_non_fake_inputs
+        fake_mode.allow_non_fake_inputs = True
+        ctx = fake_mode
+    try:
+        with ctx:
+            gm = make_fx(fn, tracing_mode="real")(*example_inputs)
+    finally:
+        if fake_mode is not None:
+            fake_mode.allow_non_fake_inputs = old
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm

@@ -1,0 +1,91 @@
+"""Noise and per-sample-norm side channels, as custom ops the rewritten backward graph calls.
+
+The graph cannot hold Python state, so each compiled model owns a `PrivacyState` registered under an
+integer id; the ops look it up at run time. Noise comes from the state's own generator (seeded and
+reproducible, or `secrets`-seeded fresh per draw in secure mode), never from torch's global RNG, so
+the user's dropout / data order are unaffected. Draws follow the graph's fixed order, so the same seed
+gives the same noise and consecutive steps get fresh, independent noise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+_STATES: weakref.WeakValueDictionary[int, PrivacyState] = weakref.WeakValueDictionary()
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class PrivacyState:
+    """Run-time state shared by a compiled model's graphs."""
+
+    seed: int | None = None
+    secure: bool = False
+    noise_enabled: bool = True  # off for all but the last micro-batch of a virtual batch
+    last_norms: torch.Tensor | None = None  # [B] per-sample norms of the whole gradient, last backward
+    last_layer_norms: torch.Tensor | None = None  # [B, n_params] per-parameter norms, last backward
+    param_names: list[str] = field(default_factory=list)
+    backward_calls: int = 0
+    id: int = field(default_factory=lambda: next(_ids))
+    _generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _STATES[self.id] = self
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self.secure:
+            g = torch.Generator(device=device)
+            g.manual_seed(secrets.randbits(63))
+            return g
+        gen = self._generators.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed if self.seed is not None else secrets.randbits(63))
+            self._generators[device] = gen
+        return gen
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self._generators.clear()
+
+
+def get_state(state_id: int) -> PrivacyState:
+    state = _STATES.get(state_id)
+    if state is None:
+        raise RuntimeError(f"grapefx privacy state {state_id} no longer exists (model was freed)")
+    return state
+
+
+@torch.library.custom_op("grapefx::gaussian_noise", mutates_args=())
+def gaussian_noise(like: torch.Tensor, std: float, state_id: int) -> torch.Tensor:
+    """std * N(0, I) shaped like `like`, drawn from the privacy state's generator."""
+    state = get_state(state_id)
+    if std == 0.0 or not state.noise_enabled:
+        return torch.zeros_like(like)
+    gen = state.generator(like.device)
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype) * std
+
+
+@gaussian_noise.register_fake
+def _(like: torch.Tensor, std: float, state_id: int) -> torch.Tensor:
+    return torch.empty_like(like)
+
+
+@torch.library.custom_op("grapefx::record_norms", mutates_args=())
+def record_norms(layer_norms: torch.Tensor, state_id: int) -> torch.Tensor:
+    """Keep this backward's per-sample norms ([B, n_params]) for monitoring; returns a copy."""
+    state = get_state(state_id)
+    state.last_layer_norms = layer_norms.detach().clone()
+    state.last_norms = state.last_layer_norms.pow(2).sum(dim=1).sqrt()
+    state.backward_calls += 1
+    return layer_norms.clone()
+
+
+@record_norms.register_fake
+def _(layer_norms: torch.Tensor, state_id: int) -> torch.Tensor:
+    return torch.empty_like(layer_norms)

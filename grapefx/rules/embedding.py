@@ -1,0 +1,69 @@
+"""`embedding_dense_backward` (nn.Embedding, incl. padding_idx).
+
+Sample i's gradient is Σ_t onehot(id_t) ⊗ g_t, so its ghost norm is Σ_{t,s} [id_t = id_s](g_t·g_s)
+(~BT²d flops, no V-sized buffer), against ~BVd memory to instantiate; tokens equal to padding_idx
+contribute nothing. scale_grad_by_freq counts tokens over the whole batch and is refused earlier.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grapefx.rules.registry import NormChoice, SiteContext, SiteRule, expose_batch, register_rule, weights_like
+
+aten = torch.ops.aten
+
+
+def _tokens(site: SiteContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [B, T] and grads [B, T, d] of one site."""
+    grad, ids = site.node.args[:2]
+    lay = site.layout(ids)
+    ids_b = expose_batch(site.value(ids), lay, site.batch_size)
+    b = site.batch_size
+    ids_b = ids_b.reshape(b, -1) if ids_b.dim() != 2 else ids_b
+    g = site.value(grad)
+    g_b = expose_batch(g, lay, b)
+    g_b = g_b.reshape(b, ids_b.shape[1], g.shape[-1])
+    return ids_b, g_b
+
+
+@register_rule("embedding_dense_backward")
+class EmbeddingRule(SiteRule):
+    def per_sample(self, site: SiteContext) -> torch.Tensor:
+        ids, g = _tokens(site)
+        _, _, num_weights, padding_idx, _ = site.node.args
+        return torch.vmap(lambda g_i, i_i: aten.embedding_dense_backward(g_i, i_i, num_weights, padding_idx, False))(
+            g, ids
+        )
+
+    def choose(self, site: SiteContext) -> NormChoice:
+        grad, ids = site.node.args[:2]
+        lay = site.layout(ids)
+        per_sample_tokens = int(ids.meta["val"].numel() // max(1, int(ids.meta["val"].shape[lay.dim]))) * int(
+            lay.outer * lay.inner
+        )
+        T, d, V = per_sample_tokens, int(grad.meta["val"].shape[-1]), int(site.node.args[2])
+        ghost, inst = 2.0 * T * T * d, 2.0 * (T * d + V * d)
+        if site.strategy in ("ghost", "instantiate"):
+            return NormChoice(site.strategy, ghost, inst, f"strategy={site.strategy}")
+        method = "ghost" if ghost < inst else "instantiate"
+        return NormChoice(method, ghost, inst, f"T={T} d={d} V={V}: T²d vs Vd per sample")
+
+    def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
+        if choice.method != "ghost":
+            return super().norm_sq(site, choice)
+        ids, g = _tokens(site)
+        padding_idx = site.node.args[3]
+        same = ids[:, :, None] == ids[:, None, :]
+        if padding_idx is not None and padding_idx >= 0:
+            keep = ids != padding_idx
+            same = same & keep[:, :, None] & keep[:, None, :]
+        g = g.float()
+        gram = torch.bmm(g, g.transpose(1, 2))
+        return (gram * same.to(gram.dtype)).sum(dim=(1, 2))
+
+    def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
+        grad, ids, num_weights, padding_idx, scale = site.node.args
+        g = site.value(grad)
+        g = g * weights_like(weights, g, site.layout(ids))
+        return aten.embedding_dense_backward(g, site.value(ids), num_weights, padding_idx, scale)

@@ -1,0 +1,70 @@
+"""`mm(A[M, K], B[K, N])` contracting a flattened batch dim K = outer*B*inner (Linear, matmul).
+
+Per sample i the contribution is G_i = L_iᵀ R_i with L_i = A[:, K_i]ᵀ ([T, M]) and R_i = B[K_i, :]
+([T, N]), T = outer*inner. Its squared norm is either the ghost norm Σ_{t,s} (L_t·L_s)(R_t·R_s)
+(~2BT²(M+N) flops, BT² memory) or ‖L_iᵀR_i‖² after instantiation (~2BTMN flops, BMN memory).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from grapefx.rules.registry import NormChoice, SiteContext, SiteRule, expose_batch, register_rule, weights_like
+
+
+def _k_layout(site: SiteContext):  # noqa: ANN202
+    a, b = site.node.args[:2]
+    la, lb = site.layout(a), site.layout(b)
+    return la if la is not None else lb.moved(1)
+
+
+def factors(site: SiteContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """L [B, T, M] and R [B, T, N] of an mm site."""
+    a, b = site.node.args[:2]
+    lk = _k_layout(site)
+    A, Bm = site.value(a), site.value(b)
+    L = expose_batch(A, lk, site.batch_size).transpose(1, 2)  # [B, T, M]
+    R = expose_batch(Bm, lk.moved(0), site.batch_size)  # [B, T, N]
+    return L, R
+
+
+def ghost_norm_sq(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    gram_l = torch.bmm(L, L.transpose(1, 2))
+    gram_r = torch.bmm(R, R.transpose(1, 2))
+    return (gram_l * gram_r).sum(dim=(1, 2))
+
+
+@register_rule("mm")
+class MatmulRule(SiteRule):
+    def per_sample(self, site: SiteContext) -> torch.Tensor:
+        L, R = factors(site)
+        return torch.bmm(L.transpose(1, 2), R)
+
+    def choose(self, site: SiteContext) -> NormChoice:
+        a, b = site.node.args[:2]
+        lk = _k_layout(site)
+        T = int(lk.outer * lk.inner)
+        M = int(a.meta["val"].shape[0])
+        N = int(b.meta["val"].shape[1])
+        ghost, inst = 2.0 * T * T * (M + N), 2.0 * T * M * N
+        if site.strategy in ("ghost", "instantiate"):
+            return NormChoice(site.strategy, ghost, inst, f"strategy={site.strategy}")
+        method = "ghost" if ghost < inst else "instantiate"
+        return NormChoice(method, ghost, inst, f"T={T} M={M} N={N}: 2T²(M+N) vs 2TMN per sample")
+
+    def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
+        L, R = factors(site)
+        L, R = L.float(), R.float()
+        if choice.method == "ghost":
+            return ghost_norm_sq(L, R)
+        return torch.bmm(L.transpose(1, 2), R).pow(2).sum(dim=(1, 2))
+
+    def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
+        a, b = site.node.args[:2]
+        lk = _k_layout(site)
+        A, Bm = site.value(a), site.value(b)
+        if A.shape[0] <= Bm.shape[1]:  # scale the smaller operand
+            A = A * weights_like(weights, A, lk)
+        else:
+            Bm = Bm * weights_like(weights, Bm, lk.moved(0))
+        return torch.mm(A, Bm)

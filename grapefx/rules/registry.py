@@ -1,0 +1,119 @@
+"""Rule registry: one rule per kind of grad site (the op that sums a gradient over the batch).
+
+A rule knows, for its site: the per-sample values (instantiate), the per-sample squared norm by the
+cheapest method its cost model allows (ghost / instantiate), and the site recomputed with per-sample
+weights (the book-kept weighted contraction). Rule math is plain torch code, traced into the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, shape_of
+
+
+@dataclass
+class SiteContext:
+    """What a rule sees of one site while the private backward is being traced."""
+
+    node: fx.Node
+    kind: str
+    layouts: LayoutResult
+    env: dict[fx.Node, Any]
+    batch_size: Any  # traced SymInt / int
+    strategy: str  # auto / ghost / instantiate
+
+    def value(self, arg: Any) -> Any:
+        return self.env[arg] if isinstance(arg, fx.Node) else arg
+
+    def layout(self, arg: Any) -> BatchLayout | None:
+        lay = self.layouts.layouts.get(arg) if isinstance(arg, fx.Node) else None
+        if lay is UNKNOWN:
+            raise AssertionError(f"site operand {arg} has an unknown layout")
+        return lay
+
+
+@dataclass(frozen=True)
+class NormChoice:
+    method: str  # "ghost" | "instantiate"
+    ghost_flops: float
+    instantiate_flops: float
+    reason: str
+
+
+class SiteRule:
+    """Base class; subclasses implement the three operations for one site kind."""
+
+    kind: str = ""
+
+    def per_sample(self, site: SiteContext) -> torch.Tensor:
+        """[B, *site_shape]: each sample's contribution to the site's value."""
+        raise NotImplementedError
+
+    def choose(self, site: SiteContext) -> NormChoice:
+        return NormChoice("instantiate", float("inf"), 0.0, "only instantiation is implemented")
+
+    def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
+        """[B] squared Frobenius norm of each sample's contribution."""
+        ps = self.per_sample(site).float()
+        return ps.reshape(ps.shape[0], -1).pow(2).sum(1) if ps.dim() > 1 else ps.pow(2)
+
+    def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
+        """The site's value with sample i's contribution multiplied by weights[i]."""
+        raise NotImplementedError
+
+
+_RULES: dict[str, SiteRule] = {}
+
+
+def register_rule(kind: str) -> Callable[[type[SiteRule]], type[SiteRule]]:
+    def deco(cls: type[SiteRule]) -> type[SiteRule]:
+        if kind in _RULES:
+            raise RuntimeError(f"a grapefx rule for site kind {kind!r} is already registered")
+        inst = cls()
+        inst.kind = kind
+        _RULES[kind] = inst
+        return cls
+
+    return deco
+
+
+def rule_for(kind: str) -> SiteRule:
+    from grapefx.rules import conv, embedding, generic, mm, reduce  # noqa: F401 - registration
+
+    return _RULES[kind]
+
+
+def registered_kinds() -> list[str]:
+    rule_for("mm")
+    return sorted(_RULES)
+
+
+# -- shared tensor helpers (traced into the graph) ----------------------------------------------
+
+
+def expose_batch(x: torch.Tensor, lay: BatchLayout, batch_size: Any) -> torch.Tensor:
+    """Move the batch factor of `x` to a new leading dim: [B, ..., outer*inner, ...]."""
+    d, outer, inner = lay.dim, int(lay.outer), int(lay.inner)
+    shape = list(x.shape)
+    split = shape[:d] + [outer, batch_size, inner] + shape[d + 1 :]
+    y = x.reshape(split).movedim(d + 1, 0)
+    return y.reshape([batch_size] + shape[:d] + [outer * inner] + shape[d + 1 :])
+
+
+def weights_like(weights: torch.Tensor, x: torch.Tensor, lay: BatchLayout) -> torch.Tensor:
+    """Per-element weights, broadcastable to `x`, giving every element its sample's weight."""
+    d, outer, inner = lay.dim, int(lay.outer), int(lay.inner)
+    b = weights.shape[0]
+    w = weights.to(x.dtype).reshape(1, b, 1).expand(outer, b, inner).reshape(outer * b * inner)
+    view = [1] * x.dim()
+    view[d] = outer * b * inner
+    return w.reshape(view)
+
+
+def site_shape(node: fx.Node) -> list[Any]:
+    return shape_of(node)
