@@ -1,7 +1,7 @@
 """grapefx: differentially private training as a torch.compile backend."""
 
 from grapefx.api import PrivateModule, compile
-from grapefx.backend import GrapefxBackend, backend
+from grapefx.dynamo_backend import GrapefxBackend, backend
 from grapefx.config import PrivacyConfig
 from grapefx.errors import (
     BatchMixingError,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from grapefx.backend import GrapefxBackend
+from grapefx.dynamo_backend import GrapefxBackend
 from grapefx.config import PrivacyConfig
 from grapefx.errors import GraphBreakError
 

@@ -20,10 +20,6 @@ from grapefx.errors import BatchMixingError, UnsupportedOpError, describe_node
 
 aten = torch.ops.aten
 
-_ISOMETRIC = {
-    aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.t, aten.transpose, aten.alias,
-    aten.clone, aten.squeeze, aten.unsqueeze, aten.contiguous, aten.detach,
-}
 _SUPPORTED_KINDS = {"mm", "bmm", "reduce", "convolution_backward", "embedding_dense_backward"}
 
 
@@ -40,7 +36,9 @@ class ParamGrad:
         """One site, reaching the output through reshapes / permutes only: norm(site) == norm(grad)."""
         if len(self.sites) != 1:
             return False
-        return all(getattr(n.target, "overloadpacket", None) in _ISOMETRIC for n in self.post_nodes)
+        from grapefx.passes.batched_post import is_isometric_post
+
+        return all(is_isometric_post(n) for n in self.post_nodes)
 
 
 def site_kind(node: fx.Node, layouts: LayoutResult) -> str | None:

@@ -520,6 +520,11 @@ def _nll_backward(p: _Propagator, n: fx.Node) -> Any:
     return lx if lx is not UNKNOWN and lx is not None and lx.dim == 0 else UNKNOWN
 
 
+def _data_free(p: _Propagator, n: fx.Node) -> Any:
+    """`*_like` creation ops read only the shape of their input: the result carries no sample data."""
+    return None
+
+
 def _pointwise_with_dim(p: _Propagator, n: fx.Node) -> Any:
     return p.broadcast(n, p.tensor_args(n))
 
@@ -588,6 +593,12 @@ _register(
 _register([aten.native_dropout], _per_sample_op)
 _register([aten.nll_loss_forward], _nll_forward)
 _register([aten.nll_loss_backward], _nll_backward)
+_register(
+    [aten.full_like, aten.zeros_like, aten.ones_like, aten.empty_like, aten.rand_like, aten.randn_like,
+     aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full, aten.sym_size, aten.sym_numel,
+     aten.sym_stride],
+    _data_free,
+)
 _register([aten.where, aten.masked_fill, aten.clamp, aten.native_dropout_backward], _pointwise_with_dim)
 
 

@@ -8,12 +8,11 @@ sample and the post nodes are vmapped over the samples, so cross terms between u
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.fx as fx
 
 from grapefx.analysis.grad_sites import ParamGrad
+from grapefx.passes.batched_post import apply_post_batched
 from grapefx.rules.registry import NormChoice, SiteContext, rule_for
 
 
@@ -35,13 +34,6 @@ def per_sample_norm_sq(
 ) -> torch.Tensor:
     if grad.isometric:
         return rule_for(sites[0].kind).norm_sq(sites[0], choices[0]).float()
-    from grapefx.passes.privatize_backward import evaluate_post
-
-    per_sample = [rule_for(c.kind).per_sample(c) for c in sites]
-    nodes = [c.node for c in sites]
-
-    def one(*vals: Any) -> torch.Tensor:
-        return evaluate_post(grad, dict(zip(nodes, vals)), gm, env)
-
-    full = torch.vmap(one)(*per_sample).float()
+    per_sample = {c.node: rule_for(c.kind).per_sample(c) for c in sites}
+    full = apply_post_batched(grad.post_nodes, grad.out_node, per_sample, gm, env, sites[0].batch_size).float()
     return full.reshape(full.shape[0], -1).pow(2).sum(1)

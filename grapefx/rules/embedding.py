@@ -7,8 +7,11 @@ contribute nothing. scale_grad_by_freq counts tokens over the whole batch and is
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from grapefx.analysis.layout import shape_of
 from grapefx.rules.registry import NormChoice, SiteContext, SiteRule, expose_batch, register_rule, weights_like
 
 aten = torch.ops.aten
@@ -31,18 +34,18 @@ def _tokens(site: SiteContext) -> tuple[torch.Tensor, torch.Tensor]:
 class EmbeddingRule(SiteRule):
     def per_sample(self, site: SiteContext) -> torch.Tensor:
         ids, g = _tokens(site)
-        _, _, num_weights, padding_idx, _ = site.node.args
-        return torch.vmap(lambda g_i, i_i: aten.embedding_dense_backward(g_i, i_i, num_weights, padding_idx, False))(
-            g, ids
-        )
+        num_weights, padding_idx = site.node.args[2], site.node.args[3]
+        if padding_idx is not None and padding_idx >= 0:
+            g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
+        out = g.new_zeros(g.shape[0], num_weights, g.shape[-1])
+        return out.scatter_add(1, ids.unsqueeze(-1).expand(g.shape), g)
 
     def choose(self, site: SiteContext) -> NormChoice:
         grad, ids = site.node.args[:2]
         lay = site.layout(ids)
-        per_sample_tokens = int(ids.meta["val"].numel() // max(1, int(ids.meta["val"].shape[lay.dim]))) * int(
-            lay.outer * lay.inner
-        )
-        T, d, V = per_sample_tokens, int(grad.meta["val"].shape[-1]), int(site.node.args[2])
+        other_dims = [s for i, s in enumerate(shape_of(ids)) if i != lay.dim]
+        T = int(math.prod(int(s) for s in other_dims) * lay.outer * lay.inner)  # tokens per sample
+        d, V = int(shape_of(grad)[-1]), int(site.node.args[2])
         ghost, inst = 2.0 * T * T * d, 2.0 * (T * d + V * d)
         if site.strategy in ("ghost", "instantiate"):
             return NormChoice(site.strategy, ghost, inst, f"strategy={site.strategy}")

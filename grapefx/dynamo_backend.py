@@ -36,6 +36,10 @@ def _decompositions() -> dict[Any, Any]:
     # Keep these whole: their rules (embedding ghost norm, per-sample conv) need the fused op.
     table.pop(aten.embedding_dense_backward.default, None)
     table.pop(aten.convolution_backward.default, None)
+    # Trap found on torch 2.13 CPU: the core-aten decomposition of CPU flash attention gives wrong
+    # gradients for causal attention with a dynamic batch (86 abs error on a 1-layer GPT). Keep
+    # the fused kernel; its layout rule treats it as per-sample over the leading dims.
+    table.pop(aten._scaled_dot_product_flash_attention_for_cpu.default, None)
     return table
 
 
@@ -45,6 +49,12 @@ def _configure_torch() -> None:
     torch._functorch.config.enable_autograd_cache = False
     if hasattr(torch._functorch.config, "donated_buffer"):
         torch._functorch.config.donated_buffer = False
+    # Every grapefx.compile of a model class adds cache entries for the same forward code object
+    # (one per privacy config and per B in {0, 1, >=2}); the default limit of 8 is soon hit.
+    dyn = torch._dynamo.config
+    for name, floor in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 1024)):
+        if hasattr(dyn, name) and getattr(dyn, name) < floor:
+            setattr(dyn, name, floor)
 
 
 def _require_one_graph() -> None:
@@ -61,7 +71,7 @@ def _require_one_graph() -> None:
     raise GraphBreakError(
         "grapefx needs the whole model (and loss, if compiled) in one graph: per-sample clipping "
         "split over several graphs would clip each part separately. Use grapefx.compile(...) or "
-        "torch.compile(..., backend=grapefx.backend(...), fullgraph=True)."
+        "torch.compile(..., backend=grapefx.dynamo_backend(...), fullgraph=True)."
     )
 
 
@@ -203,7 +213,7 @@ def _noise_only_backward(
 
 
 def backend(config: PrivacyConfig | None = None, **options: Any) -> GrapefxBackend:
-    """A torch.compile backend: `torch.compile(m, backend=grapefx.backend(max_grad_norm=1.0), fullgraph=True)`."""
+    """A torch.compile backend: `torch.compile(m, backend=grapefx.dynamo_backend(max_grad_norm=1.0), fullgraph=True)`."""
     cfg = config if config is not None else PrivacyConfig.from_options(options)
     return GrapefxBackend(cfg)
 

@@ -1,0 +1,247 @@
+"""Every zoo model against the torch.func oracle (float64), noise off.
+
+Each check compiles a model once and runs several batch sizes through the SAME compiled module
+(3, then 1, then 6: the dynamic-B graph, the specialised B=1 graph, the dynamic graph again), so the
+suite also checks that a new batch size does not recompile (beyond B=1) and that switching between
+graphs keeps each graph's privacy state straight. C is set between the per-sample norms of the
+largest batch, so some samples are clipped and some are not (asserted). The per-sample norms that
+grapefx reports are compared with the oracle's too.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from oracle import assert_grads_match, oracle_grads
+from torch.func import functional_call, grad, vmap
+from zoo import ZOO, LossInside, ZooCase, case, dynamo_graph_count
+
+import grapefx
+
+RTOL = 1e-5  # float32 target; assert_grads_match allows a 10x margin on top
+NORM_RTOL = 1e-4
+SIZES = (3, 1, 6)
+
+
+def _cases(names=None, marks=None):
+    """pytest params for zoo cases; the HF model is skipped when transformers is not installed."""
+    out = []
+    for c in ZOO if names is None else [case(n) for n in names]:
+        m = list((marks or {}).get(c.name, ()))
+        if not c.available():
+            m.append(pytest.mark.skip(reason=f"{c.name}: optional dependency not installed"))
+        out.append(pytest.param(c, id=c.name, marks=m))
+    return out
+
+
+def choose_C(norms: torch.Tensor) -> float:
+    """A clip bound strictly between the per-sample norms: about half the samples are clipped."""
+    s = torch.sort(norms.double()).values
+    k = len(s) // 2
+    return float(math.sqrt(s[k - 1] * s[k]))
+
+
+def per_param_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor, zc: ZooCase, reduction: str) -> torch.Tensor:
+    """[B, P] per-sample, per-parameter gradient norms (float64, torch.func)."""
+    m = copy.deepcopy(model).double()
+    params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
+    buffers = {k: v.detach() for k, v in m.named_buffers()}
+    xd = x.double() if x.is_floating_point() else x
+
+    def loss_one(p, xi, yi):
+        return zc.loss(functional_call(m, (p, buffers), (xi[None],)), yi[None], reduction)
+
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(params, xd, y)
+    return torch.stack([g[k].reshape(x.shape[0], -1).norm(dim=1) for k in params], dim=1)
+
+
+def run_against_oracle(
+    zc: ZooCase,
+    *,
+    reduction: str = "sum",
+    clipping: str = "flat",
+    strategy: str = "auto",
+    codegen: str = "eager",
+    loss_inside: bool = False,
+    sizes: tuple[int, ...] = SIZES,
+    expected_batch_size: int | None = None,
+) -> None:
+    model = zc.make()
+    batches = {B: zc.batch(B) for B in sizes}
+    big = max(sizes)
+
+    def psl(out, y):
+        return zc.loss(out, y, reduction)
+
+    _, big_norms = oracle_grads(model, batches[big], psl, 1.0, reduction)
+    C = choose_C(big_norms)
+    if clipping == "per_layer":
+        pn = per_param_norms(model, *batches[big], zc, reduction)
+        P = pn.shape[1]
+        C = math.sqrt(P) * float(pn.flatten().median())
+        cp = C / math.sqrt(P)
+        assert (pn > cp * 1.001).any() and (pn < cp * 0.999).any(), "per-layer clipping must be exercised"
+    else:
+        assert (big_norms > C * 1.001).any() and (big_norms < C * 0.999).any(), big_norms
+
+    target = LossInside(model, zc.loss, reduction) if loss_inside else model
+    cm = grapefx.compile(
+        target,
+        max_grad_norm=C,
+        noise_multiplier=0.0,
+        loss_reduction=reduction,
+        clipping=clipping,
+        strategy=strategy,
+        codegen=codegen,
+        expected_batch_size=expected_batch_size,
+        seed=0,
+    )
+    graphs0 = dynamo_graph_count()
+    for B in sizes:
+        x, y = batches[B]
+        model.zero_grad(set_to_none=True)
+        loss = cm(x, y) if loss_inside else zc.loss(cm(x), y, reduction)
+        assert loss.dim() == 0
+        loss.backward()
+        ref, norms = oracle_grads(
+            model, (x, y), psl, C, reduction, clipping=clipping, expected_batch_size=expected_batch_size
+        )
+        try:
+            assert_grads_match(model, ref, rtol=RTOL)
+        except AssertionError as e:
+            raise AssertionError(f"[{zc.name} B={B} {reduction} {clipping} {strategy} {codegen}] {e}") from None
+        got = cm.per_sample_norms()
+        assert got is not None and got.shape == (B,), f"B={B}: per_sample_norms() = {got!r}"
+        torch.testing.assert_close(got.double(), norms, rtol=NORM_RTOL, atol=1e-6, msg=lambda m: f"B={B}: {m}")
+    n_graphs = dynamo_graph_count() - graphs0
+    assert n_graphs <= 2, f"{n_graphs} graphs compiled for batch sizes {sizes}: expected B=1 + one dynamic-B graph"
+
+
+# ----------------------------------------------------------------------------------------------
+# every zoo model: flat clipping, loss outside the compiled module, sum and mean
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("zc", _cases())
+def test_zoo_flat(zc: ZooCase, reduction: str) -> None:
+    run_against_oracle(zc, reduction=reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# loss computed inside the compiled module
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "name,reduction",
+    [("mlp", "mean"), ("mlp", "sum"), ("linear3d", "mean"), ("embedding_bag", "sum"), ("conv2d", "mean"),
+     ("gpt", "mean"), ("gpt_tied", "sum")],
+)
+def test_loss_inside(name: str, reduction: str) -> None:
+    run_against_oracle(case(name), reduction=reduction, loss_inside=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# other clipping modes
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("zc", _cases(["mlp", "conv2d", "embedding_bag", "gpt"]))
+def test_per_layer_clipping(zc: ZooCase, reduction: str) -> None:
+    run_against_oracle(zc, reduction=reduction, clipping="per_layer")
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("zc", _cases(["mlp", "linear3d", "conv2d", "gpt_tied"]))
+def test_automatic_clipping(zc: ZooCase, reduction: str) -> None:
+    run_against_oracle(zc, reduction=reduction, clipping="automatic")
+
+
+# ----------------------------------------------------------------------------------------------
+# norm strategies: ghost norms vs instantiated per-sample gradients
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+@pytest.mark.parametrize("zc", _cases(["mlp", "linear3d", "matmul_bmm", "embedding_bag", "gpt", "gpt_tied"]))
+def test_strategy(zc: ZooCase, strategy: str) -> None:
+    run_against_oracle(zc, reduction="sum", strategy=strategy)
+
+
+@pytest.mark.parametrize("zc", _cases(["linear3d", "embedding_bag", "gpt"]))
+def test_ghost_equals_instantiate(zc: ZooCase) -> None:
+    """The two strategies compute the same clipped sum (to float32 rounding) on the same batch."""
+    model = zc.make()
+    x, y = zc.batch(5)
+    _, norms = oracle_grads(model, (x, y), lambda o, t: zc.loss(o, t, "sum"), 1.0, "sum")
+    C = choose_C(norms)
+    grads, reported = {}, {}
+    for strategy in ("ghost", "instantiate"):
+        m = copy.deepcopy(model)
+        cm = grapefx.compile(m, max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum", strategy=strategy)
+        zc.loss(cm(x), y, "sum").backward()
+        grads[strategy] = {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}
+        reported[strategy] = cm.per_sample_norms().clone()
+    torch.testing.assert_close(reported["ghost"], reported["instantiate"], rtol=NORM_RTOL, atol=1e-6)
+    for k, g in grads["ghost"].items():
+        torch.testing.assert_close(g, grads["instantiate"][k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Inductor codegen (slow compiles: few models)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "zc", _cases(["mlp", "embedding_bag", "gpt"], marks={"gpt": [pytest.mark.slow], "embedding_bag": [pytest.mark.slow]})
+)
+def test_inductor_codegen(zc: ZooCase) -> None:
+    run_against_oracle(zc, reduction="mean", codegen="inductor", sizes=(3, 6))
+
+
+@pytest.mark.slow
+def test_inductor_codegen_loss_inside_b1() -> None:
+    run_against_oracle(case("linear3d"), reduction="sum", codegen="inductor", loss_inside=True, sizes=(4, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# denominators, accumulation, graph switching
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("zc", _cases(["mlp", "gpt"]))
+def test_mean_with_expected_batch_size(zc: ZooCase) -> None:
+    """denom = expected_batch_size (Poisson sampling), not the realised batch size."""
+    run_against_oracle(zc, reduction="mean", expected_batch_size=8, sizes=(3, 6))
+
+
+@pytest.mark.parametrize("zc", _cases(["mlp", "embedding_bag", "conv2d"]))
+def test_gradient_accumulation_over_calls(zc: ZooCase) -> None:
+    """Two backward passes without zero_grad add up, like ordinary autograd (virtual batches)."""
+    model = zc.make()
+    b1, b2 = zc.batch(4, seed=1), zc.batch(5, seed=2)
+
+    def psl(o, t):
+        return zc.loss(o, t, "sum")
+
+    _, n1 = oracle_grads(model, b1, psl, 1.0, "sum")
+    C = choose_C(n1)
+    cm = grapefx.compile(model, max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum")
+    for x, y in (b1, b2):
+        zc.loss(cm(x), y, "sum").backward()
+    r1, _ = oracle_grads(model, b1, psl, C, "sum")
+    r2, _ = oracle_grads(model, b2, psl, C, "sum")
+    assert_grads_match(model, {k: r1[k] + r2[k] for k in r1}, rtol=RTOL)
+
+
+def test_two_models_of_one_class_keep_their_own_config() -> None:
+    """Two compiled instances of the same class (shared forward code) with different C / reduction."""
+    zc = case("mlp")
+    x, y = zc.batch(6)
+    m1, m2 = zc.make(seed=0), zc.make(seed=1)
+    _, n1 = oracle_grads(m1, (x, y), lambda o, t: zc.loss(o, t, "sum"), 1.0, "sum")
+    _, n2 = oracle_grads(m2, (x, y), lambda o, t: zc.loss(o, t, "mean"), 1.0, "mean")
+    C1, C2 = choose_C(n1), choose_C(n2) * 0.5
+    cm1 = grapefx.compile(m1, max_grad_norm=C1, noise_multiplier=0.0, loss_reduction="sum")
+    cm2 = grapefx.compile(m2, max_grad_norm=C2, noise_multiplier=0.0, loss_reduction="mean")
+    for _ in range(2):
+        for m in (m1, m2):
+            m.zero_grad(set_to_none=True)
+        zc.loss(cm1(x), y, "sum").backward()
+        zc.loss(cm2(x), y, "mean").backward()
+        assert_grads_match(m1, oracle_grads(m1, (x, y), lambda o, t: zc.loss(o, t, "sum"), C1, "sum")[0], RTOL)
+        assert_grads_match(m2, oracle_grads(m2, (x, y), lambda o, t: zc.loss(o, t, "mean"), C2, "mean")[0], RTOL)

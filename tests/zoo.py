@@ -1,0 +1,491 @@
+"""The model zoo: tiny, randomly initialised models, one per family the backend must handle.
+
+Every entry is a `ZooCase`: a factory that builds the model from a small config, a function that
+makes a batch `(x, target)` of any size (including 0 and 1), and the loss. Models take one batch
+tensor `x` (batch in dim 0) and return a tensor; losses are written so that, for both reductions,
+`loss(out, target, "sum")` is a sum of per-sample terms and `loss(out, target, "mean")` is that sum
+divided by the batch size, and the per-sample term is `loss(out_i, target_i, reduction)` on a batch
+of one (what `tests/oracle.py` differentiates). No dropout anywhere: the oracle must see the same
+function as the compiled model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------------------------
+def class_loss(out: Tensor, y: Tensor, reduction: str) -> Tensor:
+    """Classification: out [B, K], y [B]."""
+    return F.cross_entropy(out, y, reduction=reduction)
+
+
+def token_loss(out: Tensor, y: Tensor, reduction: str) -> Tensor:
+    """Token-level CE: out [B, T, V], y [B, T]; 'mean' averages over all B*T tokens (= mean of the
+    per-sample token means, since every sample has T tokens)."""
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction=reduction)
+
+
+def mse_loss(out: Tensor, y: Tensor, reduction: str) -> Tensor:
+    return F.mse_loss(out, y, reduction=reduction)
+
+
+class LossInside(nn.Module):
+    """model + loss in one compiled module: forward(x, y) returns the scalar loss."""
+
+    def __init__(self, model: nn.Module, loss: Callable[[Tensor, Tensor, str], Tensor], reduction: str) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+        self.reduction = reduction
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.loss(self.model(x), y, self.reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# models
+# ----------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """Linear with and without bias."""
+
+    def __init__(self, d_in: int = 10, hidden: int = 16, n_out: int = 5) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden, bias=False)
+        self.fc3 = nn.Linear(hidden, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(torch.tanh(self.fc2(F.relu(self.fc1(x)))))
+
+
+class TokenMLP(nn.Module):
+    """Linear on 3-D inputs [B, T, d] (b-major flatten inside F.linear)."""
+
+    def __init__(self, d: int = 8, hidden: int = 12, n_out: int = 6) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.fc2 = nn.Linear(hidden, n_out, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MatmulParams(nn.Module):
+    """Parameters used through torch.matmul (3-D @ 2-D), bmm against a batch-expanded parameter,
+    a batch-batch bmm (attention-like), and torch.einsum."""
+
+    def __init__(self, d: int = 8, h: int = 10, n_out: int = 4) -> None:
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(d, h) / math.sqrt(d))
+        self.V = nn.Parameter(torch.randn(h, h) / math.sqrt(h))
+        self.U = nn.Parameter(torch.randn(h, n_out) / math.sqrt(h))
+        self.b = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B = x.shape[0]
+        h = torch.matmul(x, self.W)  # [B, T, h]
+        h = torch.bmm(h, self.V.unsqueeze(0).expand(B, -1, -1))  # parameter expanded over the batch
+        att = torch.softmax(torch.bmm(h, h.transpose(1, 2)) / math.sqrt(h.shape[-1]), dim=-1)  # [B, T, T]
+        h = torch.tanh(torch.bmm(att, h))
+        out = torch.einsum("bth,ho->bo", h, self.U) / h.shape[1]
+        return out + self.b
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self, c_in: int = 4, n_out: int = 5) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(c_in, 8, kernel_size=3, stride=2, padding=1)
+        self.c2 = nn.Conv1d(8, 8, kernel_size=3, padding=2, dilation=2, groups=2, bias=False)
+        self.c3 = nn.Conv1d(8, 8, kernel_size=1, groups=8)  # depthwise
+        self.fc = nn.Linear(8, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.c1(x))
+        h = torch.tanh(self.c2(h))
+        h = self.c3(h)
+        return self.fc(h.mean(dim=-1))
+
+
+class Conv2dNet(nn.Module):
+    def __init__(self, c_in: int = 3, n_out: int = 5) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c_in, 8, kernel_size=3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 8, kernel_size=3, padding=2, dilation=2, groups=4, bias=False)
+        self.c3 = nn.Conv2d(8, 6, kernel_size=(2, 3), stride=(1, 2), padding=(0, 1))
+        self.fc = nn.Linear(6, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.c1(x))
+        h = torch.tanh(self.c2(h))
+        h = self.c3(h)
+        return self.fc(h.mean(dim=(-2, -1)))
+
+
+class Conv3dNet(nn.Module):
+    def __init__(self, c_in: int = 2, n_out: int = 4) -> None:
+        super().__init__()
+        self.c1 = nn.Conv3d(c_in, 4, kernel_size=3, stride=(1, 2, 2), padding=1)
+        self.c2 = nn.Conv3d(4, 4, kernel_size=(1, 3, 3), groups=2, padding=(0, 1, 1))
+        self.fc = nn.Linear(4, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.c1(x))
+        h = self.c2(h)
+        return self.fc(h.mean(dim=(-3, -2, -1)))
+
+
+class EmbeddingBag(nn.Module):
+    """Embedding with padding_idx, mean pooling, Linear."""
+
+    def __init__(self, vocab: int = 20, d: int = 8, n_out: int = 4) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d, padding_idx=0)
+        self.fc = nn.Linear(d, n_out)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.fc(self.emb(ids).mean(dim=1))
+
+
+class LayerNormNet(nn.Module):
+    def __init__(self, d: int = 8, h: int = 12, n_out: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, h)
+        self.ln = nn.LayerNorm(h)
+        self.fc2 = nn.Linear(h, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.ln(self.fc1(x))))  # x: [B, T, d] -> [B, T, n_out]
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self, c_in: int = 3, n_out: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, 8, kernel_size=3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.relu(self.gn(self.conv(x))).mean(dim=(-2, -1)))
+
+
+class RMSNormNet(nn.Module):
+    def __init__(self, d: int = 8, h: int = 12, n_out: int = 4) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, h, bias=False)
+        self.norm = nn.RMSNorm(h, eps=1e-6)
+        self.fc2 = nn.Linear(h, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.silu(self.norm(self.fc1(x))))  # x: [B, T, d] -> [B, T, n_out]
+
+
+class MHANet(nn.Module):
+    """nn.MultiheadAttention; batch_first=False runs it t-major ([T, B, E] inside)."""
+
+    def __init__(self, d: int = 8, heads: int = 2, n_out: int = 4, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.inp = nn.Linear(d, d)
+        self.mha = nn.MultiheadAttention(d, heads, dropout=0.0, batch_first=batch_first)
+        self.fc = nn.Linear(d, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, d]
+        h = torch.tanh(self.inp(x))
+        if self.batch_first:
+            a, _ = self.mha(h, h, h, need_weights=False)
+        else:
+            ht = h.transpose(0, 1)  # [T, B, d]
+            a, _ = self.mha(ht, ht, ht, need_weights=False)
+            a = a.transpose(0, 1)
+        return self.fc((h + a).mean(dim=1))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        q = q.view(B, T, self.heads, D // self.heads).transpose(1, 2)
+        k = k.view(B, T, self.heads, D // self.heads).transpose(1, 2)
+        v = v.view(B, T, self.heads, D // self.heads).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 4 * d)
+        self.fc_out = nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+
+
+class TinyGPT(nn.Module):
+    """Token embedding + learned positional parameter (broadcast over the batch) + pre-LN blocks +
+    final LN + head; `tied=True` computes logits = h @ emb.weight.T."""
+
+    def __init__(
+        self, vocab: int = 32, d: int = 16, heads: int = 2, n_layer: int = 2, max_t: int = 16, tied: bool = False
+    ) -> None:
+        super().__init__()
+        self.tied = tied
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Parameter(torch.randn(1, max_t, d) * 0.1)
+        self.blocks = nn.ModuleList(GPTBlock(d, heads) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        if not tied:
+            self.head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        T = ids.shape[1]
+        h = self.tok(ids) + self.pos[:, :T]
+        for blk in self.blocks:
+            h = blk(h)
+        h = self.ln_f(h)
+        if self.tied:
+            return h @ self.tok.weight.T
+        return self.head(h)
+
+
+class ClsScaleNet(nn.Module):
+    """A cls token [1, 1, d] and a scale / shift parameter broadcast over the batch."""
+
+    def __init__(self, d: int = 8, n_out: int = 4) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.5)
+        self.scale = nn.Parameter(1.0 + 0.1 * torch.randn(d))
+        self.shift = nn.Parameter(0.1 * torch.randn(1, 1, d))
+        self.mix = nn.Linear(d, d)
+        self.fc = nn.Linear(d, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, d]
+        h = self.inp(x)
+        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1)
+        h = torch.tanh(h * self.scale + self.shift)
+        h = self.mix(h)
+        h = h[:, 0] + h[:, 1:].mean(dim=1)
+        return self.fc(h)
+
+
+class FrozenMLP(nn.Module):
+    """Some parameters frozen: the first Linear's weight, a whole LayerNorm."""
+
+    def __init__(self, d: int = 10, h: int = 12, n_out: int = 5) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d, h)
+        self.ln = nn.LayerNorm(h)
+        self.fc2 = nn.Linear(h, h)
+        self.fc3 = nn.Linear(h, n_out)
+        self.fc1.weight.requires_grad_(False)
+        for p in self.ln.parameters():
+            p.requires_grad_(False)
+        self.fc2.requires_grad_(False)
+        self.fc2.bias.requires_grad_(True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(F.relu(self.fc2(self.ln(self.fc1(x)))))
+
+
+class TinyViT(nn.Module):
+    """Patch conv + cls token + positional parameter + nn.TransformerEncoderLayer(batch_first=True)."""
+
+    def __init__(self, img: int = 8, patch: int = 4, c_in: int = 3, d: int = 16, heads: int = 2,
+                 n_layer: int = 2, n_out: int = 5) -> None:
+        super().__init__()
+        n_patch = (img // patch) ** 2
+        self.patch = nn.Conv2d(c_in, d, kernel_size=patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        self.pos = nn.Parameter(torch.randn(1, n_patch + 1, d) * 0.1)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(d, heads, dim_feedforward=2 * d, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=(i % 2 == 0))
+            for i in range(n_layer)
+        )
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2)  # [B, N, d]
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(self.norm(h[:, 0]))
+
+
+class BasicBlockGN(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.gn1 = nn.GroupNorm(2, c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.gn2 = nn.GroupNorm(2, c_out)
+        self.down = None
+        if stride != 1 or c_in != c_out:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.GroupNorm(2, c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(self.gn1(self.conv1(x)))
+        h = self.gn2(self.conv2(h))
+        sc = x if self.down is None else self.down(x)
+        return F.relu(h + sc)
+
+
+class ResNetGN(nn.Module):
+    """timm-style ResNet: stem conv + GN, basic blocks with GN and a strided 1x1 shortcut, pool, fc."""
+
+    def __init__(self, c_in: int = 3, width: int = 8, n_out: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.GroupNorm(2, width), nn.ReLU())
+        self.layer1 = BasicBlockGN(width, width, 1)
+        self.layer2 = BasicBlockGN(width, 2 * width, 2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(self.pool(h).flatten(1))
+
+
+def has_transformers() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+class HFGPT2(nn.Module):
+    """transformers.GPT2LMHeadModel from a tiny config, random weights (no download); returns logits.
+    GPT-2 ties lm_head.weight to transformer.wte.weight."""
+
+    def __init__(self, vocab: int = 64, d: int = 32, n_layer: int = 2, heads: int = 2, max_t: int = 32) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = GPT2Config(
+            n_layer=n_layer, n_embd=d, n_head=heads, vocab_size=vocab, n_positions=max_t,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0,
+        )
+        self.m = GPT2LMHeadModel(cfg)
+        self.m.train()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.m(input_ids=ids, use_cache=False).logits
+
+
+# ----------------------------------------------------------------------------------------------
+# the zoo
+# ----------------------------------------------------------------------------------------------
+InputFn = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class ZooCase:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: InputFn
+    loss: Callable[[Tensor, Tensor, str], Tensor] = class_loss
+    tags: set[str] = field(default_factory=set)
+    available: Callable[[], bool] = lambda: True
+
+    def make(self, seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        m = self.build()
+        m.train()
+        return m
+
+    def batch(self, B: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+        g = torch.Generator().manual_seed(1000 + 17 * seed + B)
+        return self.inputs(B, g)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _dense(shape: tuple[int, ...], n_cls: int) -> InputFn:
+    def f(B: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        return torch.randn(B, *shape, generator=g), torch.randint(0, n_cls, (B,), generator=g)
+
+    return f
+
+
+def _dense_tokens(T: int, d: int, n_cls: int) -> InputFn:
+    def f(B: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        return torch.randn(B, T, d, generator=g), torch.randint(0, n_cls, (B, T), generator=g)
+
+    return f
+
+
+def _ids(T: int, vocab: int, n_cls: int | None = None, pad_frac: float = 0.0) -> InputFn:
+    """Token ids [B, T]; targets [B] (n_cls) or next-token-style [B, T] (n_cls None)."""
+
+    def f(B: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        ids = torch.randint(1, vocab, (B, T), generator=g)
+        if pad_frac:
+            ids = ids.masked_fill(torch.rand(B, T, generator=g) < pad_frac, 0)
+        if n_cls is None:
+            y = torch.randint(0, vocab, (B, T), generator=g)
+        else:
+            y = torch.randint(0, n_cls, (B,), generator=g)
+        return ids, y
+
+    return f
+
+
+ZOO: list[ZooCase] = [
+    ZooCase("mlp", lambda: MLP(), _dense((10,), 5), tags={"linear", "fast"}),
+    ZooCase("linear3d", lambda: TokenMLP(), _dense_tokens(5, 8, 6), token_loss, tags={"linear"}),
+    ZooCase("matmul_bmm", lambda: MatmulParams(), _dense((5, 8), 4)),
+    ZooCase("conv1d", lambda: Conv1dNet(), _dense((4, 11), 5), tags={"conv"}),
+    ZooCase("conv2d", lambda: Conv2dNet(), _dense((3, 9, 8), 5), tags={"conv"}),
+    ZooCase("conv3d", lambda: Conv3dNet(), _dense((2, 4, 6, 6), 4), tags={"conv"}),
+    ZooCase("embedding_bag", lambda: EmbeddingBag(), _ids(7, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),
+    ZooCase("layernorm", lambda: LayerNormNet(), _dense_tokens(4, 8, 4), token_loss),
+    ZooCase("groupnorm", lambda: GroupNormNet(), _dense((3, 6, 6), 4)),
+    ZooCase("rmsnorm", lambda: RMSNormNet(), _dense_tokens(4, 8, 4), token_loss),
+    ZooCase("mha_tmajor", lambda: MHANet(batch_first=False), _dense((5, 8), 4), tags={"attention"}),
+    ZooCase("mha_batch_first", lambda: MHANet(batch_first=True), _dense((5, 8), 4), tags={"attention"}),
+    ZooCase("gpt", lambda: TinyGPT(), _ids(8, 32), token_loss, tags={"gpt", "embedding"}),
+    ZooCase("gpt_tied", lambda: TinyGPT(tied=True), _ids(8, 32), token_loss, tags={"gpt", "embedding"}),
+    ZooCase("cls_scale", lambda: ClsScaleNet(), _dense((4, 8), 4)),
+    ZooCase("frozen", lambda: FrozenMLP(), _dense((10,), 5)),
+    ZooCase("vit", lambda: TinyViT(), _dense((3, 8, 8), 5), tags={"attention", "conv"}),
+    ZooCase("resnet_gn", lambda: ResNetGN(), _dense((3, 8, 8), 5), tags={"conv"}),
+    ZooCase("hf_gpt2", lambda: HFGPT2(), _ids(8, 64), token_loss, tags={"gpt", "hf"}, available=has_transformers),
+]
+
+BY_NAME: dict[str, ZooCase] = {c.name: c for c in ZOO}
+
+
+def case(name: str) -> ZooCase:
+    return BY_NAME[name]
+
+
+def dynamo_graph_count() -> int:
+    """Graphs Dynamo has compiled so far in this process (monotone; use differences)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
