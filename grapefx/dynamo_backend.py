@@ -24,6 +24,7 @@ from grapefx.analysis.layout import UNKNOWN, BatchLayout, analyze_layouts
 from grapefx.config import PrivacyConfig
 from grapefx.errors import GrapefxError, GraphBreakError
 from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
+from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
 from grapefx.passes.tracing import retrace
 from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
 
@@ -138,7 +139,9 @@ class GrapefxBackend:
         n_out = len(bw_gm.graph.output_node().args[0])
         params = [(i.index, i.name) for i in capture.params if i.index < n_out]
         if capture.batch_size == 0:
-            return _noise_only_backward(bw_gm, bw_inputs, params, self.config, self.state.id)
+            return empty_batch_backward(bw_gm, bw_inputs, params, self.config, self.state.id)
+        if capture.batch_size == 1:
+            return single_sample_backward(bw_gm, bw_inputs, params, self.config, self.state.id)
         seeds: dict[str, Any] = {}
         tangents = [n for n in bw_gm.graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
         tangent_layouts = shared["tangent_layouts"]
@@ -165,7 +168,10 @@ class GrapefxBackend:
     def _codegen(self, gm: fx.GraphModule, inputs: list[Any], is_backward: bool) -> Callable[..., Any]:
         if self.config.codegen == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner
+            from torch._inductor.decomposition import select_decomp_table
 
+            # Inductor lowers its own decomposition set (e.g. native_group_norm must be decomposed).
+            gm = retrace(fx.Interpreter(gm).run, inputs, decompositions=select_decomp_table())
             return compile_fx_inner(gm, inputs, is_backward=is_backward)
         return make_boxed_func(gm)
 
@@ -188,28 +194,6 @@ def _tangent_layouts(outputs: list[Any], layouts: dict[fx.Node, Any]) -> list[An
             result.append(layouts.get(node) if isinstance(node, fx.Node) else None)
     result.extend(UNKNOWN for _ in range(meta.num_intermediate_bases))
     return result
-
-
-def _noise_only_backward(
-    gm: fx.GraphModule, inputs: list[Any], params: list[tuple[int, str]], config: PrivacyConfig, state_id: int
-) -> fx.GraphModule:
-    """An empty batch (B=0): every parameter gradient is pure noise / denom."""
-    denom = float(config.expected_batch_size or 1) if config.loss_reduction == "mean" else 1.0
-    param_idx = {i for i, _ in params}
-
-    def fn(*args: Any) -> Any:
-        outs = list(torch.fx.Interpreter(gm).run(*args))
-        for i in param_idx:
-            if outs[i] is None:
-                continue
-            grad = torch.zeros_like(outs[i])
-            if config.noise_multiplier > 0:
-                std = float(config.noise_multiplier * config.max_grad_norm)
-                grad = grad + torch.ops.grapefx.gaussian_noise(grad, std, state_id) / denom
-            outs[i] = grad
-        return tuple(outs)
-
-    return retrace(fn, inputs)
 
 
 def backend(config: PrivacyConfig | None = None, **options: Any) -> GrapefxBackend:

@@ -10,7 +10,9 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 
-def retrace(fn: Callable[..., Any], example_inputs: list[Any]) -> fx.GraphModule:
+def retrace(
+    fn: Callable[..., Any], example_inputs: list[Any], decompositions: dict[Any, Any] | None = None
+) -> fx.GraphModule:
     fake_mode = detect_fake_mode(example_inputs)
     ctx = contextlib.nullcontext()
     old = None
@@ -21,7 +23,7 @@ def retrace(fn: Callable[..., Any], example_inputs: list[Any]) -> fx.GraphModule
         ctx = fake_mode
     try:
         with ctx:
-            gm = make_fx(fn, tracing_mode="real")(*example_inputs)
+            gm = make_fx(fn, decompositions, tracing_mode="real")(*example_inputs)
     finally:
         if fake_mode is not None:
             fake_mode.allow_non_fake_inputs = old
