@@ -1,8 +1,8 @@
 """grapefx: differentially private training as a torch.compile backend."""
 
 from grapefx.api import PrivateModule, compile
-from grapefx.dynamo_backend import GrapefxBackend, backend
 from grapefx.config import PrivacyConfig
+from grapefx.dynamo_backend import GrapefxBackend, backend
 from grapefx.errors import (
     BatchMixingError,
     ConfigError,

@@ -7,8 +7,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from grapefx.dynamo_backend import GrapefxBackend
 from grapefx.config import PrivacyConfig
+from grapefx.dynamo_backend import GrapefxBackend
 from grapefx.errors import GraphBreakError
 
 

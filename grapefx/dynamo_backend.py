@@ -1,14 +1,15 @@
 """The torch.compile backend: capture, AOTAutograd wiring, the DP pipeline, codegen.
 
-    Dynamo graph ──capture──► AOTAutograd (core-aten decompositions, min-cut partitioner)
-        forward compiler:  batch layouts + refusal of batch-mixing forwards, then codegen
-        backward compiler: privatize_backward (sites → norms → clip → book-keeping → noise), codegen
+Dynamo graph ──capture──► AOTAutograd (core-aten decompositions, min-cut partitioner)
+    forward compiler:  batch layouts + refusal of batch-mixing forwards, then codegen
+    backward compiler: privatize_backward (sites → norms → clip → book-keeping → noise), codegen
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import sympy
 import torch
@@ -23,8 +24,8 @@ from grapefx.analysis.forward_checks import check_forward
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, analyze_layouts
 from grapefx.config import PrivacyConfig
 from grapefx.errors import GrapefxError, GraphBreakError
-from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
+from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.tracing import retrace
 from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
 
@@ -72,7 +73,7 @@ def _require_one_graph() -> None:
     raise GraphBreakError(
         "grapefx needs the whole model (and loss, if compiled) in one graph: per-sample clipping "
         "split over several graphs would clip each part separately. Use grapefx.compile(...) or "
-        "torch.compile(..., backend=grapefx.dynamo_backend(...), fullgraph=True)."
+        "torch.compile(..., backend=grapefx.backend(...), fullgraph=True)."
     )
 
 
@@ -155,13 +156,9 @@ class GrapefxBackend:
                 seeds[ph.name] = shared["saved"][ph.name]
         for t, lay in zip(tangents, tangent_layouts):
             seeds[t.name] = lay
-        try:
-            new_gm, plan = privatize_backward(
-                bw_gm, bw_inputs, seeds, shared["batch"], params, self.config, self.state.id
-            )
-        except GrapefxError:
-            raise
+        new_gm, plan = privatize_backward(bw_gm, bw_inputs, seeds, shared["batch"], params, self.config, self.state.id)
         self.plans.append(plan)
+        self.state.param_names = [g.name for g in plan.grads]  # columns of per_layer_norms()
         return new_gm
 
     # -- codegen ---------------------------------------------------------------------------------
@@ -197,7 +194,7 @@ def _tangent_layouts(outputs: list[Any], layouts: dict[fx.Node, Any]) -> list[An
 
 
 def backend(config: PrivacyConfig | None = None, **options: Any) -> GrapefxBackend:
-    """A torch.compile backend: `torch.compile(m, backend=grapefx.dynamo_backend(max_grad_norm=1.0), fullgraph=True)`."""
+    """A torch.compile backend: `torch.compile(m, backend=grapefx.backend(max_grad_norm=1.0), fullgraph=True)`."""
     cfg = config if config is not None else PrivacyConfig.from_options(options)
     return GrapefxBackend(cfg)
 

@@ -19,9 +19,26 @@ from grapefx.errors import BatchMixingError, describe_node, module_path
 aten = torch.ops.aten
 
 _LINEAR_PASSTHROUGH = {
-    aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze, aten.alias,
-    aten.clone, aten._to_copy, aten.expand, aten.permute, aten.neg, aten.sum, aten.mean,
-    aten.detach, aten.add, aten.sub, aten.select, aten.slice, aten.t, aten.transpose,
+    aten.view,
+    aten._unsafe_view,
+    aten.reshape,
+    aten.squeeze,
+    aten.unsqueeze,
+    aten.alias,
+    aten.clone,
+    aten._to_copy,
+    aten.expand,
+    aten.permute,
+    aten.neg,
+    aten.sum,
+    aten.mean,
+    aten.detach,
+    aten.add,
+    aten.sub,
+    aten.select,
+    aten.slice,
+    aten.t,
+    aten.transpose,
 }
 
 
@@ -63,8 +80,10 @@ def _check_linear_use(node: fx.Node, parents: list[fx.Node], layouts: LayoutResu
     ok = packet in _LINEAR_PASSTHROUGH
     if packet in (aten.mul,) and len(parents) == 1:
         ok = True
-    if packet in (aten.div,) and node.args[0] in parents and not (
-        isinstance(node.args[1], fx.Node) and node.args[1] in parents
+    if (
+        packet in (aten.div,)
+        and node.args[0] in parents
+        and not (isinstance(node.args[1], fx.Node) and node.args[1] in parents)
     ):
         ok = True
     if not ok:
@@ -86,4 +105,3 @@ def _mixing_error(reduction: fx.Node, user: fx.Node) -> BatchMixingError:
         "(use GroupNorm/LayerNorm), normalizing by batch statistics such as x - x.mean(0), or "
         "attention across the batch dimension."
     )
-

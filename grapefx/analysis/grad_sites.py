@@ -51,9 +51,7 @@ def site_kind(node: fx.Node, layouts: LayoutResult) -> str | None:
     return None
 
 
-def find_grad_sites(
-    gm: fx.GraphModule, layouts: LayoutResult, params: list[tuple[int, str]]
-) -> list[ParamGrad]:
+def find_grad_sites(gm: fx.GraphModule, layouts: LayoutResult, params: list[tuple[int, str]]) -> list[ParamGrad]:
     outputs = gm.graph.output_node().args[0]
     placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
     tangents = {n for n in placeholders if n.name.startswith("tangents")}

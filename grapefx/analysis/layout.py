@@ -540,13 +540,20 @@ def _register(packets: list[Any], fn: Any) -> None:
 
 
 _register(
-    [aten.clone, aten.alias, aten.detach, aten._to_copy, aten.lift_fresh_copy, aten.contiguous,
-     aten._conj, aten.lift_fresh],
+    [
+        aten.clone,
+        aten.alias,
+        aten.detach,
+        aten._to_copy,
+        aten.lift_fresh_copy,
+        aten.contiguous,
+        aten._conj,
+        aten.lift_fresh,
+    ],
     _same,
 )
 _register(
-    [aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze, aten.flatten,
-     aten.view_as],
+    [aten.view, aten._unsafe_view, aten.reshape, aten.squeeze, aten.unsqueeze, aten.flatten, aten.view_as],
     _reshape,
 )
 _register([aten.permute], _permute)
@@ -557,8 +564,18 @@ _register([aten.slice], _slice)
 _register([aten.cat], _cat)
 _register([aten.split, aten.split_with_sizes, aten.unbind, aten.chunk], _split)
 _register(
-    [aten.sum, aten.mean, aten.amax, aten.amin, aten.any, aten.all, aten.prod, aten.logsumexp,
-     aten.argmax, aten.argmin],
+    [
+        aten.sum,
+        aten.mean,
+        aten.amax,
+        aten.amin,
+        aten.any,
+        aten.all,
+        aten.prod,
+        aten.logsumexp,
+        aten.argmax,
+        aten.argmin,
+    ],
     _reduce_dims,
 )
 _register([aten.var, aten.var_mean, aten.std], _var)
@@ -571,8 +588,12 @@ _register([aten.embedding_dense_backward], _embedding_backward)
 _register([aten.native_layer_norm], _layer_norm)
 _register([aten.native_group_norm], _group_norm)
 _register(
-    [aten._native_batch_norm_legit_functional, aten.native_batch_norm, aten._native_batch_norm_legit,
-     aten._native_batch_norm_legit_no_training],
+    [
+        aten._native_batch_norm_legit_functional,
+        aten.native_batch_norm,
+        aten._native_batch_norm_legit,
+        aten._native_batch_norm_legit_no_training,
+    ],
     _batch_norm,
 )
 _register(
@@ -582,21 +603,37 @@ _register(
 _register([aten.gather, aten.scatter, aten.scatter_add], _index_along)
 _register([aten.slice_scatter, aten.select_scatter], _scatter_into)
 _register(
-    [aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
-     aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_cudnn_attention,
-     aten._scaled_dot_product_flash_attention_for_cpu_backward,
-     aten._scaled_dot_product_efficient_attention_backward,
-     aten._scaled_dot_product_flash_attention_backward,
-     aten._scaled_dot_product_cudnn_attention_backward],
+    [
+        aten._scaled_dot_product_flash_attention_for_cpu,
+        aten._scaled_dot_product_efficient_attention,
+        aten._scaled_dot_product_flash_attention,
+        aten._scaled_dot_product_cudnn_attention,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward,
+        aten._scaled_dot_product_efficient_attention_backward,
+        aten._scaled_dot_product_flash_attention_backward,
+        aten._scaled_dot_product_cudnn_attention_backward,
+    ],
     _attention,
 )
 _register([aten.native_dropout], _per_sample_op)
 _register([aten.nll_loss_forward], _nll_forward)
 _register([aten.nll_loss_backward], _nll_backward)
 _register(
-    [aten.full_like, aten.zeros_like, aten.ones_like, aten.empty_like, aten.rand_like, aten.randn_like,
-     aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full, aten.sym_size, aten.sym_numel,
-     aten.sym_stride],
+    [
+        aten.full_like,
+        aten.zeros_like,
+        aten.ones_like,
+        aten.empty_like,
+        aten.rand_like,
+        aten.randn_like,
+        aten.new_zeros,
+        aten.new_ones,
+        aten.new_empty,
+        aten.new_full,
+        aten.sym_size,
+        aten.sym_numel,
+        aten.sym_stride,
+    ],
     _data_free,
 )
 _register([aten.where, aten.masked_fill, aten.clamp, aten.native_dropout_backward], _pointwise_with_dim)

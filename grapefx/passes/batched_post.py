@@ -37,8 +37,18 @@ def is_isometric_post(node: fx.Node) -> bool:
 
 
 _ISOMETRIC = {
-    aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.t, aten.transpose, aten.alias,
-    aten.clone, aten.squeeze, aten.unsqueeze, aten.contiguous, aten.detach,
+    aten.view,
+    aten._unsafe_view,
+    aten.reshape,
+    aten.permute,
+    aten.t,
+    aten.transpose,
+    aten.alias,
+    aten.clone,
+    aten.squeeze,
+    aten.unsqueeze,
+    aten.contiguous,
+    aten.detach,
 }
 
 
@@ -81,8 +91,12 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> torch
 
 
 def apply_post_batched(
-    post_nodes: set[fx.Node], out_node: fx.Node, site_values: dict[fx.Node, torch.Tensor], gm: fx.GraphModule,
-    env: dict, b: Any,
+    post_nodes: set[fx.Node],
+    out_node: fx.Node,
+    site_values: dict[fx.Node, torch.Tensor],
+    gm: fx.GraphModule,
+    env: dict,
+    b: Any,
 ) -> torch.Tensor:
     local: dict[fx.Node, Any] = dict(site_values)
 
@@ -99,7 +113,10 @@ def apply_post_batched(
 
 
 def _vmap_fallback(
-    post_nodes: set[fx.Node], out_node: fx.Node, site_values: dict[fx.Node, torch.Tensor], gm: fx.GraphModule,
+    post_nodes: set[fx.Node],
+    out_node: fx.Node,
+    site_values: dict[fx.Node, torch.Tensor],
+    gm: fx.GraphModule,
     env: dict,
 ) -> torch.Tensor:
     from grapefx.passes.privatize_backward import _call

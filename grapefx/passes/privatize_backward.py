@@ -94,7 +94,9 @@ def privatize_backward(
             for g in grads
         }
         choices = plan_norms(grads, contexts)
-        plan.choices = {name: [(str(c.node), ch) for c, ch in zip(contexts[name], chs)] for name, chs in choices.items()}
+        plan.choices = {
+            name: [(str(c.node), ch) for c, ch in zip(contexts[name], chs)] for name, chs in choices.items()
+        }
         norm_sq = [per_sample_norm_sq(g, contexts[g.name], choices[g.name], gm, env) for g in grads]
         weights, denom = clip_weights(norm_sq, b, config, state_id)
         outputs = list(fx.node.map_arg(output_args, lambda n: env.get(n) if n not in deferred else None))

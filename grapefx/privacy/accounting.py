@@ -79,9 +79,7 @@ def _epsilon_of(segments: Iterable[Segment], delta: float, accountant: str) -> f
     return float(acc.get_epsilon(delta))
 
 
-def epsilon(
-    *, sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "pld"
-) -> float:
+def epsilon(*, sample_rate: float, noise_multiplier: float, steps: int, delta: float, accountant: str = "pld") -> float:
     """Epsilon after ``steps`` Poisson-subsampled Gaussian steps (``inf`` if sigma is 0 and steps > 0)."""
     segment = _check_segment(sample_rate, noise_multiplier, steps)
     return _epsilon_of([segment], _check_delta(delta), _check_accountant(accountant))

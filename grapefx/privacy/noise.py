@@ -80,6 +80,8 @@ def _(like: torch.Tensor, std: float, state_id: int) -> torch.Tensor:
 def record_norms(layer_norms: torch.Tensor, state_id: int) -> torch.Tensor:
     """Keep this backward's per-sample norms ([B, n_params]) for monitoring; returns a copy."""
     state = get_state(state_id)
+    if not bool(torch.isfinite(layer_norms).all()):
+        _raise_non_finite(layer_norms, state)
     state.last_layer_norms = layer_norms.detach().clone()
     state.last_norms = state.last_layer_norms.pow(2).sum(dim=1).sqrt()
     state.backward_calls += 1
@@ -89,3 +91,15 @@ def record_norms(layer_norms: torch.Tensor, state_id: int) -> torch.Tensor:
 @record_norms.register_fake
 def _(layer_norms: torch.Tensor, state_id: int) -> torch.Tensor:
     return torch.empty_like(layer_norms)
+
+
+def _raise_non_finite(layer_norms: torch.Tensor, state: PrivacyState) -> None:
+    bad = ~torch.isfinite(layer_norms)
+    samples = bad.any(dim=1).nonzero().flatten().tolist()
+    cols = bad.any(dim=0).nonzero().flatten().tolist()
+    names = [state.param_names[c] if c < len(state.param_names) else f"#{c}" for c in cols]
+    raise FloatingPointError(
+        f"grapefx: non-finite per-sample gradient norm for sample(s) {samples[:10]} in parameter(s) "
+        f"{names[:10]}. Clipping cannot bound a NaN/inf gradient, so no update was produced: check "
+        "these samples' inputs/labels for NaN or inf, lower the learning rate, or use a loss scaler."
+    )

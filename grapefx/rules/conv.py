@@ -22,7 +22,9 @@ def _conv_node(site: SiteContext):  # noqa: ANN202
     return site.node.args[0], site.node.args[1]  # (convolution_backward node, output index)
 
 
-def patches(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int]) -> torch.Tensor:
+def patches(
+    x: torch.Tensor, kernel: list[int], stride: list[int], padding: list[int], dilation: list[int]
+) -> torch.Tensor:
     """[B, C, *S] -> [B, C, *L, *K]: every output position's receptive field."""
     pad: list[int] = []
     for p in reversed(padding):
@@ -38,8 +40,15 @@ def patches(x: torch.Tensor, kernel: list[int], stride: list[int], padding: list
     return x
 
 
-def per_sample_weight_grad(g: torch.Tensor, x: torch.Tensor, w_shape: list[int], stride: list[int],
-                           padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+def per_sample_weight_grad(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    w_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
     b = g.shape[0]
     n = len(w_shape) - 2
     cout, cin_g, kernel = w_shape[0], w_shape[1], list(w_shape[2:])

@@ -7,8 +7,9 @@ weights (the book-kept weighted contraction). Rule math is plain torch code, tra
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.fx as fx

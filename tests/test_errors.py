@@ -1,0 +1,124 @@
+"""Every refusal names the culprit and says what to do; none yields a silently wrong gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import grapefx
+
+
+def _run(model: nn.Module, x: torch.Tensor, **kw) -> None:
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, **kw)
+    out = cm(x)
+    out.float().pow(2).mean().backward()
+
+
+def test_batchnorm_in_training_is_refused_with_module_name() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    with pytest.raises(grapefx.BatchMixingError, match=r"BatchNorm.*GroupNorm") as info:
+        _run(model, torch.randn(4, 3, 6, 6))
+    assert "1" in str(info.value)  # the module path `1` (Sequential index) is named
+
+
+def test_batchnorm_in_eval_mode_and_frozen_is_accepted() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    model[1].eval().requires_grad_(False)
+    _run(model, torch.randn(4, 3, 6, 6))
+    assert model[0].weight.grad is not None and model[1].weight.grad is None
+
+
+class _CenterOverBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h - h.mean(0, keepdim=True)  # mixes samples
+
+
+def test_reduction_over_batch_inside_model_is_refused() -> None:
+    with pytest.raises(grapefx.BatchMixingError, match="mixes samples"):
+        _run(_CenterOverBatch(), torch.randn(4, 5))
+
+
+class _NonlinearLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).mean(0).norm()  # not a sum of per-sample terms
+
+
+def test_nonlinear_function_of_batch_reduction_is_refused() -> None:
+    cm = grapefx.compile(_NonlinearLoss(), noise_multiplier=0.0)
+    with pytest.raises(grapefx.BatchMixingError, match="not a sum or mean of per-sample terms"):
+        cm(torch.randn(4, 5)).backward()
+
+
+class _LossWithRegularizer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.fc(x), y) + 0.1 * self.fc.weight.pow(2).sum()
+
+
+def test_data_independent_gradient_term_is_refused_with_parameter_name() -> None:
+    cm = grapefx.compile(_LossWithRegularizer(), noise_multiplier=0.0)
+    with pytest.raises(grapefx.UnsupportedOpError, match=r"fc\.weight.*does not depend on any sample"):
+        cm(torch.randn(4, 5), torch.randint(0, 3, (4,))).backward()
+
+
+class _GraphBreak(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if h.sum() > 0:  # data-dependent Python control flow: a graph break
+            h = h * 2
+        return self.b(h)
+
+
+def test_graph_break_is_an_error_not_a_silent_split() -> None:
+    with pytest.raises(grapefx.GraphBreakError, match="one graph"):
+        _run(_GraphBreak(), torch.randn(4, 5))
+
+
+def test_graph_break_through_plain_torch_compile_is_an_error() -> None:
+    model = _GraphBreak()
+    compiled = torch.compile(model, backend=grapefx.backend(noise_multiplier=0.0))
+    with pytest.raises(Exception, match="one graph"):
+        compiled(torch.randn(4, 5)).sum().backward()
+
+
+def test_embedding_scale_grad_by_freq_is_refused() -> None:
+    model = nn.Sequential(nn.Embedding(10, 4, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(12, 2))
+    with pytest.raises(grapefx.UnsupportedOpError, match="cannot split per sample"):
+        _run(model, torch.randint(0, 10, (4, 3)))
+
+
+def test_bad_config_values_are_rejected() -> None:
+    with pytest.raises(grapefx.ConfigError, match="max_grad_norm"):
+        grapefx.PrivacyConfig(max_grad_norm=0)
+    with pytest.raises(grapefx.ConfigError, match="loss_reduction"):
+        grapefx.PrivacyConfig(loss_reduction="avg")
+    with pytest.raises(grapefx.ConfigError, match="unknown grapefx option"):
+        grapefx.PrivacyConfig.from_options({"max_grad_nrom": 1.0})
+
+
+def test_non_finite_per_sample_norm_is_reported_with_parameter_names() -> None:
+    model = nn.Linear(4, 2)
+    cm = grapefx.compile(model, noise_multiplier=0.0)
+    x = torch.randn(3, 4)
+    x[1, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"sample.*1.*weight"):
+        cm(x).sum().backward()

@@ -1,0 +1,172 @@
+"""Benchmark models (random weights, no downloads), the same four BENCHMARKS.md uses.
+
+M1  MLP 784-512-512-10, B=256
+M2  CNN: 3 conv (+GroupNorm) + linear on 32x32x3, B=64
+M3  GPT-style decoder (vocab 8192, d 256, 4 layers, 4 heads, untied head, learned positional
+    embedding, pre-LN, causal SDPA attention, GELU MLP 4x), T=128, B=16
+M4  the same decoder, T=512, B=4
+GPT-S  a small decoder (vocab 512, d 64, 2 layers, T=32, B=8) for `--quick` smoke runs
+
+Every case is `make_case(name) -> Case(model, x, y, loss_fn)`; the loss is cross entropy with mean
+reduction (token-level for the decoders: mean over all B*T tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 784, hidden: int = 512, n_out: int = 10) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+class CNN(nn.Module):
+    """3 conv layers with GroupNorm (batch-independent, DP-compatible) and a linear head."""
+
+    def __init__(self, c_in: int = 3, n_out: int = 10) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(c_in, 32, kernel_size=3, padding=1)
+        self.g1 = nn.GroupNorm(8, 32)
+        self.c2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        self.g2 = nn.GroupNorm(8, 64)
+        self.c3 = nn.Conv2d(64, 64, kernel_size=3, padding=1)
+        self.g3 = nn.GroupNorm(8, 64)
+        self.fc = nn.Linear(64 * 4 * 4, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, 3, 32, 32]
+        h = F.max_pool2d(F.relu(self.g1(self.c1(x))), 2)  # 16x16
+        h = F.max_pool2d(F.relu(self.g2(self.c2(h))), 2)  # 8x8
+        h = F.max_pool2d(F.relu(self.g3(self.c3(h))), 2)  # 4x4
+        return self.fc(h.flatten(1))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        hd = D // self.heads
+        q = q.view(B, T, self.heads, hd).transpose(1, 2)
+        k = k.view(B, T, self.heads, hd).transpose(1, 2)
+        v = v.view(B, T, self.heads, hd).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads)
+        self.ln2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, 4 * d)
+        self.fc_out = nn.Linear(4 * d, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """nanoGPT-style decoder: token + learned positional embedding (nn.Embedding over arange(T)),
+    pre-LN blocks, final LN, untied head."""
+
+    def __init__(self, vocab: int = 8192, d: int = 256, n_layer: int = 4, heads: int = 4, max_t: int = 512) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(max_t, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        for name, p in self.named_parameters():  # GPT-2 style init
+            if name.endswith("weight") and p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+            if name.endswith("fc_out.weight") or name.endswith("proj.weight"):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer))
+
+    def forward(self, ids: Tensor) -> Tensor:  # [B, T] -> [B, T, V]
+        T = ids.shape[1]
+        pos = torch.arange(T, device=ids.device)
+        h = self.tok(ids) + self.pos(pos)
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(self.ln_f(h))
+
+
+def class_loss(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out, y, reduction="mean")
+
+
+def token_loss(out: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="mean")
+
+
+@dataclass
+class Case:
+    name: str
+    desc: str
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+# name -> (description, builder(generator) -> (model, x, y, loss))
+def _m1(g: torch.Generator):
+    B = 256
+    return MLP(), torch.randn(B, 784, generator=g), torch.randint(0, 10, (B,), generator=g), class_loss
+
+
+def _m2(g: torch.Generator):
+    B = 64
+    return CNN(), torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 10, (B,), generator=g), class_loss
+
+
+def _gpt(B: int, T: int, vocab: int = 8192, d: int = 256, n_layer: int = 4, heads: int = 4, max_t: int = 512):
+    def build(g: torch.Generator):
+        model = GPT(vocab=vocab, d=d, n_layer=n_layer, heads=heads, max_t=max_t)
+        ids = torch.randint(0, vocab, (B, T + 1), generator=g)
+        return model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), token_loss
+
+    return build
+
+
+CASES: dict[str, tuple[str, Callable]] = {
+    "M1": ("MLP 784-512-512-10, B=256", _m1),
+    "M2": ("CNN 3 conv + GroupNorm + linear, 32x32x3, B=64", _m2),
+    "M3": ("GPT decoder V=8192 d=256 L=4 H=4, T=128, B=16", _gpt(B=16, T=128)),
+    "M4": ("GPT decoder V=8192 d=256 L=4 H=4, T=512, B=4", _gpt(B=4, T=512)),
+    "GPT-S": ("small GPT decoder V=512 d=64 L=2 H=2, T=32, B=8", _gpt(B=8, T=32, vocab=512, d=64, n_layer=2, heads=2, max_t=32)),
+}
+
+
+def make_case(name: str, seed: int = 0) -> Case:
+    desc, build = CASES[name]
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    model, x, y, loss_fn = build(g)
+    return Case(name, desc, model, x, y, loss_fn)
