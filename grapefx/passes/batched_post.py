@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from grapefx.passes.interp import call_node, make_lookup
+
 aten = torch.ops.aten
 
 
@@ -99,9 +101,7 @@ def apply_post_batched(
     b: Any,
 ) -> torch.Tensor:
     local: dict[fx.Node, Any] = dict(site_values)
-
-    def lookup(n: fx.Node) -> Any:
-        return local[n] if n in local else env[n]
+    lookup = make_lookup(gm, env, local)
 
     for node in gm.graph.nodes:
         if node in post_nodes and node not in local:
@@ -119,15 +119,14 @@ def _vmap_fallback(
     gm: fx.GraphModule,
     env: dict,
 ) -> torch.Tensor:
-    from grapefx.passes.privatize_backward import _call
-
     nodes = list(site_values)
 
     def one(*vals: Any) -> Any:
         local = dict(zip(nodes, vals))
+        lookup = make_lookup(gm, env, local)
         for node in gm.graph.nodes:
             if node in post_nodes and node not in local:
-                local[node] = _call(node, lambda n: local[n] if n in local else env[n])
+                local[node] = call_node(node, lookup)
         return local[out_node]
 
     return torch.vmap(one)(*site_values.values())

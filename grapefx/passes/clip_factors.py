@@ -1,11 +1,12 @@
 """Clip factors c_i from per-sample norms, folded with the loss scale into per-sample weights.
 
 Per-sample gradients of the user's loss are `scale * (what the backward graph sees)`, where scale is
-the batch size for a mean-reduced loss. The weighted sum is Σ c_i g_i / denom, so each site is
-weighted by w_i = c_i * scale / denom. The norms are recorded (grapefx::record_norms) for monitoring.
+the batch size for a mean-reduced loss (the loss is the mean over the actual batch). The weighted sum
+is Σ c_i g_i / denom, so each site is weighted by w_i = c_i * scale / denom.
 
 Per-layer clipping splits the budget evenly: parameter p is clipped to C_p = C / sqrt(P), so the
-whole gradient still has sensitivity C and noise of std σC keeps the stated guarantee.
+whole gradient still has sensitivity C and noise of std σC keeps the stated guarantee. It needs no
+global norm, so each parameter is finished as soon as its own norm is known (FlashDP).
 """
 
 from __future__ import annotations
@@ -20,28 +21,46 @@ from grapefx.config import PrivacyConfig
 STABILITY = 1e-6
 
 
-def clip_weights(
-    norm_sq: list[torch.Tensor], batch_size: Any, config: PrivacyConfig, state_id: int
-) -> tuple[list[torch.Tensor], Any]:
-    mean = config.loss_reduction == "mean"
-    scale = batch_size if mean else 1
-    if not mean:
-        denom = 1
-    elif config.expected_batch_size is not None:
-        denom = config.expected_batch_size
-    else:
-        denom = torch.sym_max(batch_size, 1) if isinstance(batch_size, torch.SymInt) else max(int(batch_size), 1)
-    layer = torch.stack(norm_sq, dim=1).clamp_min(0).sqrt() * scale  # [B, P]
-    layer = torch.ops.grapefx.record_norms(layer, state_id)
+def loss_scale_and_denom(batch_size: Any, config: PrivacyConfig) -> tuple[Any, Any]:
+    if config.loss_reduction == "sum":
+        return 1, 1
+    if config.expected_batch_size is not None:
+        return batch_size, config.expected_batch_size
+    denom = torch.sym_max(batch_size, 1) if isinstance(batch_size, torch.SymInt) else max(int(batch_size), 1)
+    return batch_size, denom
+
+
+def per_layer_weights(norm: torch.Tensor, n_params: int, scale: Any, denom: Any, config: PrivacyConfig) -> torch.Tensor:
+    """Weights of one parameter, clipped on its own to C / sqrt(P); `norm` is its [B] per-sample norm."""
+    c_p = float(config.max_grad_norm) / math.sqrt(n_params)
+    return (c_p / (norm + STABILITY)).clamp(max=1.0) * scale / denom
+
+
+def flat_weights(norms: torch.Tensor, scale: Any, denom: Any, config: PrivacyConfig) -> torch.Tensor:
+    """Weights from the norm of the whole per-sample gradient; `norms` is [B, P] per parameter."""
+    total = norms.pow(2).sum(dim=1).sqrt()
     C = float(config.max_grad_norm)
-    if config.clipping == "per_layer":
-        c_p = C / math.sqrt(len(norm_sq))
-        factors = (c_p / (layer + STABILITY)).clamp(max=1.0)
-        return [factors[:, j] * scale / denom for j in range(len(norm_sq))], denom
-    total = layer.pow(2).sum(dim=1).sqrt()
     if config.clipping == "automatic":
         c = C / (total + config.automatic_gamma)
     else:
         c = (C / (total + STABILITY)).clamp(max=1.0)
-    w = c * scale / denom
+    return c * scale / denom
+
+
+def recorded_norms(norm_sq: list[torch.Tensor], scale: Any, first: int, n_columns: int, state_id: int) -> torch.Tensor:
+    """[B, k] per-sample norms of the user's loss (scaled), published for monitoring."""
+    norms = torch.stack(norm_sq, dim=1).clamp_min(0).sqrt() * scale
+    return torch.ops.grapefx.record_norms(norms, first, n_columns, state_id)
+
+
+def clip_weights(
+    norm_sq: list[torch.Tensor], batch_size: Any, config: PrivacyConfig, state_id: int
+) -> tuple[list[torch.Tensor], Any]:
+    """All parameters at once (used where the graph has no per-layer structure, e.g. B=1)."""
+    scale, denom = loss_scale_and_denom(batch_size, config)
+    n = len(norm_sq)
+    norms = recorded_norms(norm_sq, scale, 0, n, state_id)
+    if config.clipping == "per_layer":
+        return [per_layer_weights(norms[:, j], n, scale, denom, config) for j in range(n)], denom
+    w = flat_weights(norms, scale, denom, config)
     return [w for _ in norm_sq], denom

@@ -24,7 +24,8 @@ import torch.fx as fx
 from grapefx.analysis.grad_sites import ParamGrad, find_grad_sites, site_kind
 from grapefx.analysis.layout import BatchLayout, LayoutResult, analyze_layouts
 from grapefx.config import PrivacyConfig
-from grapefx.passes.clip_factors import clip_weights
+from grapefx.passes.clip_factors import flat_weights, loss_scale_and_denom, per_layer_weights, recorded_norms
+from grapefx.passes.interp import call_node, make_lookup
 from grapefx.passes.per_sample_norms import per_sample_norm_sq, plan_norms
 from grapefx.passes.tracing import retrace
 from grapefx.rules.registry import NormChoice, SiteContext, rule_for
@@ -39,12 +40,6 @@ class BackwardPlan:
     grads: list[ParamGrad]
     choices: dict[str, list[tuple[str, NormChoice]]] = field(default_factory=dict)
     layouts: LayoutResult | None = None
-
-
-def _call(node: fx.Node, lookup: Any) -> Any:
-    args = fx.node.map_arg(node.args, lookup)
-    kwargs = fx.node.map_arg(node.kwargs, lookup)
-    return node.target(*args, **kwargs)
 
 
 def _batch_size_value(gm: fx.GraphModule, layouts: LayoutResult, env: dict, batch: Any) -> Any:
@@ -75,44 +70,82 @@ def privatize_backward(
         deferred |= set(g.sites) | g.post_nodes
     output_args = gm.graph.output_node().args[0]
 
+    ready_at = _ready_positions(gm, grads)
+    per_layer = config.clipping == "per_layer"
+    index = {g.name: j for j, g in enumerate(grads)}
+
     def private_backward(*args: Any) -> Any:
         env: dict[Any, Any] = dict(zip(placeholders, args))
         lookup = env.__getitem__
-        for node in gm.graph.nodes:
-            if node.op == "get_attr":
-                env[node] = getattr(gm, node.target)
-                continue
-            if node.op != "call_function" or node in deferred:
-                continue
-            if layouts.batch_reductions.get(node) == "convolution_backward":
-                env[node] = _input_grad_only(node, lookup)
-                continue
-            env[node] = _call(node, lookup)
-        b = _batch_size_value(gm, layouts, env, batch)
-        contexts = {
-            g.name: [SiteContext(s, site_kind(s, layouts), layouts, env, b, config.strategy) for s in g.sites]
-            for g in grads
-        }
-        choices = plan_norms(grads, contexts)
-        plan.choices = {
-            name: [(str(c.node), ch) for c, ch in zip(contexts[name], chs)] for name, chs in choices.items()
-        }
-        norm_sq = [per_sample_norm_sq(g, contexts[g.name], choices[g.name], gm, env) for g in grads]
-        weights, denom = clip_weights(norm_sq, b, config, state_id)
-        outputs = list(fx.node.map_arg(output_args, lambda n: env.get(n) if n not in deferred else None))
-        for g, w in zip(grads, weights):
-            site_values = {c.node: rule_for(c.kind).weighted(c, w) for c in contexts[g.name]}
+        norm_sq: dict[str, torch.Tensor] = {}
+        finished: dict[str, torch.Tensor] = {}
+        state: dict[str, Any] = {}
+
+        def on_ready(g: ParamGrad) -> None:
+            # Norms as soon as a parameter's operands exist (their temporaries die early); in
+            # per-layer mode the parameter is finished right away: no buffer waits for a barrier.
+            if "b" not in state:
+                state["b"] = _batch_size_value(gm, layouts, env, batch)
+                state["scale"], state["denom"] = loss_scale_and_denom(state["b"], config)
+            sites = [SiteContext(s, site_kind(s, layouts), layouts, env, state["b"], config.strategy) for s in g.sites]
+            choices = plan_norms([g], {g.name: sites})[g.name]
+            plan.choices[g.name] = [(str(c.node), ch) for c, ch in zip(sites, choices)]
+            state[g.name] = sites
+            norm_sq[g.name] = per_sample_norm_sq(g, sites, choices, gm, env)
+            if per_layer:
+                col = index[g.name]
+                norm = recorded_norms([norm_sq[g.name]], state["scale"], col, len(grads), state_id)[:, 0]
+                w = per_layer_weights(norm, len(grads), state["scale"], state["denom"], config)
+                finished[g.name] = _finish(g, sites, w, state["denom"])
+
+        def _finish(g: ParamGrad, sites: list[SiteContext], w: torch.Tensor, denom: Any) -> torch.Tensor:
+            site_values = {c.node: rule_for(c.kind).weighted(c, w) for c in sites}
             grad = evaluate_post(g, site_values, gm, env)
             if config.noise_multiplier > 0:
                 std = float(config.noise_multiplier * config.max_grad_norm)
                 grad = grad + torch.ops.grapefx.gaussian_noise(grad, std, state_id) / denom
-            outputs[g.out_index] = grad
+            return grad
+
+        for g in ready_at.get(-1, []):
+            on_ready(g)
+        for pos, node in enumerate(gm.graph.nodes):
+            if node.op == "get_attr":
+                env[node] = getattr(gm, node.target)
+            elif node.op == "call_function" and node not in deferred and node not in env:
+                if layouts.batch_reductions.get(node) == "convolution_backward":
+                    env[node] = _input_grad_only(node, lookup)
+                else:
+                    env[node] = call_node(node, lookup)
+            for g in ready_at.get(pos, []):
+                on_ready(g)
+        if not per_layer:  # flat clipping: the barrier, every norm is needed
+            norms = recorded_norms([norm_sq[g.name] for g in grads], state["scale"], 0, len(grads), state_id)
+            w = flat_weights(norms, state["scale"], state["denom"], config)
+            for g in grads:
+                finished[g.name] = _finish(g, state[g.name], w, state["denom"])
+        outputs = list(fx.node.map_arg(output_args, lambda n: env.get(n) if n not in deferred else None))
+        for g in grads:
+            outputs[g.out_index] = finished[g.name]
         return tuple(outputs)
 
     new_gm = retrace(private_backward, example_inputs)
     for node in new_gm.graph.nodes:
         node.meta.setdefault("grapefx", {"pass": "privatize_backward"})
     return new_gm, plan
+
+
+def _ready_positions(gm: fx.GraphModule, grads: list[ParamGrad]) -> dict[int, list[ParamGrad]]:
+    """For each parameter, the graph position after which all its sites' operands are computed."""
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    ready: dict[int, list[ParamGrad]] = {}
+    for g in grads:
+        operands: list[fx.Node] = []
+        for s in g.sites:
+            src = s.args[0] if s.target is operator.getitem else s  # convolution_backward outputs
+            operands.extend(src.all_input_nodes)
+        last = max((position[o] for o in operands if o.op != "placeholder"), default=-1)
+        ready.setdefault(last, []).append(g)
+    return ready
 
 
 def _input_grad_only(node: fx.Node, lookup: Any) -> Any:
@@ -128,14 +161,12 @@ def _input_grad_only(node: fx.Node, lookup: Any) -> Any:
 def evaluate_post(grad: ParamGrad, site_values: dict[fx.Node, Any], gm: fx.GraphModule, env: dict) -> Any:
     """Run the batch-free nodes between a parameter's sites and its gradient output."""
     local: dict[fx.Node, Any] = dict(site_values)
-
-    def lookup(n: fx.Node) -> Any:
-        return local[n] if n in local else env[n]
+    lookup = make_lookup(gm, env, local)
 
     for node in gm.graph.nodes:
         if node in grad.post_nodes and node not in local:
             if node.target is operator.getitem and node.args[0] in local:
                 local[node] = local[node.args[0]][node.args[1]]
             else:
-                local[node] = _call(node, lookup)
+                local[node] = call_node(node, lookup)
     return local[grad.out_node]

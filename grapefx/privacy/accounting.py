@@ -13,8 +13,8 @@ Two accountants:
   (``eps_error=1e-3``) on the whole q x sigma x steps test grid, with at most 5e-4 absolute
   excess. ``2e-4`` already overshoots by 1% at epsilon ~ 0.17 (q=1e-3, sigma=2, 1e4 steps), and
   the error grows about with the square of the width. Cost on 2 CPU cores: <= ~1.5 s per call for
-  10k steps at sigma >= 0.6, most calls < 0.5 s. Cost grows like 1/sigma^2 (sigma=0.1 with 1e4
-  steps takes minutes), so calibration never searches below :data:`MIN_NOISE_MULTIPLIER`.
+  10k steps at sigma >= 0.6, most calls < 0.5 s. Cost grows steeply as sigma shrinks (sigma=0.3 with 1e4
+  steps takes ~6 s, sigma=0.1 a minute), so calibration never searches below :data:`MIN_NOISE_MULTIPLIER`.
   Below epsilon ~ 0.01 the grid itself dominates, and there PLD can exceed RDP.
 * ``"rdp"``: Renyi DP, fast (ms), but looser. Use it for quick estimates or cross-checks.
 """
@@ -31,8 +31,9 @@ import dp_accounting as dpa
 
 PLD_DISCRETIZATION = 1e-4
 """Width of the PLD privacy-loss grid (``value_discretization_interval``); see module docstring."""
-MIN_NOISE_MULTIPLIER = 0.1
-"""Calibration never goes below this sigma: PLD cost explodes and the budgets are meaningless."""
+MIN_NOISE_MULTIPLIER = 0.3
+"""Calibration never goes below this sigma: PLD cost grows steeply (seconds per call at 0.3) and
+such budgets (epsilon >= ~19 even for a single full-batch step) are meaningless."""
 MAX_NOISE_MULTIPLIER = 1e6
 """Calibration gives up above this sigma (the target is below what the accountant can certify)."""
 ACCOUNTANTS = ("pld", "rdp")
@@ -132,17 +133,18 @@ def _calibrate(eps: Callable[[float], float], target: float, rtol: float) -> flo
             hi, eps_hi = lo, eps_lo
             lo = max(lo / 2, MIN_NOISE_MULTIPLIER)
             eps_lo = eps(lo)
-    else:  # walk up until feasible
+    else:  # walk up until feasible, after checking (cheaply: large sigma is fast) that it is reachable
+        eps_max = eps(MAX_NOISE_MULTIPLIER)
+        if eps_max > target:
+            raise ValueError(
+                f"target_epsilon={target} is not reachable: even sigma={MAX_NOISE_MULTIPLIER:g} gives "
+                f"epsilon={eps_max:.4g} (below ~0.01 the PLD discretisation floor dominates; "
+                "use fewer steps, a smaller sample_rate or a larger delta)"
+            )
         while eps_hi > target:
-            if hi >= MAX_NOISE_MULTIPLIER:
-                raise ValueError(
-                    f"target_epsilon={target} is not reachable: even sigma={MAX_NOISE_MULTIPLIER:g} gives "
-                    f"epsilon={eps_hi:.4g} (below ~0.01 the PLD discretisation floor dominates; "
-                    "use fewer steps, a smaller sample_rate or a larger delta)"
-                )
             lo, eps_lo = hi, eps_hi
             hi = min(hi * 2, MAX_NOISE_MULTIPLIER)
-            eps_hi = eps(hi)
+            eps_hi = eps_max if hi == MAX_NOISE_MULTIPLIER else eps(hi)
 
     # Illinois regula falsi on u = log(sigma), f = log(eps / target): f > 0 infeasible, f <= 0 feasible.
     # f_lo / f_hi are the (possibly halved) interpolation weights, eps_hi stays the true value.

@@ -30,6 +30,7 @@ class PrivacyState:
     last_norms: torch.Tensor | None = None  # [B] per-sample norms of the whole gradient, last backward
     last_layer_norms: torch.Tensor | None = None  # [B, n_params] per-parameter norms, last backward
     param_names: list[str] = field(default_factory=list)
+    pending_columns: dict[int, torch.Tensor] = field(default_factory=dict)
     backward_calls: int = 0
     id: int = field(default_factory=lambda: next(_ids))
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
@@ -77,26 +78,36 @@ def _(like: torch.Tensor, std: float, state_id: int) -> torch.Tensor:
 
 
 @torch.library.custom_op("grapefx::record_norms", mutates_args=())
-def record_norms(layer_norms: torch.Tensor, state_id: int) -> torch.Tensor:
-    """Keep this backward's per-sample norms ([B, n_params]) for monitoring; returns a copy."""
+def record_norms(norms: torch.Tensor, first_column: int, n_columns: int, state_id: int) -> torch.Tensor:
+    """Keep per-sample norms ([B, k]: columns first_column.. of [B, n_columns]) for monitoring.
+
+    Returns a copy that the clip factors are computed from, so the op stays in the graph. Per-layer
+    clipping records one column per parameter as each finishes; flat clipping all at once.
+    """
     state = get_state(state_id)
-    if not bool(torch.isfinite(layer_norms).all()):
-        _raise_non_finite(layer_norms, state)
-    state.last_layer_norms = layer_norms.detach().clone()
-    state.last_norms = state.last_layer_norms.pow(2).sum(dim=1).sqrt()
-    state.backward_calls += 1
-    return layer_norms.clone()
+    if not bool(torch.isfinite(norms).all()):
+        _raise_non_finite(norms, first_column, state)
+    for j in range(norms.shape[1]):
+        state.pending_columns[first_column + j] = norms[:, j].detach().clone()
+    if len(state.pending_columns) == n_columns:
+        cols = [state.pending_columns[j] for j in range(n_columns)]
+        state.last_layer_norms = torch.stack(cols, dim=1)
+        state.last_norms = state.last_layer_norms.pow(2).sum(dim=1).sqrt()
+        state.pending_columns = {}
+        state.backward_calls += 1
+    return norms.clone()
 
 
 @record_norms.register_fake
-def _(layer_norms: torch.Tensor, state_id: int) -> torch.Tensor:
-    return torch.empty_like(layer_norms)
+def _(norms: torch.Tensor, first_column: int, n_columns: int, state_id: int) -> torch.Tensor:
+    return torch.empty_like(norms)
 
 
-def _raise_non_finite(layer_norms: torch.Tensor, state: PrivacyState) -> None:
-    bad = ~torch.isfinite(layer_norms)
+def _raise_non_finite(norms: torch.Tensor, first_column: int, state: PrivacyState) -> None:
+    state.pending_columns = {}
+    bad = ~torch.isfinite(norms)
     samples = bad.any(dim=1).nonzero().flatten().tolist()
-    cols = bad.any(dim=0).nonzero().flatten().tolist()
+    cols = [first_column + c for c in bad.any(dim=0).nonzero().flatten().tolist()]
     names = [state.param_names[c] if c < len(state.param_names) else f"#{c}" for c in cols]
     raise FloatingPointError(
         f"grapefx: non-finite per-sample gradient norm for sample(s) {samples[:10]} in parameter(s) "

@@ -1,0 +1,29 @@
+"""Evaluating original backward nodes on traced values (shared by the rewrite's phases)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.fx as fx
+
+
+def call_node(node: fx.Node, lookup: Callable[[fx.Node], Any]) -> Any:
+    args = fx.node.map_arg(node.args, lookup)
+    kwargs = fx.node.map_arg(node.kwargs, lookup)
+    return node.target(*args, **kwargs)
+
+
+def make_lookup(gm: fx.GraphModule, env: dict, local: dict | None = None) -> Callable[[fx.Node], Any]:
+    """Values from `local` first, then `env`; batch-free constants not computed yet (e.g. the zeros a
+    slice_scatter writes into, when a parameter is finished early) are computed on demand."""
+    local = {} if local is None else local
+
+    def lookup(n: fx.Node) -> Any:
+        if n in local:
+            return local[n]
+        if n not in env:
+            env[n] = getattr(gm, n.target) if n.op == "get_attr" else call_node(n, lookup)
+        return env[n]
+
+    return lookup
