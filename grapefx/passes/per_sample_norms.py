@@ -13,20 +13,36 @@ import torch.fx as fx
 
 from grapefx.analysis.grad_sites import ParamGrad
 from grapefx.passes.batched_post import apply_post_batched
+from grapefx.passes.factored_norms import factored_norm_sq
 from grapefx.rules.registry import NormChoice, SiteContext, rule_for
 
 
 def plan_norms(grads: list[ParamGrad], contexts: dict[str, list[SiteContext]]) -> dict[str, list[NormChoice]]:
     plan: dict[str, list[NormChoice]] = {}
     for g in grads:
-        if g.isometric:
-            plan[g.name] = [rule_for(c.kind).choose(c) for c in contexts[g.name]]
-        else:
-            plan[g.name] = [
-                NormChoice("instantiate", float("nan"), float("nan"), "shared/tied parameter: exact cross terms")
-                for _ in contexts[g.name]
-            ]
+        choices = [rule_for(c.kind).choose(c) for c in contexts[g.name]]
+        if not g.isometric:
+            choices = _shared_choice(g, contexts[g.name], choices)
+        plan[g.name] = choices
     return plan
+
+
+def _shared_choice(g: ParamGrad, sites: list[SiteContext], choices: list[NormChoice]) -> list[NormChoice]:
+    """Ghost with cross terms (Σ_ab T_a T_b (m+n)) vs instantiating every site (Σ_a T_a m n)."""
+    shape = list(g.out_node.meta["val"].shape)
+    factorable = len(shape) == 2 and all(c.tokens > 0 for c in choices)
+    strategy = sites[0].strategy
+    if factorable:
+        m, n = int(shape[0]), int(shape[1])
+        ts = [c.tokens for c in choices]
+        ghost = 2.0 * sum(ta * tb for ta in ts for tb in ts) * (m + n)
+        inst = 2.0 * sum(ts) * m * n
+        use_ghost = strategy == "ghost" or (strategy == "auto" and ghost < inst)
+        method = "ghost" if use_ghost else "instantiate"
+        reason = f"shared by {len(sites)} sites, T={ts} m={m} n={n}: cross-term ghost vs instantiation"
+        return [NormChoice(method, ghost, inst, reason, c.tokens) for c in choices]
+    reason = f"shared by {len(sites)} sites / non-reshape post ops: instantiated for exact cross terms"
+    return [NormChoice("instantiate", float("nan"), float("nan"), reason) for _ in choices]
 
 
 def per_sample_norm_sq(
@@ -34,6 +50,10 @@ def per_sample_norm_sq(
 ) -> torch.Tensor:
     if grad.isometric:
         return rule_for(sites[0].kind).norm_sq(sites[0], choices[0]).float()
+    if choices[0].method == "ghost":
+        factored = factored_norm_sq(grad, sites)
+        if factored is not None:
+            return factored
     per_sample = {c.node: rule_for(c.kind).per_sample(c) for c in sites}
     full = apply_post_batched(grad.post_nodes, grad.out_node, per_sample, gm, env, sites[0].batch_size).float()
     return full.reshape(full.shape[0], -1).pow(2).sum(1)

@@ -17,7 +17,7 @@ from grapefx.rules.registry import NormChoice, SiteContext, SiteRule, expose_bat
 aten = torch.ops.aten
 
 
-def _tokens(site: SiteContext) -> tuple[torch.Tensor, torch.Tensor]:
+def tokens(site: SiteContext) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [B, T] and grads [B, T, d] of one site."""
     grad, ids = site.node.args[:2]
     lay = site.layout(ids)
@@ -33,7 +33,7 @@ def _tokens(site: SiteContext) -> tuple[torch.Tensor, torch.Tensor]:
 @register_rule("embedding_dense_backward")
 class EmbeddingRule(SiteRule):
     def per_sample(self, site: SiteContext) -> torch.Tensor:
-        ids, g = _tokens(site)
+        ids, g = tokens(site)
         num_weights, padding_idx = site.node.args[2], site.node.args[3]
         if padding_idx is not None and padding_idx >= 0:
             g = g * (ids != padding_idx).unsqueeze(-1).to(g.dtype)
@@ -48,14 +48,14 @@ class EmbeddingRule(SiteRule):
         d, V = int(shape_of(grad)[-1]), int(site.node.args[2])
         ghost, inst = 2.0 * T * T * d, 2.0 * (T * d + V * d)
         if site.strategy in ("ghost", "instantiate"):
-            return NormChoice(site.strategy, ghost, inst, f"strategy={site.strategy}")
+            return NormChoice(site.strategy, ghost, inst, f"strategy={site.strategy}", T)
         method = "ghost" if ghost < inst else "instantiate"
-        return NormChoice(method, ghost, inst, f"T={T} d={d} V={V}: T²d vs Vd per sample")
+        return NormChoice(method, ghost, inst, f"T={T} d={d} V={V}: T²d vs Vd per sample", T)
 
     def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
         if choice.method != "ghost":
             return super().norm_sq(site, choice)
-        ids, g = _tokens(site)
+        ids, g = tokens(site)
         padding_idx = site.node.args[3]
         same = ids[:, :, None] == ids[:, None, :]
         if padding_idx is not None and padding_idx >= 0:

@@ -48,9 +48,9 @@ class MatmulRule(SiteRule):
         N = int(b.meta["val"].shape[1])
         ghost, inst = 2.0 * T * T * (M + N), 2.0 * T * M * N
         if site.strategy in ("ghost", "instantiate"):
-            return NormChoice(site.strategy, ghost, inst, f"strategy={site.strategy}")
+            return NormChoice(site.strategy, ghost, inst, f"strategy={site.strategy}", T)
         method = "ghost" if ghost < inst else "instantiate"
-        return NormChoice(method, ghost, inst, f"T={T} M={M} N={N}: 2T²(M+N) vs 2TMN per sample")
+        return NormChoice(method, ghost, inst, f"T={T} M={M} N={N}: 2T²(M+N) vs 2TMN per sample", T)
 
     def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
         L, R = factors(site)

@@ -44,6 +44,7 @@ class NormChoice:
     ghost_flops: float
     instantiate_flops: float
     reason: str
+    tokens: int = 0  # rows per sample of the factored form (T), when the rule has one
 
 
 class SiteRule:

@@ -1,0 +1,111 @@
+"""Ghost norms with cross terms for a parameter used at several sites (tied / shared weights).
+
+When every site's per-sample value is a sum of outer products Σ_t L_t ⊗ R_t in the parameter's
+own orientation (mm sites; embedding sites with L = onehot(ids)), and the post nodes only transpose,
+reshape to the parameter's shape and add, the squared norm of the summed gradient is
+
+    ‖Σ_a G_a‖² = Σ_{a,b} Σ_{t,s} (L_a,t · L_b,s)(R_a,t · R_b,s)
+
+which needs [B, T_a, T_b] Gram matrices only — never the [B, V, d] per-sample gradient of a tied
+embedding. Returns None (caller instantiates) when a site or post node does not fit this form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from grapefx.analysis.grad_sites import ParamGrad
+from grapefx.rules import embedding, mm
+from grapefx.rules.registry import SiteContext
+
+aten = torch.ops.aten
+_IDENTITY = {aten.view, aten._unsafe_view, aten.reshape, aten.alias, aten.clone, aten.contiguous, aten.detach}
+
+
+@dataclass
+class Factor:
+    """Per-sample rows of one side: dense [B, T, m], or one-hot token ids [B, T] over m classes."""
+
+    dense: torch.Tensor | None = None
+    ids: torch.Tensor | None = None
+    keep: torch.Tensor | None = None  # [B, T] bool: tokens that count (padding_idx excluded)
+
+    @property
+    def length(self) -> int:
+        return (self.dense if self.dense is not None else self.ids).shape[1]
+
+
+def gram(x: Factor, y: Factor) -> torch.Tensor:
+    """[B, Tx, Ty] inner products of every row of x with every row of y."""
+    if x.dense is not None and y.dense is not None:
+        return torch.bmm(x.dense.float(), y.dense.float().transpose(1, 2))
+    if x.dense is None and y.dense is None:
+        g = (x.ids[:, :, None] == y.ids[:, None, :]).float()
+    elif x.dense is None:  # onehot(ids_t) · y_s = y_s[ids_t]
+        g = torch.gather(y.dense.float(), 2, x.ids[:, None, :].expand(-1, y.length, -1)).transpose(1, 2)
+    else:
+        g = torch.gather(x.dense.float(), 2, y.ids[:, None, :].expand(-1, x.length, -1))
+    if x.keep is not None:
+        g = g * x.keep[:, :, None].float()
+    if y.keep is not None:
+        g = g * y.keep[:, None, :].float()
+    return g
+
+
+def _site_factors(site: SiteContext) -> tuple[Factor, Factor] | None:
+    if site.kind == "mm":
+        L, R = mm.factors(site)
+        return Factor(dense=L), Factor(dense=R)
+    if site.kind == "embedding_dense_backward":
+        ids, g = embedding.tokens(site)
+        pad = site.node.args[3]
+        keep = (ids != pad) if pad is not None and pad >= 0 else None
+        return Factor(ids=ids, keep=keep), Factor(dense=g)
+    return None
+
+
+def _orientation(site: fx.Node, grad: ParamGrad) -> bool | None:
+    """Whether the site reaches the output transposed; None if the path is not transpose/reshape/add."""
+    param_shape = list(grad.out_node.meta["val"].shape)
+    if len(param_shape) != 2:
+        return None
+    swapped, node = False, site
+    while node is not grad.out_node:
+        users = [u for u in node.users if u in grad.post_nodes or u is grad.out_node]
+        if len(users) != 1:
+            return None
+        node = users[0]
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet in (aten.t,) or (packet is aten.permute and list(node.args[1]) == [1, 0]):
+            swapped = not swapped
+        elif packet in _IDENTITY:
+            if list(node.meta["val"].shape) not in (param_shape, param_shape[::-1]):
+                return None
+        elif packet is aten.add:
+            sources = set(grad.post_nodes) | set(grad.sites)
+            if not all(isinstance(a, fx.Node) and a in sources for a in node.args[:2]) or node.kwargs:
+                return None
+        else:
+            return None
+    return swapped
+
+
+def factored_norm_sq(grad: ParamGrad, sites: list[SiteContext]) -> torch.Tensor | None:
+    terms: list[tuple[Factor, Factor]] = []
+    for site in sites:
+        swapped = _orientation(site.node, grad)
+        pair = _site_factors(site) if swapped is not None else None
+        if pair is None:
+            return None
+        terms.append(pair[::-1] if swapped else pair)
+    total = None
+    for a, (la, ra) in enumerate(terms):
+        for b in range(a, len(terms)):
+            lb, rb = terms[b]
+            part = (gram(la, lb) * gram(ra, rb)).sum(dim=(1, 2))
+            part = part if a == b else 2 * part
+            total = part if total is None else total + part
+    return total
