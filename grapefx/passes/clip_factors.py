@@ -64,3 +64,11 @@ def clip_weights(
         return [per_layer_weights(norms[:, j], n, scale, denom, config) for j in range(n)], denom
     w = flat_weights(norms, scale, denom, config)
     return [w for _ in norm_sq], denom
+
+
+def add_noise(grad: torch.Tensor, config: PrivacyConfig, state_id: int, denom: Any) -> torch.Tensor:
+    """grad + N(0, (σC / denom)²) per coordinate, once per parameter per backward."""
+    if config.noise_multiplier <= 0:
+        return grad
+    std = grad.new_full((), float(config.noise_multiplier * config.max_grad_norm), dtype=torch.float32) / denom
+    return torch.ops.grapefx.add_gaussian_noise(grad, std, state_id)

@@ -13,15 +13,8 @@ import torch
 import torch.fx as fx
 
 from grapefx.config import PrivacyConfig
-from grapefx.passes.clip_factors import clip_weights
+from grapefx.passes.clip_factors import add_noise, clip_weights
 from grapefx.passes.tracing import retrace
-
-
-def _add_noise(grad: torch.Tensor, config: PrivacyConfig, state_id: int, denom: Any) -> torch.Tensor:
-    if config.noise_multiplier <= 0:
-        return grad
-    std = float(config.noise_multiplier * config.max_grad_norm)
-    return grad + torch.ops.grapefx.gaussian_noise(grad, std, state_id) / denom
 
 
 def empty_batch_backward(
@@ -35,7 +28,7 @@ def empty_batch_backward(
         outs = list(torch.fx.Interpreter(gm).run(*args))
         for i in param_idx:
             if outs[i] is not None:
-                outs[i] = _add_noise(torch.zeros_like(outs[i]), config, state_id, denom)
+                outs[i] = add_noise(torch.zeros_like(outs[i]), config, state_id, denom)
         return tuple(outs)
 
     return retrace(fn, inputs)
@@ -52,7 +45,7 @@ def single_sample_backward(
         norm_sq = [outs[i].float().pow(2).sum().reshape(1) for i in present]
         weights, denom = clip_weights(norm_sq, 1, config, state_id)
         for i, w in zip(present, weights):
-            outs[i] = _add_noise(outs[i] * w.to(outs[i].dtype), config, state_id, denom)
+            outs[i] = add_noise(outs[i] * w.to(outs[i].dtype), config, state_id, denom)
         return tuple(outs)
 
     return retrace(fn, inputs)

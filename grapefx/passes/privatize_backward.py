@@ -24,7 +24,13 @@ import torch.fx as fx
 from grapefx.analysis.grad_sites import ParamGrad, find_grad_sites, site_kind
 from grapefx.analysis.layout import BatchLayout, LayoutResult, analyze_layouts
 from grapefx.config import PrivacyConfig
-from grapefx.passes.clip_factors import flat_weights, loss_scale_and_denom, per_layer_weights, recorded_norms
+from grapefx.passes.clip_factors import (
+    add_noise,
+    flat_weights,
+    loss_scale_and_denom,
+    per_layer_weights,
+    recorded_norms,
+)
 from grapefx.passes.interp import call_node, make_lookup
 from grapefx.passes.per_sample_norms import per_sample_norm_sq, plan_norms
 from grapefx.passes.tracing import retrace
@@ -101,10 +107,7 @@ def privatize_backward(
         def _finish(g: ParamGrad, sites: list[SiteContext], w: torch.Tensor, denom: Any) -> torch.Tensor:
             site_values = {c.node: rule_for(c.kind).weighted(c, w) for c in sites}
             grad = evaluate_post(g, site_values, gm, env)
-            if config.noise_multiplier > 0:
-                std = float(config.noise_multiplier * config.max_grad_norm)
-                grad = grad + torch.ops.grapefx.gaussian_noise(grad, std, state_id) / denom
-            return grad
+            return add_noise(grad, config, state_id, denom)
 
         for g in ready_at.get(-1, []):
             on_ready(g)

@@ -11,8 +11,9 @@ Two accountants:
   grid of width :data:`PLD_DISCRETIZATION` and rounded pessimistically, so the reported epsilon is an
   upper bound. ``1e-4`` (the library default) lands inside Opacus' PRV certified bracket
   (``eps_error=1e-3``) at every point of the q x sigma x steps test grid we checked (26 of 27; the
-  epsilon ~ 175 corner was too slow for PRV), at most 5e-4 above PRV's central estimate. ``2e-4`` already overshoots by ~1% at epsilon ~ 0.17 (q=1e-3, sigma=2, 1e4 steps), and
-  the error grows about with the square of the width. Cost per call on an idle 2-core machine, for
+  epsilon ~ 175 corner was too slow for PRV), at most 5e-4 above PRV's central estimate.
+  ``2e-4`` already overshoots by ~1% at epsilon ~ 0.17 (q=1e-3, sigma=2, 1e4 steps), and the
+  error grows about with the square of the width. Cost per call on an idle 2-core machine, for
   q <= 0.05, sigma >= 0.6 and up to 1e4 steps: 0.01-1.5 s, and 2.7 s at the extreme (q=0.05, sigma=0.6,
   1e4 steps, epsilon ~ 175). Cost grows steeply as sigma shrinks: sigma=0.3 with 1e4 steps takes ~6 s,
   sigma=0.1 a minute. So calibration never searches below :data:`MIN_NOISE_MULTIPLIER`.

@@ -62,19 +62,20 @@ def get_state(state_id: int) -> PrivacyState:
     return state
 
 
-@torch.library.custom_op("grapefx::gaussian_noise", mutates_args=())
-def gaussian_noise(like: torch.Tensor, std: float, state_id: int) -> torch.Tensor:
-    """std * N(0, I) shaped like `like`, drawn from the privacy state's generator."""
+@torch.library.custom_op("grapefx::add_gaussian_noise", mutates_args=())
+def add_gaussian_noise(grad: torch.Tensor, std: torch.Tensor, state_id: int) -> torch.Tensor:
+    """grad + std * N(0, I), drawn from the privacy state's generator (std: a 0-d tensor, so a
+    symbolic denominator can be folded in). Fused: one allocation, no separate add pass."""
     state = get_state(state_id)
-    if std == 0.0 or not state.noise_enabled:
-        return torch.zeros_like(like)
-    gen = state.generator(like.device)
-    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype) * std
+    if not state.noise_enabled:
+        return grad.clone()
+    out = torch.randn(grad.shape, generator=state.generator(grad.device), device=grad.device, dtype=grad.dtype)
+    return out.mul_(std.to(grad.dtype)).add_(grad)
 
 
-@gaussian_noise.register_fake
-def _(like: torch.Tensor, std: float, state_id: int) -> torch.Tensor:
-    return torch.empty_like(like)
+@add_gaussian_noise.register_fake
+def _(grad: torch.Tensor, std: torch.Tensor, state_id: int) -> torch.Tensor:
+    return torch.empty_like(grad)
 
 
 @torch.library.custom_op("grapefx::record_norms", mutates_args=())
@@ -87,20 +88,26 @@ def record_norms(norms: torch.Tensor, first_column: int, n_columns: int, state_i
     state = get_state(state_id)
     if not bool(torch.isfinite(norms).all()):
         _raise_non_finite(norms, first_column, state)
-    for j in range(norms.shape[1]):
-        state.pending_columns[first_column + j] = norms[:, j].detach().clone()
-    if len(state.pending_columns) == n_columns:
-        cols = [state.pending_columns[j] for j in range(n_columns)]
-        state.last_layer_norms = torch.stack(cols, dim=1)
-        state.last_norms = state.last_layer_norms.pow(2).sum(dim=1).sqrt()
-        state.pending_columns = {}
-        state.backward_calls += 1
+    if first_column == 0 and norms.shape[1] == n_columns:  # flat clipping: all at once
+        _publish(state, norms.detach().clone())
+    else:
+        for j in range(norms.shape[1]):
+            state.pending_columns[first_column + j] = norms[:, j].detach().clone()
+        if len(state.pending_columns) == n_columns:
+            _publish(state, torch.stack([state.pending_columns[j] for j in range(n_columns)], dim=1))
+            state.pending_columns = {}
     return norms.clone()
 
 
 @record_norms.register_fake
 def _(norms: torch.Tensor, first_column: int, n_columns: int, state_id: int) -> torch.Tensor:
     return torch.empty_like(norms)
+
+
+def _publish(state: PrivacyState, layer_norms: torch.Tensor) -> None:
+    state.last_layer_norms = layer_norms
+    state.last_norms = layer_norms.pow(2).sum(dim=1).sqrt()
+    state.backward_calls += 1
 
 
 def _raise_non_finite(norms: torch.Tensor, first_column: int, state: PrivacyState) -> None:
