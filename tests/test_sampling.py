@@ -19,7 +19,7 @@ def test_batch_sizes_follow_binomial() -> None:
     # mean within 4 standard errors of N*q
     assert abs(sizes.mean() - n * q) <= 4 * np.sqrt(n * q * (1 - q) / steps)
     # chi-square goodness of fit against Binomial(N, q), tails merged so every bin expects >= 5
-    lo, hi = int(stats.binom.ppf(0.005, n, q)), int(stats.binom.ppf(0.995, n, q))
+    lo, hi = int(stats.binom.ppf(0.01, n, q)), int(stats.binom.ppf(0.99, n, q))
     observed = [np.sum(sizes < lo)] + [np.sum(sizes == k) for k in range(lo, hi + 1)] + [np.sum(sizes > hi)]
     probs = [stats.binom.cdf(lo - 1, n, q)] + [stats.binom.pmf(k, n, q) for k in range(lo, hi + 1)]
     probs.append(stats.binom.sf(hi, n, q))
