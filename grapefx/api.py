@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn as nn
 from grapefx.config import PrivacyConfig
 from grapefx.dynamo_backend import GrapefxBackend
 from grapefx.errors import GraphBreakError
+from grapefx.grape.policy import DEFAULT_EXCLUDE, grape_parameters
 
 
 class PrivateModule(nn.Module):
@@ -26,7 +28,7 @@ class PrivateModule(nn.Module):
         super().__init__()
         self.module = module
         self.privacy_config = config
-        self.grapefx_backend = GrapefxBackend(config)
+        self.grapefx_backend = GrapefxBackend(config, model=module)
         self._compiled = torch.compile(module, backend=self.grapefx_backend, fullgraph=True, dynamic=False)
         self._dynamic = dynamic
 
@@ -78,9 +80,22 @@ def compile(  # noqa: A001 - mirrors torch.compile
     expected_batch_size: int | None = None,
     seed: int | None = None,
     codegen: str = "eager",
+    rank: int = 16,
+    resample_every: int = 200,
+    grape_include: Sequence[str] | None = None,
+    grape_exclude: Sequence[str] = DEFAULT_EXCLUDE,
+    grape_module_types: tuple[type[nn.Module], ...] = (nn.Linear,),
     **options: Any,
 ) -> PrivateModule:
-    """Compile `model` so that `loss.backward()` leaves DP-SGD gradients in every `p.grad`."""
+    """Compile `model` so that `loss.backward()` leaves DP-SGD gradients in every `p.grad`.
+
+    strategy="grape" privatizes the weights chosen by `grapefx.grape.policy.grape_parameters`
+    (Linear weights whose smaller side exceeds `rank`, minus the head / embeddings / `grape_exclude`
+    patterns; `grape_include` patterns or `grape_module_types` override) in a random rank-`rank`
+    subspace resampled every `resample_every` steps.
+    """
+    if strategy == "grape" and "grape_params" not in options:
+        options["grape_params"] = grape_parameters(model, rank, grape_include, grape_exclude, grape_module_types)
     config = PrivacyConfig(
         max_grad_norm=max_grad_norm,
         noise_multiplier=noise_multiplier,
@@ -90,6 +105,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
         expected_batch_size=expected_batch_size,
         seed=seed,
         codegen=codegen,
+        rank=rank,
+        resample_every=resample_every,
         **options,
     )
     return PrivateModule(model, config)

@@ -10,7 +10,7 @@ from grapefx.errors import ConfigError
 
 CLIPPING_MODES = ("flat", "per_layer", "automatic")
 REDUCTIONS = ("mean", "sum")
-STRATEGIES = ("auto", "ghost", "instantiate")
+STRATEGIES = ("auto", "ghost", "instantiate", "grape")
 CODEGENS = ("eager", "inductor")
 
 
@@ -27,12 +27,17 @@ class PrivacyConfig:
     noise_multiplier: float = 1.0
     loss_reduction: str = "mean"
     clipping: str = "flat"
-    strategy: str = "auto"  # per-layer norm method: auto (cost model) / ghost / instantiate
+    strategy: str = "auto"  # per-layer norm method: auto (cost model) / ghost / instantiate / grape
     expected_batch_size: int | None = None
     automatic_gamma: float = 0.01
     seed: int | None = None
     codegen: str = "eager"
     secure_noise: bool = False
+    # DP-GRAPE (strategy="grape"): rank of the random projection, how often P is resampled, and which
+    # parameters are projected (names; grapefx.compile fills it from the default policy).
+    rank: int = 16
+    resample_every: int = 200
+    grape_params: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
@@ -52,6 +57,13 @@ class PrivacyConfig:
                 raise ConfigError(f"{name} must be one of {allowed}, got {value!r}")
         if self.expected_batch_size is not None and self.expected_batch_size <= 0:
             raise ConfigError(f"expected_batch_size must be positive, got {self.expected_batch_size}")
+        if self.rank < 1 or self.resample_every < 1:
+            raise ConfigError(f"rank and resample_every must be >= 1, got {self.rank}, {self.resample_every}")
+        if self.strategy == "grape" and self.grape_params is None:
+            raise ConfigError(
+                "strategy='grape' needs the projected parameter names: use grapefx.compile(model, "
+                "strategy='grape', ...) (default policy) or pass grape_params=(...)"
+            )
         if self.automatic_gamma <= 0:
             raise ConfigError(f"automatic_gamma must be > 0, got {self.automatic_gamma}")
 

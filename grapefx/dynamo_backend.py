@@ -80,16 +80,22 @@ def _require_one_graph() -> None:
 class GrapefxBackend:
     """One instance per compiled model: holds the privacy config and run-time state."""
 
-    def __init__(self, config: PrivacyConfig, state: PrivacyState | None = None) -> None:
+    def __init__(
+        self, config: PrivacyConfig, state: PrivacyState | None = None, model: torch.nn.Module | None = None
+    ) -> None:
         self.config = config
+        # Parameter names as the user's model spells them (Dynamo sources add prefixes like `fn.`).
+        self.param_names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self.state = state or PrivacyState(seed=config.seed, secure=config.secure_noise)
+        self.state.resample_every = config.resample_every
+        self.state.projection_seed = config.seed if config.seed is not None else self.state.id
         self.plans: list[BackwardPlan] = []
         self.graphs: dict[str, fx.GraphModule] = {}
         _configure_torch()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         _require_one_graph()
-        capture = capture_inputs(gm, example_inputs)
+        capture = capture_inputs(gm, example_inputs, self.param_names)
         self.state.param_names = [p.name for p in capture.params]
         shared: dict[str, Any] = {}
 
@@ -139,10 +145,10 @@ class GrapefxBackend:
     ) -> fx.GraphModule:
         n_out = len(bw_gm.graph.output_node().args[0])
         params = [(i.index, i.name) for i in capture.params if i.index < n_out]
-        if capture.batch_size == 0:
-            return empty_batch_backward(bw_gm, bw_inputs, params, self.config, self.state.id)
-        if capture.batch_size == 1:
-            return single_sample_backward(bw_gm, bw_inputs, params, self.config, self.state.id)
+        if capture.batch_size in (0, 1):
+            self._register_projections(bw_gm, params)
+            build = empty_batch_backward if capture.batch_size == 0 else single_sample_backward
+            return build(bw_gm, bw_inputs, params, self.config, self.state.id)
         seeds: dict[str, Any] = {}
         tangents = [n for n in bw_gm.graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
         tangent_layouts = shared["tangent_layouts"]
@@ -159,7 +165,20 @@ class GrapefxBackend:
         new_gm, plan = privatize_backward(bw_gm, bw_inputs, seeds, shared["batch"], params, self.config, self.state.id)
         self.plans.append(plan)
         self.state.param_names = [g.name for g in plan.grads]  # columns of per_layer_norms()
+        for name, proj in plan.projections.items():
+            info = {"index": proj.index, "rank": proj.rank, "dim": proj.dim, "rows": proj.rows}
+            self.state.projected[name] = info
         return new_gm
+
+    def _register_projections(self, bw_gm: fx.GraphModule, params: list[tuple[int, str]]) -> None:
+        """B=0/1 graphs project by shape alone (same P and index as the B>=2 graph)."""
+        outputs = bw_gm.graph.output_node().args[0]
+        for index, name in params:
+            if name in set(self.config.grape_params or ()) and outputs[index] is not None:
+                m, n = outputs[index].meta["val"].shape
+                rows = m <= n
+                info = {"index": index, "rank": self.config.rank, "dim": m if rows else n, "rows": rows}
+                self.state.projected[name] = info
 
     # -- codegen ---------------------------------------------------------------------------------
     def _codegen(self, gm: fx.GraphModule, inputs: list[Any], is_backward: bool) -> Callable[..., Any]:

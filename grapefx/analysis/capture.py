@@ -36,18 +36,19 @@ def readable_source(source_name: str) -> str:
     name = re.sub(r"\._(modules|parameters|buffers)\['([^']*)'\]", r".\2", name)
     name = re.sub(r"\['([^']*)'\]", r".\1", name)
     name = re.sub(r"\[(\d+)\]", r".\1", name)
-    name = re.sub(r"^(self|model|m|s)\.", "", name)
+    name = re.sub(r"^(self|fn|mod|model|module)\.", "", name)
     return name
 
 
-def capture_inputs(gm: fx.GraphModule, example_inputs: list[Any]) -> Capture:
+def capture_inputs(gm: fx.GraphModule, example_inputs: list[Any], names: dict[int, str] | None = None) -> Capture:
+    """`names` maps id(parameter) to its name in the user's model (given by grapefx.compile)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     infos: list[InputInfo] = []
     batch_size = None
     for i, (node, ex) in enumerate(zip(placeholders, example_inputs)):
         grapharg = node.meta.get("grapharg")
         src = grapharg.source.name if grapharg is not None and grapharg.source is not None else node.name
-        name = readable_source(src)
+        name = (names or {}).get(id(ex)) or readable_source(src)
         if not isinstance(ex, torch.Tensor):
             kind = "symint"
         elif isinstance(ex, torch.nn.Parameter) or "_parameters[" in src:

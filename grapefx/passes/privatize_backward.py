@@ -31,6 +31,13 @@ from grapefx.passes.clip_factors import (
     per_layer_weights,
     recorded_norms,
 )
+from grapefx.passes.grape_project import (
+    Projection,
+    finish_projected,
+    plan_projection,
+    projected_norm_sq,
+    projection_for,
+)
 from grapefx.passes.interp import call_node, make_lookup
 from grapefx.passes.per_sample_norms import per_sample_norm_sq, plan_norms
 from grapefx.passes.tracing import retrace
@@ -46,6 +53,7 @@ class BackwardPlan:
     grads: list[ParamGrad]
     choices: dict[str, list[tuple[str, NormChoice]]] = field(default_factory=dict)
     layouts: LayoutResult | None = None
+    projections: dict[str, Projection] = field(default_factory=dict)  # DP-GRAPE parameters
 
 
 def _batch_size_value(gm: fx.GraphModule, layouts: LayoutResult, env: dict, batch: Any) -> Any:
@@ -70,6 +78,9 @@ def privatize_backward(
     layouts = analyze_layouts(gm, batch, seeds)
     grads = find_grad_sites(gm, layouts, params)
     plan = BackwardPlan(grads, layouts=layouts)
+    if config.strategy == "grape":
+        wanted = set(config.grape_params or ())
+        plan.projections = {g.name: plan_projection(g, g.out_index, config) for g in grads if g.name in wanted}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     deferred: set[fx.Node] = set()
     for g in grads:
@@ -94,10 +105,16 @@ def privatize_backward(
                 state["b"] = _batch_size_value(gm, layouts, env, batch)
                 state["scale"], state["denom"] = loss_scale_and_denom(state["b"], config)
             sites = [SiteContext(s, site_kind(s, layouts), layouts, env, state["b"], config.strategy) for s in g.sites]
-            choices = plan_norms([g], {g.name: sites})[g.name]
-            plan.choices[g.name] = [(str(c.node), ch) for c, ch in zip(sites, choices)]
             state[g.name] = sites
-            norm_sq[g.name] = per_sample_norm_sq(g, sites, choices, gm, env)
+            proj = plan.projections.get(g.name)
+            if proj is not None:  # DP-GRAPE: norms in the projected space
+                state[("P", g.name)] = projection_for(sites[0], proj, state_id)
+                norm_sq[g.name], choice = projected_norm_sq(sites[0], proj, state[("P", g.name)])
+                plan.choices[g.name] = [(str(sites[0].node), choice)]
+            else:
+                choices = plan_norms([g], {g.name: sites})[g.name]
+                plan.choices[g.name] = [(str(c.node), ch) for c, ch in zip(sites, choices)]
+                norm_sq[g.name] = per_sample_norm_sq(g, sites, choices, gm, env)
             if per_layer:
                 col = index[g.name]
                 norm = recorded_norms([norm_sq[g.name]], state["scale"], col, len(grads), state_id)[:, 0]
@@ -105,6 +122,9 @@ def privatize_backward(
                 finished[g.name] = _finish(g, sites, w, state["denom"])
 
         def _finish(g: ParamGrad, sites: list[SiteContext], w: torch.Tensor, denom: Any) -> torch.Tensor:
+            proj = plan.projections.get(g.name)
+            if proj is not None:
+                return finish_projected(sites[0], proj, state[("P", g.name)], w, denom, config, state_id)
             site_values = {c.node: rule_for(c.kind).weighted(c, w) for c in sites}
             grad = evaluate_post(g, site_values, gm, env)
             return add_noise(grad, config, state_id, denom)

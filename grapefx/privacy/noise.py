@@ -1,10 +1,16 @@
 """Noise and per-sample-norm side channels, as custom ops the rewritten backward graph calls.
 
 The graph cannot hold Python state, so each compiled model owns a `PrivacyState` registered under an
-integer id; the ops look it up at run time. Noise comes from the state's own generator (seeded and
-reproducible, or `secrets`-seeded fresh per draw in secure mode), never from torch's global RNG, so
-the user's dropout / data order are unaffected. Draws follow the graph's fixed order, so the same seed
-gives the same noise and consecutive steps get fresh, independent noise.
+integer id; the ops look it up at run time. Noise comes from the state's own source, never from
+torch's global RNG, so the user's dropout / data order are unaffected:
+
+* default: one seeded `torch.Generator` per device. Draws follow the graph's fixed order, so the same
+  seed gives the same noise, consecutive steps get fresh, independent noise, and
+  `rng_state_dict()` / `load_rng_state_dict()` let a checkpointed run continue with the exact noise
+  an uninterrupted run would have drawn;
+* secure (`secure=True`, `PrivacyConfig(secure_noise=True)`): every sample from the OS CSPRNG
+  (`os.urandom`) through float64 Box–Muller (`grapefx.privacy.secure_rng`); not reproducible, no
+  state to save.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ import itertools
 import secrets
 import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+from grapefx.privacy.secure_rng import secure_standard_normal
 
 _STATES: weakref.WeakValueDictionary[int, PrivacyState] = weakref.WeakValueDictionary()
 _ids = itertools.count(1)
@@ -31,7 +40,15 @@ class PrivacyState:
     last_layer_norms: torch.Tensor | None = None  # [B, n_params] per-parameter norms, last backward
     param_names: list[str] = field(default_factory=list)
     pending_columns: dict[int, torch.Tensor] = field(default_factory=dict)
+    # DP-GRAPE: logical steps completed (backwards with noise on), projection bookkeeping
+    completed_steps: int = 0
+    resample_every: int = 200
+    projection_seed: int = 0
+    projection_blocks: dict[int, int] = field(default_factory=dict)  # param index -> block of last use
+    projected: dict[str, dict] = field(default_factory=dict)  # name -> {index, rank, dim, side}
+    projected_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> privatized Ĝ
     backward_calls: int = 0
+    noise_draws: int = 0  # noise tensors drawn so far (one per noised parameter per backward)
     id: int = field(default_factory=lambda: next(_ids))
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
 
@@ -39,6 +56,10 @@ class PrivacyState:
         _STATES[self.id] = self
 
     def generator(self, device: torch.device) -> torch.Generator:
+        """The seeded generator for `device` (created on first use from `seed`, or from `secrets` if
+        no seed). In secure mode noise never comes from it; it is then a fresh `secrets`-seeded
+        generator per call, for any non-secret randomness other code may want."""
+        device = torch.device(device)
         if self.secure:
             g = torch.Generator(device=device)
             g.manual_seed(secrets.randbits(63))
@@ -50,9 +71,40 @@ class PrivacyState:
             self._generators[device] = gen
         return gen
 
+    def standard_normal(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """One N(0, I) noise tensor: from the seeded generator, or from the OS CSPRNG in secure mode."""
+        self.noise_draws += 1
+        if self.secure:
+            return secure_standard_normal(shape, dtype=dtype, device=device)
+        return torch.randn(shape, generator=self.generator(device), device=device, dtype=dtype)
+
     def reseed(self, seed: int) -> None:
         self.seed = seed
         self._generators.clear()
+
+    def rng_state_dict(self) -> dict[str, Any]:
+        """The noise RNG's state (seed and every device generator's `get_state()`), for checkpoints."""
+        return {
+            "seed": self.seed,
+            "secure": self.secure,
+            "generators": {str(dev): gen.get_state() for dev, gen in self._generators.items()},
+        }
+
+    def load_rng_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the noise stream saved by `rng_state_dict()` (a generator not yet used when it was
+        saved is re-created from the seed on first use, as it would have been)."""
+        if bool(state["secure"]) != self.secure:
+            raise ValueError(
+                f"noise RNG state was saved with secure={state['secure']} but this model has secure={self.secure}"
+            )
+        self.seed = state["seed"]
+        self._generators.clear()
+        if self.secure:
+            return
+        for dev, gen_state in state["generators"].items():
+            gen = torch.Generator(device=torch.device(dev))
+            gen.set_state(gen_state)
+            self._generators[torch.device(dev)] = gen
 
 
 def get_state(state_id: int) -> PrivacyState:
@@ -69,7 +121,7 @@ def add_gaussian_noise(grad: torch.Tensor, std: torch.Tensor, state_id: int) -> 
     state = get_state(state_id)
     if not state.noise_enabled:
         return grad.clone()
-    out = torch.randn(grad.shape, generator=state.generator(grad.device), device=grad.device, dtype=grad.dtype)
+    out = state.standard_normal(grad.shape, grad.device, grad.dtype)
     return out.mul_(std.to(grad.dtype)).add_(grad)
 
 
@@ -108,6 +160,8 @@ def _publish(state: PrivacyState, layer_norms: torch.Tensor) -> None:
     state.last_layer_norms = layer_norms
     state.last_norms = layer_norms.pow(2).sum(dim=1).sqrt()
     state.backward_calls += 1
+    if state.noise_enabled:  # the last micro-batch of a logical batch: one logical step done
+        state.completed_steps += 1
 
 
 def _raise_non_finite(norms: torch.Tensor, first_column: int, state: PrivacyState) -> None:
@@ -121,3 +175,16 @@ def _raise_non_finite(norms: torch.Tensor, first_column: int, state: PrivacyStat
         f"{names[:10]}. Clipping cannot bound a NaN/inf gradient, so no update was produced: check "
         "these samples' inputs/labels for NaN or inf, lower the learning rate, or use a loss scaler."
     )
+
+
+@torch.library.custom_op("grapefx::stash_projected", mutates_args=())
+def stash_projected(grad: torch.Tensor, name: str, state_id: int) -> torch.Tensor:
+    """Keep the privatized projected gradient Ĝ of `name` for GRAPE optimizers; returns a copy."""
+    state = get_state(state_id)
+    state.projected_grads[name] = grad.detach().clone()
+    return grad.clone()
+
+
+@stash_projected.register_fake
+def _(grad: torch.Tensor, name: str, state_id: int) -> torch.Tensor:
+    return torch.empty_like(grad)
