@@ -24,6 +24,7 @@ from grapefx.analysis.forward_checks import check_forward
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, analyze_layouts
 from grapefx.config import PrivacyConfig
 from grapefx.errors import GrapefxError, GraphBreakError
+from grapefx.grape import registry as grape_registry
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
 from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.tracing import retrace
@@ -86,6 +87,7 @@ class GrapefxBackend:
         self.config = config
         # Parameter names as the user's model spells them (Dynamo sources add prefixes like `fn.`).
         self.param_names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        self.param_objects: dict[str, torch.Tensor] = {}
         self.state = state or PrivacyState(seed=config.seed, secure=config.secure_noise)
         self.state.resample_every = config.resample_every
         self.state.projection_seed = config.seed if config.seed is not None else self.state.id
@@ -96,6 +98,7 @@ class GrapefxBackend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         _require_one_graph()
         capture = capture_inputs(gm, example_inputs, self.param_names)
+        self.param_objects = {info.name: ex for info, ex in zip(capture.inputs, example_inputs) if info.kind == "param"}
         self.state.param_names = [p.name for p in capture.params]
         shared: dict[str, Any] = {}
 
@@ -167,7 +170,7 @@ class GrapefxBackend:
         self.state.param_names = [g.name for g in plan.grads]  # columns of per_layer_norms()
         for name, proj in plan.projections.items():
             info = {"index": proj.index, "rank": proj.rank, "dim": proj.dim, "rows": proj.rows}
-            self.state.projected[name] = info
+            self._register_projection(name, info)
         return new_gm
 
     def _register_projections(self, bw_gm: fx.GraphModule, params: list[tuple[int, str]]) -> None:
@@ -178,7 +181,13 @@ class GrapefxBackend:
                 m, n = outputs[index].meta["val"].shape
                 rows = m <= n
                 info = {"index": index, "rank": self.config.rank, "dim": m if rows else n, "rows": rows}
-                self.state.projected[name] = info
+                self._register_projection(name, info)
+
+    def _register_projection(self, name: str, info: dict[str, Any]) -> None:
+        self.state.projected[name] = info
+        param = self.param_objects.get(name)
+        if param is not None:
+            grape_registry.register(param, self.state, name)
 
     # -- codegen ---------------------------------------------------------------------------------
     def _codegen(self, gm: fx.GraphModule, inputs: list[Any], is_backward: bool) -> Callable[..., Any]:
