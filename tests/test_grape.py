@@ -129,7 +129,7 @@ def test_projection_is_seeded_resampled_and_not_stored() -> None:
     cm, cm_same = grapefx.compile(model, **kw), grapefx.compile(copy.deepcopy(model), **kw)
     x, y = torch.randn(4, 40), torch.randint(0, 5, (4,))
     seen = []
-    for step in range(5):
+    for _ in range(5):
         for m in (cm, cm_same):
             _loss(m(x), y, "mean").backward()
         p_now = current_projection(cm, "0.weight")
