@@ -21,6 +21,7 @@ from torch.utils.data import TensorDataset
 from tqdm import tqdm
 
 import grapefx
+from grapefx.optim import GrapeAdamW
 from grapefx.privacy.accounting import epsilon, noise_multiplier_for
 from grapefx.privacy.sampling import poisson_loader
 
@@ -49,6 +50,10 @@ def main() -> None:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--clipping", default="flat", choices=["flat", "per_layer", "automatic"])
+    ap.add_argument("--strategy", default="auto", choices=["auto", "ghost", "instantiate", "grape"])
+    ap.add_argument("--rank", type=int, default=16, help="DP-GRAPE projection rank (--strategy grape)")
+    ap.add_argument("--resample-every", type=int, default=20, help="steps between fresh projections (grape)")
+    ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -63,7 +68,8 @@ def main() -> None:
         if private
         else 0.0
     )
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    h = args.hidden
+    model = nn.Sequential(nn.Linear(64, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 10))
     train_model: nn.Module = model
     if private:
         train_model = grapefx.compile(
@@ -73,14 +79,20 @@ def main() -> None:
             loss_reduction="mean",
             expected_batch_size=args.batch_size,
             clipping=args.clipping,
+            strategy=args.strategy,
+            rank=args.rank,
+            resample_every=args.resample_every,
             seed=args.seed,
         )
     print(
         f"privacy: {'DP-SGD' if private else 'off'}  noise_multiplier={sigma:.3f}  "
         f"max_grad_norm={args.max_grad_norm}  sample_rate={q:.4f}  steps={total_steps}  delta={args.delta}  "
-        f"clipping={args.clipping}"
+        f"clipping={args.clipping}  strategy={args.strategy}"
+        + (f" rank={args.rank}" if args.strategy == "grape" else "")
     )
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # GrapeAdamW keeps the moments of projected weights in the rank-r space; elsewhere it is AdamW.
+    opt_cls = GrapeAdamW if args.strategy == "grape" else torch.optim.AdamW
+    opt = opt_cls(model.parameters(), lr=args.lr, weight_decay=0.0)
     loader = poisson_loader(train, q, steps=steps_per_epoch, seed=args.seed)
     start = time.time()
     for epoch in range(1, args.epochs + 1):
