@@ -8,6 +8,7 @@ Dynamo graph ──capture──► AOTAutograd (core-aten decompositions, min-c
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -191,7 +192,13 @@ class GrapefxBackend:
 
     # -- codegen ---------------------------------------------------------------------------------
     def _codegen(self, gm: fx.GraphModule, inputs: list[Any], is_backward: bool) -> Callable[..., Any]:
-        if self.config.codegen == "inductor":
+        if self.config.codegen == "inductor" and _has_inductor_trap(gm):
+            warnings.warn(
+                "grapefx: this graph uses max pooling, whose Inductor lowering gives wrong gradients on "
+                "torch 2.13 CPU (also without grapefx); running it with codegen='eager' instead.",
+                stacklevel=2,
+            )
+        elif self.config.codegen == "inductor":
             from torch._inductor.compile_fx import compile_fx_inner
             from torch._inductor.decomposition import select_decomp_table
 
@@ -199,6 +206,18 @@ class GrapefxBackend:
             gm = retrace(fx.Interpreter(gm).run, inputs, decompositions=select_decomp_table())
             return compile_fx_inner(gm, inputs, is_backward=is_backward)
         return make_boxed_func(gm)
+
+
+_INDUCTOR_TRAPS = (
+    aten.max_pool2d_with_indices,
+    aten.max_pool3d_with_indices,
+    aten.max_pool2d_with_indices_backward,
+    aten.max_pool3d_with_indices_backward,
+)
+
+
+def _has_inductor_trap(gm: fx.GraphModule) -> bool:
+    return any(getattr(n.target, "overloadpacket", None) in _INDUCTOR_TRAPS for n in gm.graph.nodes)
 
 
 def _tangent_layouts(outputs: list[Any], layouts: dict[fx.Node, Any]) -> list[Any]:

@@ -503,6 +503,19 @@ def _attention(p: _Propagator, n: fx.Node) -> Any:
     return _per_sample_op(p, n)
 
 
+def _spatial(k: int) -> Any:
+    """Pooling / upsampling over the last k dims: each item of the leading dims is independent."""
+
+    def rule(p: _Propagator, n: fx.Node) -> Any:
+        x = n.args[0]
+        lx = p.lay(x)
+        if lx is UNKNOWN or lx is None or lx.dim >= len(shape_of(x)) - k:
+            return UNKNOWN
+        return _per_sample_op(p, n)
+
+    return rule
+
+
 def _nll_forward(p: _Propagator, n: fx.Node) -> Any:
     x, target = n.args[:2]
     reduction = n.args[3] if len(n.args) > 3 else 1
@@ -616,6 +629,33 @@ _register(
     _attention,
 )
 _register([aten.native_dropout], _per_sample_op)
+_register(
+    [
+        aten.max_pool2d_with_indices,
+        aten.max_pool2d_with_indices_backward,
+        aten.avg_pool2d,
+        aten.avg_pool2d_backward,
+        aten._adaptive_avg_pool2d,
+        aten._adaptive_avg_pool2d_backward,
+        aten.upsample_nearest2d,
+        aten.upsample_bilinear2d,
+        aten.reflection_pad2d,
+        aten.replication_pad2d,
+    ],
+    _spatial(2),
+)
+_register(
+    [
+        aten.max_pool3d_with_indices,
+        aten.max_pool3d_with_indices_backward,
+        aten.avg_pool3d,
+        aten.avg_pool3d_backward,
+        aten._adaptive_avg_pool3d,
+        aten._adaptive_avg_pool3d_backward,
+    ],
+    _spatial(3),
+)
+_register([aten.reflection_pad1d, aten.replication_pad1d, aten.upsample_nearest1d], _spatial(1))
 _register([aten.nll_loss_forward], _nll_forward)
 _register([aten.nll_loss_backward], _nll_backward)
 _register(

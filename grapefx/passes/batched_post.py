@@ -7,7 +7,6 @@ are batched by hand here, and vmap is only the fallback for anything else.
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -87,8 +86,15 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> torch
         other = [a for a in args[:2] if not (isinstance(a, fx.Node) and a in batched)][0]
         bx = [lookup(a) for a in args[:2] if isinstance(a, fx.Node) and a in batched][0]
         return bx * (lookup(other) if isinstance(other, fx.Node) else other)
-    if node.target is operator.getitem:
-        return None
+    if packet is aten.embedding_dense_backward and not node.args[4]:
+        # a batch-free index (positions: nn.Embedding(arange(T))) gathered a per-sample sum
+        ids = lookup(args[1]).reshape(-1)
+        g = x.reshape(b, ids.shape[0], x.shape[-1])
+        padding_idx = args[3]
+        if padding_idx is not None and padding_idx >= 0:
+            g = g * (ids != padding_idx).to(g.dtype)[None, :, None]
+        out = g.new_zeros(b, args[2], g.shape[-1])
+        return out.index_add(1, ids, g)
     return None
 
 

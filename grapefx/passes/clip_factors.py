@@ -71,4 +71,6 @@ def add_noise(grad: torch.Tensor, config: PrivacyConfig, state_id: int, denom: A
     if config.noise_multiplier <= 0:
         return grad
     std = grad.new_full((), float(config.noise_multiplier * config.max_grad_norm), dtype=torch.float32) / denom
-    return torch.ops.grapefx.add_gaussian_noise(grad, std, state_id)
+    # contiguous: the op's input strides must match between tracing and run time under Inductor
+    # (a convolution_backward weight gradient can come out with kernel-dependent strides).
+    return torch.ops.grapefx.add_gaussian_noise(grad.contiguous(), std, state_id)

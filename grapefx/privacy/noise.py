@@ -120,14 +120,14 @@ def add_gaussian_noise(grad: torch.Tensor, std: torch.Tensor, state_id: int) -> 
     symbolic denominator can be folded in). Fused: one allocation, no separate add pass."""
     state = get_state(state_id)
     if not state.noise_enabled:
-        return grad.clone()
+        return grad.clone(memory_format=torch.contiguous_format)
     out = state.standard_normal(grad.shape, grad.device, grad.dtype)
     return out.mul_(std.to(grad.dtype)).add_(grad)
 
 
 @add_gaussian_noise.register_fake
 def _(grad: torch.Tensor, std: torch.Tensor, state_id: int) -> torch.Tensor:
-    return torch.empty_like(grad)
+    return grad.new_empty(grad.shape)  # contiguous, as the real op returns (Inductor checks strides)
 
 
 @torch.library.custom_op("grapefx::record_norms", mutates_args=())
