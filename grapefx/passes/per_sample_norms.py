@@ -14,7 +14,7 @@ import torch.fx as fx
 from grapefx.analysis.grad_sites import ParamGrad
 from grapefx.passes.batched_post import apply_post_batched
 from grapefx.passes.factored_norms import factored_norm_sq
-from grapefx.rules.registry import NormChoice, SiteContext, rule_for
+from grapefx.rules.registry import MEMORY_WEIGHT, NormChoice, SiteContext, mm_costs, pick, rule_for
 
 
 def plan_norms(grads: list[ParamGrad], contexts: dict[str, list[SiteContext]]) -> dict[str, list[NormChoice]]:
@@ -35,10 +35,9 @@ def _shared_choice(g: ParamGrad, sites: list[SiteContext], choices: list[NormCho
     if factorable:
         m, n = int(shape[0]), int(shape[1])
         ts = [c.tokens for c in choices]
-        ghost = 2.0 * sum(ta * tb for ta in ts for tb in ts) * (m + n)
-        inst = 2.0 * sum(ts) * m * n
-        use_ghost = strategy == "ghost" or (strategy == "auto" and ghost < inst)
-        method = "ghost" if use_ghost else "instantiate"
+        ghost = sum(mm_costs(1, m, n)[0] * ta * tb for ta in ts for tb in ts)
+        inst = sum(ts) * 2.0 * m * n + MEMORY_WEIGHT * 2 * m * n
+        method = pick(strategy if strategy in ("ghost", "instantiate") else "auto", ghost, inst)
         reason = f"shared by {len(sites)} sites, T={ts} m={m} n={n}: cross-term ghost vs instantiation"
         return [NormChoice(method, ghost, inst, reason, c.tokens) for c in choices]
     reason = f"shared by {len(sites)} sites / non-reshape post ops: instantiated for exact cross terms"

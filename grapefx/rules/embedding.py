@@ -12,7 +12,16 @@ import math
 import torch
 
 from grapefx.analysis.layout import shape_of
-from grapefx.rules.registry import NormChoice, SiteContext, SiteRule, expose_batch, register_rule, weights_like
+from grapefx.rules.registry import (
+    MEMORY_WEIGHT,
+    NormChoice,
+    SiteContext,
+    SiteRule,
+    expose_batch,
+    pick,
+    register_rule,
+    weights_like,
+)
 
 aten = torch.ops.aten
 
@@ -46,11 +55,10 @@ class EmbeddingRule(SiteRule):
         other_dims = [s for i, s in enumerate(shape_of(ids)) if i != lay.dim]
         T = int(math.prod(int(s) for s in other_dims) * lay.outer * lay.inner)  # tokens per sample
         d, V = int(shape_of(grad)[-1]), int(site.node.args[2])
-        ghost, inst = 2.0 * T * T * d, 2.0 * (T * d + V * d)
-        if site.strategy in ("ghost", "instantiate"):
-            return NormChoice(site.strategy, ghost, inst, f"strategy={site.strategy}", T)
-        method = "ghost" if ghost < inst else "instantiate"
-        return NormChoice(method, ghost, inst, f"T={T} d={d} V={V}: T²d vs Vd per sample", T)
+        ghost = 2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T
+        inst = MEMORY_WEIGHT * (3 * V * d + T * d)  # zero-fill, scatter, square-and-sum of [V, d]
+        reason = f"T={T} d={d} V={V}: ghost ~2T²d vs instantiate ~3Vd memory-bound per sample"
+        return NormChoice(pick(site.strategy, ghost, inst), ghost, inst, reason, T)
 
     def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
         if choice.method != "ghost":

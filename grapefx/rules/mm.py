@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from grapefx.rules.registry import NormChoice, SiteContext, SiteRule, expose_batch, register_rule, weights_like
+from grapefx.rules.registry import (
+    NormChoice,
+    SiteContext,
+    SiteRule,
+    expose_batch,
+    mm_costs,
+    pick,
+    register_rule,
+    weights_like,
+)
 
 
 def _k_layout(site: SiteContext):  # noqa: ANN202
@@ -46,11 +55,9 @@ class MatmulRule(SiteRule):
         T = int(lk.outer * lk.inner)
         M = int(a.meta["val"].shape[0])
         N = int(b.meta["val"].shape[1])
-        ghost, inst = 2.0 * T * T * (M + N), 2.0 * T * M * N
-        if site.strategy in ("ghost", "instantiate"):
-            return NormChoice(site.strategy, ghost, inst, f"strategy={site.strategy}", T)
-        method = "ghost" if ghost < inst else "instantiate"
-        return NormChoice(method, ghost, inst, f"T={T} M={M} N={N}: 2T²(M+N) vs 2TMN per sample", T)
+        ghost, inst = mm_costs(T, M, N)
+        reason = f"T={T} M={M} N={N}: ghost ~2T²(M+N) vs instantiate ~2TMN (+memory) per sample"
+        return NormChoice(pick(site.strategy, ghost, inst), ghost, inst, reason, T)
 
     def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
         L, R = factors(site)

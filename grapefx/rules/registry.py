@@ -69,6 +69,26 @@ class SiteRule:
         raise NotImplementedError
 
 
+# -- cost model (per sample, flop-equivalents) -----------------------------------------------------
+# Memory-bound element traffic (zero-fill, scatter, square-and-sum of an instantiated gradient) costs
+# several times a flop of a matmul on CPU; weighting it keeps e.g. a [B, V, d] embedding gradient
+# from looking cheap just because it needs few flops.
+MEMORY_WEIGHT = 8.0
+
+
+def mm_costs(T: int, M: int, N: int) -> tuple[float, float]:
+    """(ghost, instantiate) cost of the norm of Σ_t L_t ⊗ R_t with L [T, M], R [T, N]."""
+    ghost = 2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T
+    inst = 2.0 * T * M * N + MEMORY_WEIGHT * 2 * M * N
+    return ghost, inst
+
+
+def pick(strategy: str, ghost: float, inst: float) -> str:
+    if strategy in ("ghost", "instantiate"):
+        return strategy
+    return "ghost" if ghost <= inst else "instantiate"
+
+
 _RULES: dict[str, SiteRule] = {}
 
 
