@@ -26,6 +26,7 @@ from grapefx.analysis.layout import UNKNOWN, BatchLayout, analyze_layouts
 from grapefx.config import PrivacyConfig
 from grapefx.errors import GrapefxError, GraphBreakError
 from grapefx.grape import registry as grape_registry
+from grapefx.inspect.dumps import dump_from_env
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
 from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.tracing import retrace
@@ -112,6 +113,7 @@ class GrapefxBackend:
             self.graphs["backward_original"] = bw_gm
             new_gm = self._privatize(bw_gm, bw_inputs, capture, shared)
             self.graphs["backward"] = new_gm
+            dump_from_env(self)  # GRAPEFX_DUMP_DIR set: dump this backward's graphs (never raises)
             return self._codegen(new_gm, bw_inputs, is_backward=True)
 
         def inference_compiler(gm_: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
