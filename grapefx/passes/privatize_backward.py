@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx.traceback as fx_traceback
 
 from grapefx.analysis.grad_sites import ParamGrad, find_grad_sites, site_kind
 from grapefx.analysis.layout import BatchLayout, LayoutResult, analyze_layouts
@@ -107,27 +108,32 @@ def privatize_backward(
             sites = [SiteContext(s, site_kind(s, layouts), layouts, env, state["b"], config.strategy) for s in g.sites]
             state[g.name] = sites
             proj = plan.projections.get(g.name)
-            if proj is not None:  # DP-GRAPE: norms in the projected space
-                state[("P", g.name)] = projection_for(sites[0], proj, state_id)
-                norm_sq[g.name], choice = projected_norm_sq(sites[0], proj, state[("P", g.name)])
-                plan.choices[g.name] = [(str(sites[0].node), choice)]
-            else:
-                choices = plan_norms([g], {g.name: sites})[g.name]
-                plan.choices[g.name] = [(str(c.node), ch) for c, ch in zip(sites, choices)]
-                norm_sq[g.name] = per_sample_norm_sq(g, sites, choices, gm, env)
+            with provenance("per_sample_norms", "norm", g.name):
+                if proj is not None:  # DP-GRAPE: norms in the projected space
+                    state[("P", g.name)] = projection_for(sites[0], proj, state_id)
+                    norm_sq[g.name], choice = projected_norm_sq(sites[0], proj, state[("P", g.name)])
+                    plan.choices[g.name] = [(str(sites[0].node), choice)]
+                else:
+                    choices = plan_norms([g], {g.name: sites})[g.name]
+                    plan.choices[g.name] = [(str(c.node), ch) for c, ch in zip(sites, choices)]
+                    norm_sq[g.name] = per_sample_norm_sq(g, sites, choices, gm, env)
             if per_layer:
-                col = index[g.name]
-                norm = recorded_norms([norm_sq[g.name]], state["scale"], col, len(grads), state_id)[:, 0]
-                w = per_layer_weights(norm, len(grads), state["scale"], state["denom"], config)
+                with provenance("clip_factors", "clip", g.name):
+                    col = index[g.name]
+                    norm = recorded_norms([norm_sq[g.name]], state["scale"], col, len(grads), state_id)[:, 0]
+                    w = per_layer_weights(norm, len(grads), state["scale"], state["denom"], config)
                 finished[g.name] = _finish(g, sites, w, state["denom"])
 
         def _finish(g: ParamGrad, sites: list[SiteContext], w: torch.Tensor, denom: Any) -> torch.Tensor:
             proj = plan.projections.get(g.name)
             if proj is not None:
-                return finish_projected(sites[0], proj, state[("P", g.name)], w, denom, config, state_id)
-            site_values = {c.node: rule_for(c.kind).weighted(c, w) for c in sites}
-            grad = evaluate_post(g, site_values, gm, env)
-            return add_noise(grad, config, state_id, denom)
+                with provenance("grape_project", "projected_weighted_sum_noise", g.name):
+                    return finish_projected(sites[0], proj, state[("P", g.name)], w, denom, config, state_id)
+            with provenance("book_keeping", "weighted_sum", g.name):
+                site_values = {c.node: rule_for(c.kind).weighted(c, w) for c in sites}
+                grad = evaluate_post(g, site_values, gm, env)
+            with provenance("noise", "noise", g.name):
+                return add_noise(grad, config, state_id, denom)
 
         for g in ready_at.get(-1, []):
             on_ready(g)
@@ -142,8 +148,9 @@ def privatize_backward(
             for g in ready_at.get(pos, []):
                 on_ready(g)
         if not per_layer:  # flat clipping: the barrier, every norm is needed
-            norms = recorded_norms([norm_sq[g.name] for g in grads], state["scale"], 0, len(grads), state_id)
-            w = flat_weights(norms, state["scale"], state["denom"], config)
+            with provenance("clip_factors", "clip", "*"):
+                norms = recorded_norms([norm_sq[g.name] for g in grads], state["scale"], 0, len(grads), state_id)
+                w = flat_weights(norms, state["scale"], state["denom"], config)
             for g in grads:
                 finished[g.name] = _finish(g, state[g.name], w, state["denom"])
         outputs = list(fx.node.map_arg(output_args, lambda n: env.get(n) if n not in deferred else None))
@@ -151,10 +158,16 @@ def privatize_backward(
             outputs[g.out_index] = finished[g.name]
         return tuple(outputs)
 
-    new_gm = retrace(private_backward, example_inputs)
+    new_gm = retrace(private_backward, example_inputs, keep_annotations=True)
     for node in new_gm.graph.nodes:
-        node.meta.setdefault("grapefx", {"pass": "privatize_backward"})
+        # Provenance of every node: which pass inserted it, in what role, for which parameter;
+        # nodes outside any annotation replay the original backward (input grads, site operands).
+        node.meta["grapefx"] = dict(node.meta.get("custom") or {"pass": "replay", "role": "original"})
     return new_gm, plan
+
+
+def provenance(pass_name: str, role: str, param: str) -> Any:
+    return fx_traceback.annotate({"pass": pass_name, "role": role, "param": param})
 
 
 def _ready_positions(gm: fx.GraphModule, grads: list[ParamGrad]) -> dict[int, list[ParamGrad]]:

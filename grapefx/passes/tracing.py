@@ -7,13 +7,19 @@ from collections.abc import Callable
 from typing import Any
 
 import torch.fx as fx
+import torch.fx.traceback as fx_traceback
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 
 def retrace(
-    fn: Callable[..., Any], example_inputs: list[Any], decompositions: dict[Any, Any] | None = None
+    fn: Callable[..., Any],
+    example_inputs: list[Any],
+    decompositions: dict[Any, Any] | None = None,
+    keep_annotations: bool = False,
 ) -> fx.GraphModule:
+    """`keep_annotations`: nodes made inside torch.fx.traceback.annotate(...) carry the dict in
+    node.meta["custom"] (provenance of the rewrite)."""
     fake_mode = detect_fake_mode(example_inputs)
     ctx = contextlib.nullcontext()
     old = None
@@ -23,7 +29,8 @@ def retrace(
         fake_mode.allow_non_fake_inputs = True
         ctx = fake_mode
     try:
-        with ctx:
+        meta_ctx = fx_traceback.preserve_node_meta() if keep_annotations else contextlib.nullcontext()
+        with ctx, meta_ctx:
             gm = make_fx(fn, decompositions, tracing_mode="real")(*example_inputs)
     finally:
         if fake_mode is not None:
