@@ -98,7 +98,7 @@ def test_transform_tables_mark_sites_and_inserted_nodes(runs: dict) -> None:
     original = (out / "01_backward_original.table.txt").read_text()
     private = (out / "02_backward_private.table.txt").read_text()
     assert "site[mm]" in original and "site[reduce]" in original
-    for word in ("grapefx.record_norms", "grapefx-op", "inserted", "per-sample norm"):
+    for word in ("grapefx.record_norms", "grapefx-op", "inserted", "per_sample_norms: norm", "book_keeping"):
         assert word in private
     assert "f32[B, 16]" in private  # batch symbol shown as B
     dot = (out / "02_backward_private.dot").read_text()

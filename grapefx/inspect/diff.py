@@ -183,8 +183,8 @@ def _guess_roles(priv: fx.GraphModule, diff: GraphDiff, plan: Any) -> None:
     noise_scale = _ancestors([n.args[1] for n in noise_ops if isinstance(n.args[1], fx.Node)]) - noised
     for n in nodes:
         meta = n.meta.get("grapefx") or {}
-        if meta.get("role"):
-            diff.roles[n] = str(meta["role"])
+        if meta.get("role") and meta.get("pass") != "replay":  # provenance recorded by the rewrite
+            diff.roles[n] = f"{meta['pass']}: {meta['role']}"
         elif n in norms_ops:
             diff.roles[n] = "record per-sample norms"
         elif n in noise_ops:
