@@ -10,17 +10,21 @@ from grapefx.errors import (
     GraphBreakError,
     UnsupportedOpError,
 )
+from grapefx.privacy.engine import DPOptimizer, PrivacyEngine, make_private
 
 __all__ = [
     "BatchMixingError",
     "ConfigError",
+    "DPOptimizer",
     "GrapefxBackend",
     "GrapefxError",
     "GraphBreakError",
     "PrivacyConfig",
+    "PrivacyEngine",
     "PrivateModule",
     "UnsupportedOpError",
     "backend",
     "compile",
+    "make_private",
 ]
 __version__ = "0.1.0"

@@ -468,8 +468,9 @@ def _scatter_into(p: _Propagator, n: fx.Node) -> Any:
     is_select = n.target.overloadpacket is aten.select_scatter
     if ls is not None:
         mapped = ls.moved(ls.dim + (1 if is_select and d <= ls.dim else 0))
-        if mapped.dim == d or (lb is not None and lb != mapped):
-            return UNKNOWN
+        full_cover = not is_select and sympy.expand(shape_of(src)[d] - shape_of(base)[d]) == 0
+        if (mapped.dim == d and not full_cover) or (lb is not None and lb != mapped):
+            return UNKNOWN  # scattering into part of the batch dim would move samples around
         return mapped
     return UNKNOWN if lb.dim == d else lb
 

@@ -97,7 +97,9 @@ def privatize_backward(
         lookup = env.__getitem__
         norm_sq: dict[str, torch.Tensor] = {}
         finished: dict[str, torch.Tensor] = {}
-        state: dict[str, Any] = {}
+        state: dict[str, Any] = {}  # batch size, loss scale, denominator (traced values)
+        site_ctx: dict[str, list[SiteContext]] = {}  # per parameter (keys are user names: keep apart)
+        proj_p: dict[str, torch.Tensor] = {}  # DP-GRAPE projection per parameter
 
         def on_ready(g: ParamGrad) -> None:
             # Norms as soon as a parameter's operands exist (their temporaries die early); in
@@ -106,12 +108,12 @@ def privatize_backward(
                 state["b"] = _batch_size_value(gm, layouts, env, batch)
                 state["scale"], state["denom"] = loss_scale_and_denom(state["b"], config)
             sites = [SiteContext(s, site_kind(s, layouts), layouts, env, state["b"], config.strategy) for s in g.sites]
-            state[g.name] = sites
+            site_ctx[g.name] = sites
             proj = plan.projections.get(g.name)
             with provenance("per_sample_norms", "norm", g.name):
                 if proj is not None:  # DP-GRAPE: norms in the projected space
-                    state[("P", g.name)] = projection_for(sites[0], proj, state_id)
-                    norm_sq[g.name], choice = projected_norm_sq(sites[0], proj, state[("P", g.name)])
+                    proj_p[g.name] = projection_for(sites[0], proj, state_id)
+                    norm_sq[g.name], choice = projected_norm_sq(sites[0], proj, proj_p[g.name])
                     plan.choices[g.name] = [(str(sites[0].node), choice)]
                 else:
                     choices = plan_norms([g], {g.name: sites})[g.name]
@@ -128,7 +130,7 @@ def privatize_backward(
             proj = plan.projections.get(g.name)
             if proj is not None:
                 with provenance("grape_project", "projected_weighted_sum_noise", g.name):
-                    return finish_projected(sites[0], proj, state[("P", g.name)], w, denom, config, state_id)
+                    return finish_projected(sites[0], proj, proj_p[g.name], w, denom, config, state_id)
             with provenance("book_keeping", "weighted_sum", g.name):
                 site_values = {c.node: rule_for(c.kind).weighted(c, w) for c in sites}
                 grad = evaluate_post(g, site_values, gm, env)
@@ -152,7 +154,7 @@ def privatize_backward(
                 norms = recorded_norms([norm_sq[g.name] for g in grads], state["scale"], 0, len(grads), state_id)
                 w = flat_weights(norms, state["scale"], state["denom"], config)
             for g in grads:
-                finished[g.name] = _finish(g, state[g.name], w, state["denom"])
+                finished[g.name] = _finish(g, site_ctx[g.name], w, state["denom"])
         outputs = list(fx.node.map_arg(output_args, lambda n: env.get(n) if n not in deferred else None))
         for g in grads:
             outputs[g.out_index] = finished[g.name]

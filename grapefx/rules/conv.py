@@ -83,7 +83,9 @@ class ConvolutionRule(SiteRule):
 
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
         conv, index = _conv_node(site)
-        cache = site.env.setdefault(("weighted_conv", conv), {})
+        # Weight and bias of one convolution share a single weighted convolution_backward when they
+        # share the per-sample weights (flat clipping); per-layer clipping weights them separately.
+        cache = site.env.setdefault(("weighted_conv", conv, id(weights)), {"weights": weights})
         if "out" not in cache:
             grad, x, w, *rest = conv.args
             rest = [site.value(r) for r in rest]
