@@ -29,4 +29,3 @@ def _fresh_state():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
-

@@ -124,8 +124,24 @@ def run_against_oracle(
 # ----------------------------------------------------------------------------------------------
 # every zoo model: flat clipping, loss outside the compiled module, sum and mean
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("zc", _cases())
+# the mean-reduction variants of the heaviest models run with -m slow only (the sum variants and the
+# lighter models already cover their graphs in the default suite)
+HEAVY = ("gpt_tied", "resnet_gn", "vit", "hf_gpt2", "mha_tmajor")
+
+
+def _flat_params():
+    out = []
+    for reduction in ("sum", "mean"):
+        for p in _cases():
+            zc = p.values[0]
+            marks = list(p.marks)
+            if reduction == "mean" and zc.name in HEAVY:
+                marks.append(pytest.mark.slow)
+            out.append(pytest.param(zc, reduction, id=f"{zc.name}-{reduction}", marks=marks))
+    return out
+
+
+@pytest.mark.parametrize("zc,reduction", _flat_params())
 def test_zoo_flat(zc: ZooCase, reduction: str) -> None:
     run_against_oracle(zc, reduction=reduction)
 
@@ -135,8 +151,15 @@ def test_zoo_flat(zc: ZooCase, reduction: str) -> None:
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name,reduction",
-    [("mlp", "mean"), ("mlp", "sum"), ("linear3d", "mean"), ("embedding_bag", "sum"), ("conv2d", "mean"),
-     ("gpt", "mean"), ("gpt_tied", "sum")],
+    [
+        ("mlp", "mean"),
+        ("mlp", "sum"),
+        ("linear3d", "mean"),
+        ("embedding_bag", "sum"),
+        ("conv2d", "mean"),
+        ("gpt", "mean"),
+        pytest.param("gpt_tied", "sum", marks=pytest.mark.slow),
+    ],
 )
 def test_loss_inside(name: str, reduction: str) -> None:
     run_against_oracle(case(name), reduction=reduction, loss_inside=True)
@@ -146,13 +169,19 @@ def test_loss_inside(name: str, reduction: str) -> None:
 # other clipping modes
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("zc", _cases(["mlp", "conv2d", "embedding_bag", "gpt"]))
+@pytest.mark.parametrize("zc", _cases(["mlp", "conv2d", "embedding_bag", "gpt"], marks={"gpt": [pytest.mark.slow]}))
 def test_per_layer_clipping(zc: ZooCase, reduction: str) -> None:
     run_against_oracle(zc, reduction=reduction, clipping="per_layer")
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("zc", _cases(["mlp", "linear3d", "conv2d", "gpt_tied"]))
+@pytest.mark.parametrize(
+    "zc,reduction",
+    [
+        pytest.param(case(n), r, id=f"{n}-{r}", marks=[pytest.mark.slow] if (r == "mean" and n != "mlp") else [])
+        for n in ("mlp", "linear3d", "conv2d", "gpt_tied")
+        for r in ("sum", "mean")
+    ],
+)
 def test_automatic_clipping(zc: ZooCase, reduction: str) -> None:
     run_against_oracle(zc, reduction=reduction, clipping="automatic")
 
@@ -161,12 +190,17 @@ def test_automatic_clipping(zc: ZooCase, reduction: str) -> None:
 # norm strategies: ghost norms vs instantiated per-sample gradients
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
-@pytest.mark.parametrize("zc", _cases(["mlp", "linear3d", "matmul_bmm", "embedding_bag", "gpt", "gpt_tied"]))
+@pytest.mark.parametrize(
+    "zc",
+    _cases(
+        ["mlp", "linear3d", "matmul_bmm", "embedding_bag", "gpt", "gpt_tied"], marks={"gpt_tied": [pytest.mark.slow]}
+    ),
+)
 def test_strategy(zc: ZooCase, strategy: str) -> None:
     run_against_oracle(zc, reduction="sum", strategy=strategy)
 
 
-@pytest.mark.parametrize("zc", _cases(["linear3d", "embedding_bag", "gpt"]))
+@pytest.mark.parametrize("zc", _cases(["linear3d", "embedding_bag", "gpt"], marks={"gpt": [pytest.mark.slow]}))
 def test_ghost_equals_instantiate(zc: ZooCase) -> None:
     """The two strategies compute the same clipped sum (to float32 rounding) on the same batch."""
     model = zc.make()
@@ -189,7 +223,8 @@ def test_ghost_equals_instantiate(zc: ZooCase) -> None:
 # Inductor codegen (slow compiles: few models)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "zc", _cases(["mlp", "embedding_bag", "gpt"], marks={"gpt": [pytest.mark.slow], "embedding_bag": [pytest.mark.slow]})
+    "zc",
+    _cases(["mlp", "embedding_bag", "gpt"], marks={"gpt": [pytest.mark.slow], "embedding_bag": [pytest.mark.slow]}),
 )
 def test_inductor_codegen(zc: ZooCase) -> None:
     run_against_oracle(zc, reduction="mean", codegen="inductor", sizes=(3, 6))
@@ -203,7 +238,7 @@ def test_inductor_codegen_loss_inside_b1() -> None:
 # ----------------------------------------------------------------------------------------------
 # denominators, accumulation, graph switching
 # ----------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("zc", _cases(["mlp", "gpt"]))
+@pytest.mark.parametrize("zc", _cases(["mlp", "gpt"], marks={"gpt": [pytest.mark.slow]}))
 def test_mean_with_expected_batch_size(zc: ZooCase) -> None:
     """denom = expected_batch_size (Poisson sampling), not the realised batch size."""
     run_against_oracle(zc, reduction="mean", expected_batch_size=8, sizes=(3, 6))
@@ -245,3 +280,22 @@ def test_two_models_of_one_class_keep_their_own_config() -> None:
         zc.loss(cm2(x), y, "mean").backward()
         assert_grads_match(m1, oracle_grads(m1, (x, y), lambda o, t: zc.loss(o, t, "sum"), C1, "sum")[0], RTOL)
         assert_grads_match(m2, oracle_grads(m2, (x, y), lambda o, t: zc.loss(o, t, "mean"), C2, "mean")[0], RTOL)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("zc", _cases(["mlp", "conv2d"]))
+def test_per_layer_norms_reported(zc: ZooCase, clipping: str) -> None:
+    """per_layer_norms() ([B, P], in parameter_names() order) are the per-parameter gradient norms."""
+    model = zc.make()
+    x, y = zc.batch(5)
+    cm = grapefx.compile(model, max_grad_norm=0.3, noise_multiplier=0.0, loss_reduction="mean", clipping=clipping)
+    zc.loss(cm(x), y, "mean").backward()
+    ref = per_param_norms(model, x, y, zc, "mean")
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    got = cm.per_layer_norms()
+    assert got is not None, f"per_layer_norms() is None after a backward with clipping={clipping!r}"
+    assert sorted(cm.parameter_names()) == sorted(names)
+    assert got.shape == (5, len(names))
+    order = [names.index(n) for n in cm.parameter_names()]
+    torch.testing.assert_close(got.double(), ref[:, order], rtol=NORM_RTOL, atol=1e-6)
+    torch.testing.assert_close(cm.per_sample_norms().double(), ref.norm(dim=1), rtol=NORM_RTOL, atol=1e-6)

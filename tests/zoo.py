@@ -312,16 +312,24 @@ class FrozenMLP(nn.Module):
 class TinyViT(nn.Module):
     """Patch conv + cls token + positional parameter + nn.TransformerEncoderLayer(batch_first=True)."""
 
-    def __init__(self, img: int = 8, patch: int = 4, c_in: int = 3, d: int = 16, heads: int = 2,
-                 n_layer: int = 2, n_out: int = 5) -> None:
+    def __init__(
+        self, img: int = 8, patch: int = 4, c_in: int = 3, d: int = 16, heads: int = 2, n_layer: int = 2, n_out: int = 5
+    ) -> None:
         super().__init__()
         n_patch = (img // patch) ** 2
         self.patch = nn.Conv2d(c_in, d, kernel_size=patch, stride=patch)
         self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.1)
         self.pos = nn.Parameter(torch.randn(1, n_patch + 1, d) * 0.1)
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, heads, dim_feedforward=2 * d, dropout=0.0, activation="gelu",
-                                       batch_first=True, norm_first=(i % 2 == 0))
+            nn.TransformerEncoderLayer(
+                d,
+                heads,
+                dim_feedforward=2 * d,
+                dropout=0.0,
+                activation="gelu",
+                batch_first=True,
+                norm_first=(i % 2 == 0),
+            )
             for i in range(n_layer)
         )
         self.norm = nn.LayerNorm(d)
@@ -386,8 +394,17 @@ class HFGPT2(nn.Module):
         from transformers import GPT2Config, GPT2LMHeadModel
 
         cfg = GPT2Config(
-            n_layer=n_layer, n_embd=d, n_head=heads, vocab_size=vocab, n_positions=max_t,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0, eos_token_id=0,
+            n_layer=n_layer,
+            n_embd=d,
+            n_head=heads,
+            vocab_size=vocab,
+            n_positions=max_t,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            use_cache=False,
+            bos_token_id=0,
+            eos_token_id=0,
         )
         self.m = GPT2LMHeadModel(cfg)
         self.m.train()

@@ -1,0 +1,308 @@
+"""Black-box privacy checks: sensitivity, empty batches, and the noise itself.
+
+* Sensitivity: with noise off and sum reduction, dropping one sample changes the gradient by at most
+  C (the DP definition itself), whatever the model and clipping mode; and the bound is attained
+  (the clipped samples move the gradient by exactly C), so C is really the bound in force.
+* Empty batch (B=0): no crash, the gradient is pure noise of the right scale, finite.
+* Noise: per-coordinate std = sigma * C / denom, Gaussian, zero-mean; same seed -> same noise;
+  consecutive steps -> fresh, uncorrelated noise; torch's global RNG is left alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from oracle import oracle_grads
+from zoo import ZooCase, case
+
+import grapefx
+
+TOL = 1e-4  # relative slack on the sensitivity bound (float32 rounding)
+
+
+def flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat(
+        [
+            (p.grad if p.grad is not None else torch.zeros_like(p)).detach().double().reshape(-1)
+            for p in model.parameters()
+            if p.requires_grad
+        ]
+    )
+
+
+def step(cm: nn.Module, model: nn.Module, zc: ZooCase, x: torch.Tensor, y: torch.Tensor, reduction: str = "sum"):
+    model.zero_grad(set_to_none=True)
+    zc.loss(cm(x), y, reduction).backward()
+    return flat_grad(model)
+
+
+def median_norm(model: nn.Module, zc: ZooCase, x: torch.Tensor, y: torch.Tensor) -> tuple[float, torch.Tensor]:
+    _, norms = oracle_grads(model, (x, y), lambda o, t: zc.loss(o, t, "sum"), 1.0, "sum")
+    return float(norms.median()), norms
+
+
+# ----------------------------------------------------------------------------------------------
+# sensitivity
+# ----------------------------------------------------------------------------------------------
+SENS = [
+    ("mlp", "flat"),
+    ("linear3d", "flat"),
+    ("conv2d", "flat"),
+    ("embedding_bag", "flat"),
+    ("layernorm", "flat"),
+    ("gpt", "flat"),
+    ("resnet_gn", "flat"),
+    ("mlp", "per_layer"),
+    pytest.param("gpt", "per_layer", marks=pytest.mark.slow),
+    ("mlp", "automatic"),
+    ("embedding_bag", "automatic"),
+]
+
+
+@pytest.mark.parametrize("name,clipping", SENS)
+def test_remove_one_sensitivity(name: str, clipping: str) -> None:
+    zc = case(name)
+    model = zc.make()
+    B = 6
+    x, y = zc.batch(B)
+    C, norms = median_norm(model, zc, x, y)
+    assert (norms > C * 1.01).any(), "some samples must be clipped for the check to bite"
+    cm = grapefx.compile(model, max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum", clipping=clipping)
+    full = step(cm, model, zc, x, y)
+    assert torch.isfinite(full).all()
+    diffs = []
+    for j in range(B):
+        keep = [i for i in range(B) if i != j]
+        g = step(cm, model, zc, x[keep], y[keep])
+        d = (full - g).norm().item()
+        diffs.append(d)
+        assert d <= C * (1 + TOL) + 1e-6, f"dropping sample {j} moved the gradient by {d:.6g} > C={C:.6g}"
+    diffs_t = torch.tensor(diffs)
+    assert (diffs_t > 0).all(), f"some sample has no influence at all: {diffs}"
+    if clipping == "flat":
+        # a clipped sample contributes exactly C * g/|g|, an unclipped one exactly its gradient
+        expected = torch.minimum(norms, torch.full_like(norms, C))
+        torch.testing.assert_close(diffs_t.double(), expected, rtol=1e-3, atol=1e-5)
+    elif clipping == "automatic":
+        expected = C * norms / (norms + 0.01)
+        torch.testing.assert_close(diffs_t.double(), expected, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv2d"])
+def test_sensitivity_with_an_outlier_sample(name: str) -> None:
+    """One sample scaled x1000 (huge gradient) still moves the sum by at most C."""
+    zc = case(name)
+    model = zc.make()
+    x, y = zc.batch(5)
+    x = x.clone()
+    x[2] *= 1000.0
+    C = 0.5
+    cm = grapefx.compile(model, max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum")
+    full = step(cm, model, zc, x, y)
+    assert cm.per_sample_norms()[2] > 2 * C  # the outlier is clipped
+    for j in range(5):
+        keep = [i for i in range(5) if i != j]
+        d = (full - step(cm, model, zc, x[keep], y[keep])).norm().item()
+        assert d <= C * (1 + TOL) + 1e-6, (j, d, C)
+    d2 = (full - step(cm, model, zc, x[[0, 1, 3, 4]], y[[0, 1, 3, 4]])).norm().item()
+    assert d2 == pytest.approx(C, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt"])
+def test_replace_one_sensitivity(name: str) -> None:
+    """Substituting one sample moves the sum by at most 2C (replace-one neighbours)."""
+    zc = case(name)
+    model = zc.make()
+    x, y = zc.batch(5)
+    x2, y2 = zc.batch(5, seed=7)
+    C, _ = median_norm(model, zc, x, y)
+    cm = grapefx.compile(model, max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum")
+    full = step(cm, model, zc, x, y)
+    for j in range(5):
+        xs, ys = x.clone(), y.clone()
+        xs[j], ys[j] = x2[j], y2[j]
+        d = (full - step(cm, model, zc, xs, ys)).norm().item()
+        assert d <= 2 * C * (1 + TOL) + 1e-6, (j, d, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# empty batches
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["mlp", "conv2d", "embedding_bag", "gpt"])
+def test_empty_batch_gives_pure_noise(name: str) -> None:
+    zc = case(name)
+    model = zc.make()
+    sigma, C = 1.5, 0.8
+    cm = grapefx.compile(model, max_grad_norm=C, noise_multiplier=sigma, loss_reduction="sum", seed=3)
+    x0, y0 = zc.batch(0)
+    g = step(cm, model, zc, x0, y0)
+    assert torch.isfinite(g).all()
+    for n, p in model.named_parameters():
+        assert p.grad is not None and p.grad.shape == p.shape, n
+    # pure noise: zero-mean, std sigma*C (loose: small models have few coordinates)
+    assert g.std().item() == pytest.approx(sigma * C, rel=0.25)
+    assert abs(g.mean().item()) < 5 * sigma * C / math.sqrt(g.numel())
+
+
+def test_empty_batch_between_real_batches() -> None:
+    """Poisson sampling: B=4, then B=0, then B=5 on one compiled model, noise on; all finite,
+    and the real batches still get their clipped sum (checked with noise off on the same sequence)."""
+    zc = case("mlp")
+    model = zc.make()
+    batches = [zc.batch(4), zc.batch(0), zc.batch(5), zc.batch(0)]
+    noisy_model = copy.deepcopy(model)
+    cm_clean = grapefx.compile(model, max_grad_norm=0.5, noise_multiplier=0.0, loss_reduction="sum")
+    cm_noisy = grapefx.compile(noisy_model, max_grad_norm=0.5, noise_multiplier=0.7, loss_reduction="sum", seed=0)
+    for x, y in batches:
+        g_clean = step(cm_clean, model, zc, x, y)
+        g_noisy = step(cm_noisy, noisy_model, zc, x, y)
+        assert torch.isfinite(g_clean).all() and torch.isfinite(g_noisy).all()
+        if x.shape[0] == 0:
+            assert g_clean.abs().max().item() == 0.0
+        else:
+            ref, _ = oracle_grads(model, (x, y), lambda o, t: zc.loss(o, t, "sum"), 0.5, "sum")
+            torch.testing.assert_close(g_clean, torch.cat([ref[k].reshape(-1) for k in ref]), rtol=1e-4, atol=1e-6)
+        noise = g_noisy - g_clean
+        assert noise.std().item() == pytest.approx(0.7 * 0.5, rel=0.25)
+
+
+def test_empty_batch_mean_uses_expected_batch_size() -> None:
+    zc = case("mlp")
+    model = zc.make()
+    sigma, C, L = 2.0, 1.0, 4
+    cm = grapefx.compile(
+        model, max_grad_norm=C, noise_multiplier=sigma, loss_reduction="mean", expected_batch_size=L, seed=1
+    )
+    x0, y0 = zc.batch(0)
+    g = step(cm, model, zc, x0, y0, reduction="sum")  # an empty sum: the mean of nothing is NaN
+    assert torch.isfinite(g).all()
+    assert g.std().item() == pytest.approx(sigma * C / L, rel=0.25)
+
+
+# ----------------------------------------------------------------------------------------------
+# the noise
+# ----------------------------------------------------------------------------------------------
+D = 256
+
+
+def _wide_linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(D, D)
+
+
+def _wide_batch(B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(42)
+    return torch.randn(B, D, generator=g), torch.randn(B, D, generator=g)
+
+
+def _wide_step(cm: nn.Module, model: nn.Module, x: torch.Tensor, y: torch.Tensor, reduction: str) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    F.mse_loss(cm(x), y, reduction=reduction).backward()
+    return flat_grad(model)
+
+
+def _noise_sample(sigma: float, C: float, reduction: str, B: int = 8, seed: int = 0, steps: int = 1):
+    """(noise of each step, clean clipped gradient): noisy gradients minus the same batch's gradient
+    from a noise-free compile of an identical model."""
+    model = _wide_linear()
+    clean_model = copy.deepcopy(model)
+    x, y = _wide_batch(B)
+    cm = grapefx.compile(model, max_grad_norm=C, noise_multiplier=sigma, loss_reduction=reduction, seed=seed)
+    cm_clean = grapefx.compile(clean_model, max_grad_norm=C, noise_multiplier=0.0, loss_reduction=reduction)
+    clean = _wide_step(cm_clean, clean_model, x, y, reduction)
+    noises = [_wide_step(cm, model, x, y, reduction) - clean for _ in range(steps)]
+    return noises, clean, cm
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_noise_std_per_coordinate(reduction: str) -> None:
+    sigma, C, B = 1.3, 0.7, 8
+    (noise,), clean, _ = _noise_sample(sigma, C, reduction, B=B)
+    denom = 1.0 if reduction == "sum" else float(B)
+    std = sigma * C / denom
+    n = noise.numel()  # 65,792 coordinates: the std estimate is good to ~0.3%
+    assert noise.std().item() == pytest.approx(std, rel=0.02)
+    assert abs(noise.mean().item()) < 5 * std / math.sqrt(n)
+    # per tensor: the weight (65,536 coords) and the bias (256 coords)
+    assert noise[: D * D].std().item() == pytest.approx(std, rel=0.02)
+    assert noise[D * D :].std().item() == pytest.approx(std, rel=0.2)
+    # Gaussian shape: P(|z| < 1) = 0.6827, P(|z| < 2) = 0.9545
+    z = (noise / std).abs()
+    assert (z < 1).double().mean().item() == pytest.approx(0.6827, abs=0.01)
+    assert (z < 2).double().mean().item() == pytest.approx(0.9545, abs=0.005)
+    # the clean part is the clipped sum: its norm is at most B*C/denom (and the noise dominates it)
+    assert clean.norm().item() <= B * C / denom * (1 + 1e-4)
+
+
+def test_noise_with_known_clipped_sum() -> None:
+    """Zero inputs with a zero-target loss on a bias-free Linear: every per-sample gradient is 0, so
+    the clipped sum is exactly 0 and p.grad is the noise itself."""
+    sigma, C, B = 0.9, 2.0, 5
+    model = nn.Linear(D, D, bias=False)
+    cm = grapefx.compile(model, max_grad_norm=C, noise_multiplier=sigma, loss_reduction="mean", seed=11)
+    x = torch.zeros(B, D)
+    model.zero_grad(set_to_none=True)
+    F.mse_loss(cm(x), torch.zeros(B, D)).backward()
+    g = model.weight.grad.double().reshape(-1)
+    assert torch.isfinite(g).all()
+    assert g.std().item() == pytest.approx(sigma * C / B, rel=0.02)
+    assert abs(g.mean().item()) < 5 * sigma * C / B / math.sqrt(g.numel())
+
+
+def test_same_seed_same_noise_different_seed_different_noise() -> None:
+    (n0,), _, _ = _noise_sample(1.0, 1.0, "sum", seed=123)
+    (n1,), _, _ = _noise_sample(1.0, 1.0, "sum", seed=123)
+    (n2,), _, _ = _noise_sample(1.0, 1.0, "sum", seed=124)
+    torch.testing.assert_close(n0, n1, rtol=0, atol=1e-5)
+    corr = torch.corrcoef(torch.stack([n0, n2]))[0, 1].item()
+    assert abs(corr) < 0.02, corr
+
+
+def test_consecutive_steps_get_fresh_noise() -> None:
+    sigma, C = 1.0, 1.0
+    (n1, n2, n3), _, _ = _noise_sample(sigma, C, "sum", seed=5, steps=3)
+    for a, b in ((n1, n2), (n2, n3), (n1, n3)):
+        corr = torch.corrcoef(torch.stack([a, b]))[0, 1].item()
+        assert abs(corr) < 0.02, corr  # independent: |corr| ~ N(0, 1/sqrt(65792)) = 0.004
+    for n in (n1, n2, n3):
+        assert n.std().item() == pytest.approx(sigma * C, rel=0.02)
+
+
+def test_noise_uncorrelated_across_parameters_and_coordinates() -> None:
+    (noise,), _, _ = _noise_sample(1.0, 1.0, "sum", seed=9)
+    w = noise[: D * D].reshape(D, D)
+    b = noise[D * D :]
+    # neighbouring coordinates, and the bias vs one row of the weight
+    assert abs(torch.corrcoef(torch.stack([w[:, :-1].reshape(-1), w[:, 1:].reshape(-1)]))[0, 1].item()) < 0.02
+    assert abs(torch.corrcoef(torch.stack([w[0], b]))[0, 1].item()) < 0.25  # only 256 points
+    assert not torch.allclose(w[0], b)
+
+
+def test_noise_does_not_touch_global_rng() -> None:
+    model = _wide_linear()
+    x, y = _wide_batch(4)
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=1.0, loss_reduction="sum", seed=0)
+    _wide_step(cm, model, x, y, "sum")  # compile outside the measured region
+    state = torch.get_rng_state()
+    _wide_step(cm, model, x, y, "sum")
+    assert torch.equal(state, torch.get_rng_state()), "noise drew from torch's global RNG"
+
+
+def test_noise_can_be_switched_off_for_accumulation() -> None:
+    """set_noise_enabled(False): micro-batches before the last one of a virtual batch get no noise."""
+    model = _wide_linear()
+    clean_model = copy.deepcopy(model)
+    x, y = _wide_batch(6)
+    cm = grapefx.compile(model, max_grad_norm=0.5, noise_multiplier=2.0, loss_reduction="sum", seed=0)
+    cm_clean = grapefx.compile(clean_model, max_grad_norm=0.5, noise_multiplier=0.0, loss_reduction="sum")
+    clean = _wide_step(cm_clean, clean_model, x, y, "sum")
+    cm.set_noise_enabled(False)
+    torch.testing.assert_close(_wide_step(cm, model, x, y, "sum"), clean, rtol=1e-5, atol=1e-6)
+    cm.set_noise_enabled(True)
+    noise = _wide_step(cm, model, x, y, "sum") - clean
+    assert noise.std().item() == pytest.approx(2.0 * 0.5, rel=0.02)
