@@ -416,8 +416,8 @@ def _run_example(args: list[str], timeout: int) -> str:
 def test_example_plot_accuracy_vs_epsilon_quick(tmp_path):
     """5 epochs at epsilon=3 (seed 0): measured 0.861 test accuracy (0.861-0.919 over seeds 0-5,
     non-private 0.967-0.978); the bar is 0.80."""
-    import sklearn  # noqa: F401 - the example needs scikit-learn (test extra)
     import matplotlib  # noqa: F401 - and matplotlib (test extra)
+    import sklearn  # noqa: F401 - the example needs scikit-learn (test extra)
     _run_example(
         ["examples/plot_accuracy_vs_epsilon.py", "--quick", "--epsilons", "3", "--out-dir", str(tmp_path)], 300
     )
