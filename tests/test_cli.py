@@ -218,6 +218,7 @@ def test_onnx_noise_is_an_explicit_input(tmp_path: Path) -> None:
     import onnx
     import onnxruntime as ort
     import onnxscript  # noqa: F401
+
     from grapefx.inspect.graphs import current_plan
     from grapefx.inspect.onnx_export import concrete_backward, export_onnx
 
