@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import sys
+import time
 import traceback
 import warnings
 from collections.abc import Iterator
@@ -94,9 +95,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--strategy",
         default="auto",
-        choices=("auto", "ghost", "instantiate"),
+        choices=("auto", "ghost", "instantiate", "grape"),
         help="per-sample norm method: auto picks per layer by cost (default auto)",
     )
+    g.add_argument("--rank", type=int, default=16, help="DP-GRAPE projection rank (--strategy grape); default 16")
+    g.add_argument("--resample-every", type=int, default=200, help="DP-GRAPE: steps between projections")
     g.add_argument("--codegen", default="eager", choices=("eager", "inductor"), help="default eager")
     g.add_argument("--loss-reduction", default="mean", choices=("mean", "sum"), help="default mean")
     g.add_argument(
@@ -163,9 +166,13 @@ def compile_and_run(args: argparse.Namespace) -> dict[str, Any]:
         clipping=args.clipping,
         strategy=args.strategy,
         codegen=args.codegen,
+        rank=args.rank,
+        resample_every=args.resample_every,
         seed=args.seed,
     )
     loaded.module.train()
+    started = time.perf_counter()
+    _progress("compiling the forward graph (Dynamo + AOTAutograd)...")
     out = pm(*loaded.inputs)
     if loaded.loss_fn is not None:
         loss_name, loss_fn = "factory loss_fn", loaded.loss_fn
@@ -174,7 +181,9 @@ def compile_and_run(args: argparse.Namespace) -> dict[str, Any]:
     loss = loss_fn(out)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise UsageError("the loss must be a scalar tensor")
+    _progress("compiling the private backward (DP rewrite)...")
     loss.backward()
+    _progress(f"compiled in {time.perf_counter() - started:.1f}s")
     return {
         "pm": pm,
         "module": loaded.module,
@@ -182,6 +191,11 @@ def compile_and_run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": batch,
         "loss": loss_name,
     }
+
+
+def _progress(message: str) -> None:
+    """Progress of long compiles on stderr (stdout stays clean for --json and pipes)."""
+    print(f"grapefx: {message}", file=sys.stderr, flush=True)
 
 
 def _report_info(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:

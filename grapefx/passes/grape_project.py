@@ -74,7 +74,9 @@ def projected_norm_sq(site: SiteContext, proj: Projection, P: torch.Tensor) -> t
     method = (
         site.strategy if site.strategy in ("ghost", "instantiate") else ("ghost" if ghost < inst else "instantiate")
     )
-    choice = NormChoice(method, ghost, inst, f"projected rank {proj.rank}: T={T} M={M} N={N}", int(T))
+    side = "P·G" if proj.rows else "G·Pᵀ"
+    reason = f"DP-GRAPE rank {proj.rank} ({side}), norm by {method} in the projected space: T={T} M={M} N={N}"
+    choice = NormChoice(f"projected/{method}", ghost, inst, reason, int(T))
     L, R = L.float(), R.float()
     if method == "ghost":
         return mm.ghost_norm_sq(L, R), choice
