@@ -1,9 +1,10 @@
 """Benchmark models (random weights, no downloads), the same four BENCHMARKS.md uses.
 
 M1  MLP 784-512-512-10, B=256
-M2  CNN: 3 conv (+GroupNorm) + linear on 32x32x3, B=64
+M2  CNN: 3 conv (+GroupNorm) + linear on 32x32x3, B=64 (2x2 max pooling; stride-2 variant)
 M3  GPT-style decoder (vocab 8192, d 256, 4 layers, 4 heads, untied head, learned positional
-    embedding, pre-LN, causal SDPA attention, GELU MLP 4x), T=128, B=16
+    embedding (nn.Embedding(arange(T)); nn.Parameter-slice variant), pre-LN, causal SDPA attention,
+    GELU MLP 4x), T=128, B=16
 M4  the same decoder, T=512, B=4
 GPT-S  a small decoder (vocab 512, d 64, 2 layers, T=32, B=8) for `--quick` smoke runs
 
@@ -14,8 +15,8 @@ reduction (token-level for the decoders: mean over all B*T tokens).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -36,22 +37,36 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """3 conv layers with GroupNorm (batch-independent, DP-compatible) and a linear head."""
+    """3 conv layers with GroupNorm (batch-independent, DP-compatible) and a linear head.
 
-    def __init__(self, c_in: int = 3, n_out: int = 10) -> None:
+    pool="max" (default): stride-1 convs each followed by 2x2 max pooling, head on the 4x4 map;
+    pool="stride": downsample with stride-2 convs (c2, c3), head on the 8x8 map.
+    The convolutions have the same output sizes and FLOPs in both variants.
+    """
+
+    def __init__(self, c_in: int = 3, n_out: int = 10, pool: str = "max") -> None:
         super().__init__()
+        if pool not in ("stride", "max"):
+            raise ValueError(f"pool must be 'stride' or 'max', got {pool!r}")
+        self.pool = pool
+        s = 2 if pool == "stride" else 1
         self.c1 = nn.Conv2d(c_in, 32, kernel_size=3, padding=1)
         self.g1 = nn.GroupNorm(8, 32)
-        self.c2 = nn.Conv2d(32, 64, kernel_size=3, padding=1)
+        self.c2 = nn.Conv2d(32, 64, kernel_size=3, padding=1, stride=s)
         self.g2 = nn.GroupNorm(8, 64)
-        self.c3 = nn.Conv2d(64, 64, kernel_size=3, padding=1)
+        self.c3 = nn.Conv2d(64, 64, kernel_size=3, padding=1, stride=s)
         self.g3 = nn.GroupNorm(8, 64)
-        self.fc = nn.Linear(64 * 4 * 4, n_out)
+        self.fc = nn.Linear(64 * 8 * 8 if pool == "stride" else 64 * 4 * 4, n_out)
 
     def forward(self, x: Tensor) -> Tensor:  # [B, 3, 32, 32]
-        h = F.max_pool2d(F.relu(self.g1(self.c1(x))), 2)  # 16x16
-        h = F.max_pool2d(F.relu(self.g2(self.c2(h))), 2)  # 8x8
-        h = F.max_pool2d(F.relu(self.g3(self.c3(h))), 2)  # 4x4
+        if self.pool == "stride":
+            h = F.relu(self.g1(self.c1(x)))  # 32x32
+            h = F.relu(self.g2(self.c2(h)))  # 16x16
+            h = F.relu(self.g3(self.c3(h)))  # 8x8
+        else:
+            h = F.max_pool2d(F.relu(self.g1(self.c1(x))), 2)  # 16x16
+            h = F.max_pool2d(F.relu(self.g2(self.c2(h))), 2)  # 8x8
+            h = F.max_pool2d(F.relu(self.g3(self.c3(h))), 2)  # 4x4
         return self.fc(h.flatten(1))
 
 
@@ -88,13 +103,34 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """nanoGPT-style decoder: token + learned positional embedding (nn.Embedding over arange(T)),
-    pre-LN blocks, final LN, untied head."""
+    """nanoGPT-style decoder: token embedding + learned positional embedding, pre-LN blocks, final LN,
+    untied head.
 
-    def __init__(self, vocab: int = 8192, d: int = 256, n_layer: int = 4, heads: int = 4, max_t: int = 512) -> None:
+    pos="embedding" (default): nn.Embedding(max_t, d) looked up with arange(T) (nanoGPT style);
+    pos="param": the positional table is an nn.Parameter [1, max_t, d] sliced to T (as tests/zoo.py's
+    TinyGPT).
+    Same parameter count and math either way.
+    """
+
+    def __init__(
+        self,
+        vocab: int = 8192,
+        d: int = 256,
+        n_layer: int = 4,
+        heads: int = 4,
+        max_t: int = 512,
+        pos: str = "embedding",
+    ) -> None:
         super().__init__()
+        if pos not in ("param", "embedding"):
+            raise ValueError(f"pos must be 'param' or 'embedding', got {pos!r}")
+        self.pos_style = pos
         self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Embedding(max_t, d)
+        if pos == "embedding":
+            self.pos = nn.Embedding(max_t, d)
+        else:
+            self.pos = nn.Parameter(torch.zeros(1, max_t, d))
+            nn.init.normal_(self.pos, std=0.02)
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
@@ -106,8 +142,10 @@ class GPT(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:  # [B, T] -> [B, T, V]
         T = ids.shape[1]
-        pos = torch.arange(T, device=ids.device)
-        h = self.tok(ids) + self.pos(pos)
+        if self.pos_style == "embedding":
+            h = self.tok(ids) + self.pos(torch.arange(T, device=ids.device))
+        else:
+            h = self.tok(ids) + self.pos[:, :T]
         for blk in self.blocks:
             h = blk(h)
         return self.head(self.ln_f(h))
@@ -141,32 +179,44 @@ def _m1(g: torch.Generator):
     return MLP(), torch.randn(B, 784, generator=g), torch.randint(0, 10, (B,), generator=g), class_loss
 
 
-def _m2(g: torch.Generator):
+def _m2(g: torch.Generator, pool: str = "max"):
     B = 64
-    return CNN(), torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 10, (B,), generator=g), class_loss
+    return CNN(pool=pool), torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 10, (B,), generator=g), class_loss
 
 
 def _gpt(B: int, T: int, vocab: int = 8192, d: int = 256, n_layer: int = 4, heads: int = 4, max_t: int = 512):
-    def build(g: torch.Generator):
-        model = GPT(vocab=vocab, d=d, n_layer=n_layer, heads=heads, max_t=max_t)
+    def build(g: torch.Generator, pos: str = "embedding"):
+        model = GPT(vocab=vocab, d=d, n_layer=n_layer, heads=heads, max_t=max_t, pos=pos)
         ids = torch.randint(0, vocab, (B, T + 1), generator=g)
         return model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), token_loss
 
     return build
 
 
+GPT_CASES = ("M3", "M4", "GPT-S")
+
 CASES: dict[str, tuple[str, Callable]] = {
     "M1": ("MLP 784-512-512-10, B=256", _m1),
     "M2": ("CNN 3 conv + GroupNorm + linear, 32x32x3, B=64", _m2),
     "M3": ("GPT decoder V=8192 d=256 L=4 H=4, T=128, B=16", _gpt(B=16, T=128)),
     "M4": ("GPT decoder V=8192 d=256 L=4 H=4, T=512, B=4", _gpt(B=4, T=512)),
-    "GPT-S": ("small GPT decoder V=512 d=64 L=2 H=2, T=32, B=8", _gpt(B=8, T=32, vocab=512, d=64, n_layer=2, heads=2, max_t=32)),
+    "GPT-S": (
+        "small GPT decoder V=512 d=64 L=2 H=2, T=32, B=8",
+        _gpt(B=8, T=32, vocab=512, d=64, n_layer=2, heads=2, max_t=32),
+    ),
 }
 
 
-def make_case(name: str, seed: int = 0) -> Case:
+def make_case(name: str, seed: int = 0, gpt_pos: str = "embedding", cnn_pool: str = "max") -> Case:
+    """Build a case; `gpt_pos` picks the decoders' positional-embedding style (see GPT), `cnn_pool`
+    the CNN's downsampling (see CNN)."""
     desc, build = CASES[name]
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    model, x, y, loss_fn = build(g)
+    if name in GPT_CASES:
+        model, x, y, loss_fn = build(g, pos=gpt_pos)
+    elif name == "M2":
+        model, x, y, loss_fn = build(g, pool=cnn_pool)
+    else:
+        model, x, y, loss_fn = build(g)
     return Case(name, desc, model, x, y, loss_fn)

@@ -132,7 +132,7 @@ def privatize_backward(
                 with provenance("grape_project", "projected_weighted_sum_noise", g.name):
                     return finish_projected(sites[0], proj, proj_p[g.name], w, denom, config, state_id)
             with provenance("book_keeping", "weighted_sum", g.name):
-                site_values = {c.node: rule_for(c.kind).weighted(c, w) for c in sites}
+                site_values = {c.node: rule_for(c.kind).weighted_sum(c, w) for c in sites}
                 grad = evaluate_post(g, site_values, gm, env)
             with provenance("noise", "noise", g.name):
                 return add_noise(grad, config, state_id, denom)

@@ -14,8 +14,8 @@ from grapefx.rules.registry import (
     SiteContext,
     SiteRule,
     expose_batch,
-    mm_costs,
-    pick,
+    keep_and_norm,
+    mm_extra_costs,
     register_rule,
     weights_like,
 )
@@ -55,16 +55,23 @@ class MatmulRule(SiteRule):
         T = int(lk.outer * lk.inner)
         M = int(a.meta["val"].shape[0])
         N = int(b.meta["val"].shape[1])
-        ghost, inst = mm_costs(T, M, N)
-        reason = f"T={T} M={M} N={N}: ghost ~2T²(M+N) vs instantiate ~2TMN (+memory) per sample"
-        return NormChoice(pick(site.strategy, ghost, inst), ghost, inst, reason, T)
+        ghost, inst, fits = mm_extra_costs(T, M, N)
+        if site.strategy in ("ghost", "instantiate"):
+            method, why = site.strategy, f"strategy={site.strategy}"
+        elif fits and inst <= ghost:
+            method, why = "instantiate", "per-sample gradient replaces the weight-gradient matmul"
+        else:
+            method = "ghost"
+            why = "ghost is cheaper" if fits else f"[B,{M},{N}] per-sample gradient too large to keep"
+        reason = f"T={T} M={M} N={N}: extra cost ghost ~2T²(M+N)={ghost:.3g} vs instantiate ~3MN={inst:.3g}; {why}"
+        return NormChoice(method, ghost, inst, reason, T)
 
     def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
         L, R = factors(site)
         L, R = L.float(), R.float()
         if choice.method == "ghost":
             return ghost_norm_sq(L, R)
-        return torch.bmm(L.transpose(1, 2), R).pow(2).sum(dim=(1, 2))
+        return keep_and_norm(site, torch.bmm(L.transpose(1, 2), R))
 
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
         a, b = site.node.args[:2]

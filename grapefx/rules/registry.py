@@ -7,6 +7,7 @@ weights (the book-kept weighted contraction). Rule math is plain torch code, tra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -61,12 +62,31 @@ class SiteRule:
 
     def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
         """[B] squared Frobenius norm of each sample's contribution."""
-        ps = self.per_sample(site).float()
-        return ps.reshape(ps.shape[0], -1).pow(2).sum(1) if ps.dim() > 1 else ps.pow(2)
+        return keep_and_norm(site, self.per_sample(site))
 
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
-        """The site's value with sample i's contribution multiplied by weights[i]."""
+        """The site's value with sample i's contribution multiplied by weights[i], from its operands."""
         raise NotImplementedError
+
+    def weighted_sum(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_i w_i · (sample i's contribution): from the per-sample values kept by an instantiated
+        norm when there are any (a [B]·[B, numel] product instead of a second contraction over the
+        operands, which can then be freed right after the norm), else recomputed from the operands."""
+        kept = site.env.pop(("per_sample", site.node), None)
+        if kept is None:
+            return self.weighted(site, weights)
+        shape = list(site.node.meta["val"].shape)
+        numel = math.prod(int(s) for s in shape)
+        flat = kept.reshape(kept.shape[0], numel)
+        out = torch.mm(weights.to(flat.dtype)[None, :], flat).reshape(shape)
+        return out.to(site.node.meta["val"].dtype)
+
+
+def keep_and_norm(site: SiteContext, per_sample: torch.Tensor) -> torch.Tensor:
+    """Squared norms of instantiated per-sample values, which are kept for the weighted sum."""
+    site.env[("per_sample", site.node)] = per_sample
+    ps = per_sample.float()
+    return ps.reshape(ps.shape[0], -1).pow(2).sum(1) if ps.dim() > 1 else ps.pow(2)
 
 
 # -- cost model (per sample, flop-equivalents) -----------------------------------------------------
@@ -81,6 +101,21 @@ def mm_costs(T: int, M: int, N: int) -> tuple[float, float]:
     ghost = 2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T
     inst = 2.0 * T * M * N + MEMORY_WEIGHT * 2 * M * N
     return ghost, inst
+
+
+# An instantiated [B, M, N] per-sample gradient lets the operands a [B, T, N] and g [B, T, M] go right
+# after the norm (the weighted sum reuses it); it may be at most this much larger than they are.
+INSTANTIATE_MEMORY_FACTOR = 1.5
+
+
+def mm_extra_costs(T: int, M: int, N: int) -> tuple[float, float, bool]:
+    """Costs *beyond* non-private training of the two methods for one mm site, per sample, and
+    whether instantiation fits the memory rule. Ghost adds its Gram products; instantiation replaces
+    the weight-gradient matmul by the per-sample bmm (same flops) and adds only memory traffic."""
+    ghost = 2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T
+    inst = MEMORY_WEIGHT * 3 * M * N  # square-and-sum, weighted sum, write
+    fits = M * N <= INSTANTIATE_MEMORY_FACTOR * T * (M + N)
+    return ghost, inst, fits
 
 
 def pick(strategy: str, ghost: float, inst: float) -> str:
