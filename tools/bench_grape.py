@@ -2,8 +2,9 @@
 
     python tools/bench_grape.py [--steps 5] [--rounds 2] [--out results/bench-grape-cpu-2c]
 
-Model: GPT-style decoder, d 512, 6 layers, 8 heads, vocab 8192, T=64, B=4 (tools/models.GPT with the
-positional table as a parameter). Configurations, each in a fresh process, interleaved over rounds:
+Models (--model): "heavy" GPT-style decoder, d 512, 6 layers, 8 heads, vocab 8192, T=64, B=4; "m3" the
+core benchmark's decoder (d 256, 4 layers, T=128, B=16); tools/models.GPT with the positional table as
+a parameter. Configurations, each in a fresh process, interleaved over rounds:
 non-private Adam; grapefx Book-Keeping + Adam; grapefx GRAPE (r = 16, 64) + GrapeAdamW; Opacus
 DP-Adam (hooks) when it can run the model. One torch thread.
 
@@ -32,11 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 CONFIGS = ("np-adam", "bk-adam", "grape16-adamw", "grape64-adamw", "opacus-adam")
 
 
-def _model() -> torch.nn.Module:
+SHAPES = {  # name: (GPT kwargs, B, T)
+    "heavy": (dict(vocab=8192, d=512, n_layer=6, heads=8, max_t=64), 4, 64),
+    "m3": (dict(vocab=8192, d=256, n_layer=4, heads=4, max_t=128), 16, 128),
+}
+
+
+def _model(name: str) -> torch.nn.Module:
     from models import GPT
 
     torch.manual_seed(0)
-    return GPT(vocab=8192, d=512, n_layer=6, heads=8, max_t=64, pos="param")
+    return GPT(**SHAPES[name][0], pos="param")
 
 
 def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
@@ -62,15 +69,16 @@ def _profiled_peak(step) -> int:  # noqa: ANN001
     return int(profiler_memory_peak(prof)["peak_bytes"])
 
 
-def worker(config: str, steps: int) -> dict:
+def worker(config: str, steps: int, model_name: str = "heavy") -> dict:
     torch.set_num_threads(1)
     import grapefx
     from grapefx.optim import GrapeAdamW
 
-    model = _model()
+    model = _model(model_name)
+    _, B, T = SHAPES[model_name]
     g = torch.Generator().manual_seed(1)
-    x = torch.randint(0, 8192, (4, 64), generator=g)
-    y = torch.randint(0, 8192, (4, 64), generator=g)
+    x = torch.randint(0, 8192, (B, T), generator=g)
+    y = torch.randint(0, 8192, (B, T), generator=g)
     fwd = model
     if config == "np-adam":
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -85,7 +93,7 @@ def worker(config: str, steps: int) -> dict:
         from opacus import PrivacyEngine
 
         opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=B)
         fwd, opt, _ = PrivacyEngine().make_private(
             module=model,
             optimizer=opt,
@@ -128,16 +136,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--out", default="results/bench-grape-cpu-2c")
+    ap.add_argument("--model", default="heavy", choices=sorted(SHAPES), help="heavy: d512 6 layers T=64 B=4; m3")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker, args.steps)))
+        print(json.dumps(worker(args.worker, args.steps, args.model)))
         return
     configs = args.configs.split(",")
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for r in range(args.rounds):
         for c in configs if r % 2 == 0 else configs[::-1]:
-            cmd = [sys.executable, __file__, "--worker", c, "--steps", str(args.steps)]
+            cmd = [sys.executable, __file__, "--worker", c, "--steps", str(args.steps), "--model", args.model]
             p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             line = p.stdout.strip().splitlines()[-1] if p.returncode == 0 and p.stdout.strip() else ""
             if not line.startswith("{"):
@@ -150,8 +159,10 @@ def main() -> None:
     base = [x for x in runs.get("np-adam", []) if "error" not in x]
     base_t = statistics.median(x["ms_per_step"] for x in base) if base else float("nan")
     base_m = statistics.median(x["total_peak_bytes"] for x in base) if base else float("nan")
+    kw, B, T = SHAPES[args.model]
     lines = [
-        "# DP-GRAPE on a parameter-heavy decoder (d 512, 6 layers, vocab 8192, T=64, B=4), 1 torch thread",
+        f"# DP-GRAPE on a GPT-style decoder ({args.model}: d {kw['d']}, {kw['n_layer']} layers, vocab 8192, "
+        f"T={T}, B={B}), 1 torch thread",
         "",
         f"{time.strftime('%Y-%m-%d %H:%M')} · torch {torch.__version__} · {args.rounds} rounds, fresh process per run"
         f" · load average at end {os.getloadavg()}",

@@ -1,0 +1,90 @@
+"""Models that once broke grapefx (found by the benchmarks), checked against the torch.func oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from oracle import assert_grads_match, oracle_grads
+
+import grapefx
+
+
+class PooledConv(nn.Module):
+    def __init__(self, pool: str) -> None:
+        super().__init__()
+        self.pool = pool
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.c(x))
+        h = F.max_pool2d(h, 2) if self.pool == "max" else F.avg_pool2d(h, 2)
+        return self.fc(h.flatten(1))
+
+
+class EmbeddingPositions(nn.Module):
+    """nanoGPT-style positions: nn.Embedding looked up with arange(T) (no batch dim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(16, 8)
+        self.pos = nn.Embedding(4, 8)
+        self.head = nn.Linear(8, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device)))
+
+
+def _class_loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(o, t, reduction="sum")
+
+
+def _token_loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(o.reshape(-1, o.shape[-1]), t.reshape(-1), reduction="sum")
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+@pytest.mark.parametrize("pool", ["max", "avg"])
+def test_conv_with_pooling(pool: str, codegen: str) -> None:
+    torch.manual_seed(0)
+    model = PooledConv(pool)
+    cm = grapefx.compile(model, max_grad_norm=0.1, noise_multiplier=0.0, loss_reduction="sum", codegen=codegen)
+    for B in (4, 1):
+        x, y = torch.randn(B, 3, 8, 8), torch.randint(0, 4, (B,))
+        model.zero_grad(set_to_none=True)
+        _class_loss(cm(x), y).backward()
+        ref, _ = oracle_grads(model, (x, y), _class_loss, 0.1, "sum")
+        assert_grads_match(model, ref)
+
+
+def test_positions_from_an_embedding_of_arange() -> None:
+    torch.manual_seed(0)
+    model = EmbeddingPositions()
+    cm = grapefx.compile(model, max_grad_norm=0.5, noise_multiplier=0.0, loss_reduction="sum")
+    for B in (3, 5, 1):
+        x, y = torch.randint(0, 16, (B, 4)), torch.randint(0, 16, (B, 4))
+        model.zero_grad(set_to_none=True)
+        _token_loss(cm(x), y).backward()
+        ref, _ = oracle_grads(model, (x, y), _token_loss, 0.5, "sum")
+        assert_grads_match(model, ref)
+
+
+def test_a_parameter_named_b_does_not_clash_with_internal_state() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.U = nn.Parameter(torch.randn(8, 4))
+            self.b = nn.Parameter(torch.zeros(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("btd,do->bo", x, self.U) + self.b
+
+    torch.manual_seed(0)
+    model = M()
+    cm = grapefx.compile(model, max_grad_norm=0.5, noise_multiplier=0.0, loss_reduction="sum")
+    x, y = torch.randn(3, 5, 8), torch.randint(0, 4, (3,))
+    _class_loss(cm(x), y).backward()
+    ref, _ = oracle_grads(model, (x, y), _class_loss, 0.5, "sum")
+    assert_grads_match(model, ref)
