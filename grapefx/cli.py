@@ -194,8 +194,10 @@ def compile_and_run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _progress(message: str) -> None:
-    """Progress of long compiles on stderr (stdout stays clean for --json and pipes)."""
-    print(f"grapefx: {message}", file=sys.stderr, flush=True)
+    """Progress of long compiles on an interactive stderr (stdout stays clean for --json and pipes;
+    logs and scripts see only results and errors)."""
+    if sys.stderr.isatty():
+        print(f"grapefx: {message}", file=sys.stderr, flush=True)
 
 
 def _report_info(args: argparse.Namespace, run: dict[str, Any]) -> dict[str, Any]:
