@@ -122,3 +122,18 @@ def test_non_finite_per_sample_norm_is_reported_with_parameter_names() -> None:
     x[1, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"sample.*1.*weight"):
         cm(x).sum().backward()
+
+
+class _MaxOverBatchLoss(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).pow(2).sum(1).amax(0)  # the worst sample's loss: not a sum over samples
+
+
+def test_nonlinear_reduction_over_the_batch_is_refused() -> None:
+    cm = grapefx.compile(_MaxOverBatchLoss(), noise_multiplier=0.0)
+    with pytest.raises(grapefx.BatchMixingError, match="nonlinear reduction"):
+        cm(torch.randn(4, 5)).backward()

@@ -56,6 +56,7 @@ def check_forward(gm: fx.GraphModule, layouts: LayoutResult) -> None:
             val = node.meta.get("val")
             vals = val if isinstance(val, (list, tuple)) else [val]
             if any(isinstance(v, torch.Tensor) and v.is_floating_point() for v in vals):
+                _check_linear_reduction(node, layouts.batch_reductions[node])
                 tainted.add(node)
         if node.op != "call_function" or node in tainted:
             continue
@@ -68,6 +69,23 @@ def check_forward(gm: fx.GraphModule, layouts: LayoutResult) -> None:
             lay = layouts.layouts.get(user)
             if lay is not None and user.op != "output":
                 raise _mixing_error(node, user)
+
+
+_LINEAR_REDUCTIONS = {aten.sum, aten.mean}
+
+
+def _check_linear_reduction(node: fx.Node, kind: str) -> None:
+    """Over the batch only sums of per-sample terms are allowed (sum, mean, a loss's reduction, and
+    Σ_i over products of one sample's values, which is what mm/bmm over the batch compute)."""
+    if kind in ("mm", "bmm", "loss"):
+        return
+    if kind == "reduce" and getattr(node.target, "overloadpacket", None) in _LINEAR_REDUCTIONS:
+        return
+    raise BatchMixingError(
+        f"The loss is not a sum or mean of per-sample terms: {describe_node(node)} reduces over the "
+        "batch with a nonlinear reduction (max, logsumexp, product, variance, ...). Reduce per-sample "
+        "losses with .sum() or .mean() over the batch."
+    )
 
 
 def _check_linear_use(node: fx.Node, parents: list[fx.Node], layouts: LayoutResult) -> None:
