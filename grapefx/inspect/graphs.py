@@ -175,7 +175,7 @@ def is_grapefx_op(node: fx.Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "grapefx"
 
 
-NOISE_OPS = ("add_gaussian_noise", "gaussian_noise")  # grapefx ops that draw noise (both forms seen)
+NOISE_OPS = ("add_gaussian_noise",)  # the grapefx op that draws noise
 
 
 def is_noise_op(node: fx.Node) -> bool:

@@ -113,8 +113,7 @@ def concrete_backward(
     return gm, names, out_names, examples
 
 
-# grapefx noise ops (graphs.NOISE_OPS) written with the standard normal input z (shaped like the output):
-#   gaussian_noise(like, std: float, state_id)           = std * z
+# the grapefx noise op written with the standard normal input z (shaped like the output):
 #   add_gaussian_noise(grad, std: 0-d tensor, state_id)  = grad + std * z
 
 
@@ -125,8 +124,6 @@ def _noise_replacement(g: fx.Graph, n: fx.Node, z: fx.Node, env: dict[fx.Node, A
     if isinstance(std, fx.Node) and n.meta["val"].dtype != torch.float32:
         std = g.call_function(aten._to_copy.default, (std,), {"dtype": n.meta["val"].dtype})
     scaled = g.call_function(aten.mul.Tensor, (z, std))
-    if n.target._opname == "gaussian_noise":
-        return scaled
     return g.call_function(aten.add.Tensor, (env[n.args[0]], scaled))
 
 

@@ -1,15 +1,17 @@
 """The DP rewrite of a backward graph (Book-Keeping), traced into a new aten graph.
 
-Phases of the traced function, in order:
-  1. run the original backward except grad sites and what depends on them (input gradients and the
-     operands every site needs: activations a and output gradients g);
-  2. per-sample squared norms per parameter (`per_sample_norms.py`), ghost or instantiated per site;
-  3. clip factors from those norms (`clip_factors.py`);
-  4. each site recomputed as a weighted contraction (book-keeping), then the batch-free post nodes
-     (reshapes, the add of a tied weight's uses) as in the original graph;
-  5. Gaussian noise, once per parameter per backward, then division by the loss denominator.
-The rewrite is traced with make_fx on the backward's own fake inputs, so symbolic batch sizes carry
-through and the result is a plain aten graph that either codegen path accepts.
+The traced function replays the original backward node by node, except the grad sites and the
+batch-free nodes after them (input gradients and every site's operands, a and g, are computed as
+usual). As soon as all operands of a parameter's sites exist, its per-sample squared norm is computed
+(`per_sample_norms.py`: ghost or instantiated per site by the rule's cost model; projected for
+DP-GRAPE). Then:
+  - flat / automatic clipping: after the last norm (the barrier), clip factors (`clip_factors.py`),
+    each site as a weighted contraction — or, where the norm instantiated per-sample values, their
+    weighted sum — the original post nodes, and noise once per parameter;
+  - per-layer clipping: the same for each parameter right after its own norm (no barrier).
+The weights fold in the loss scale and denominator. The rewrite is traced with make_fx on the
+backward's own fake inputs, so symbolic batch sizes carry through and the result is a plain aten
+graph that either codegen path accepts; every node records its provenance in meta["grapefx"].
 """
 
 from __future__ import annotations
