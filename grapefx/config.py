@@ -12,6 +12,7 @@ CLIPPING_MODES = ("flat", "per_layer", "automatic")
 REDUCTIONS = ("mean", "sum")
 STRATEGIES = ("auto", "ghost", "instantiate", "grape")
 CODEGENS = ("eager", "inductor")
+MEMORY_POLICIES = ("min-memory", "balanced", "min-time")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,12 @@ class PrivacyConfig:
     rank: int = 16
     resample_every: int = 200
     grape_params: tuple[str, ...] | None = None
+    # Memory plan of the private backward (grapefx/passes/schedule_memory.py): every policy reorders
+    # nodes for a lower peak; "balanced" / "min-memory" also swap instantiated per-sample gradients
+    # live at the peak for ghost norms (more flops, fewer bytes); `memory_budget` (bytes of the
+    # backward's estimated peak) swaps until the estimate fits.
+    memory_policy: str = "balanced"
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
@@ -51,6 +58,7 @@ class PrivacyConfig:
             ("clipping", CLIPPING_MODES),
             ("strategy", STRATEGIES),
             ("codegen", CODEGENS),
+            ("memory_policy", MEMORY_POLICIES),
         ):
             value = getattr(self, name)
             if value not in allowed:
@@ -64,6 +72,8 @@ class PrivacyConfig:
                 "strategy='grape' needs the projected parameter names: use grapefx.compile(model, "
                 "strategy='grape', ...) (default policy) or pass grape_params=(...)"
             )
+        if self.memory_budget is not None and self.memory_budget <= 0:
+            raise ConfigError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
         if self.automatic_gamma <= 0:
             raise ConfigError(f"automatic_gamma must be > 0, got {self.automatic_gamma}")
 

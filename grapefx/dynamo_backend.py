@@ -29,8 +29,10 @@ from grapefx.grape import registry as grape_registry
 from grapefx.inspect.dumps import dump_from_env
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
 from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
+from grapefx.passes.schedule_memory import schedule_memory
 from grapefx.passes.tracing import retrace
 from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
+from grapefx.schedule.reorder import copy_graph_module
 
 log = logging.getLogger("grapefx")
 aten = torch.ops.aten
@@ -95,6 +97,10 @@ class GrapefxBackend:
         self.state.projection_seed = config.seed if config.seed is not None else self.state.id
         self.plans: list[BackwardPlan] = []
         self.graphs: dict[str, fx.GraphModule] = {}
+        # Tests / tools set this to keep a clone of the next backward call's inputs (to replay the
+        # graph alone, e.g. to measure its memory) in `captured_inputs`.
+        self.capture_backward_inputs = False
+        self.captured_inputs: list[Any] | None = None
         _configure_torch()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -114,7 +120,7 @@ class GrapefxBackend:
             new_gm = self._privatize(bw_gm, bw_inputs, capture, shared)
             self.graphs["backward"] = new_gm
             dump_from_env(self)  # GRAPEFX_DUMP_DIR set: dump this backward's graphs (never raises)
-            return self._codegen(new_gm, bw_inputs, is_backward=True)
+            return self._capturing(self._codegen(new_gm, bw_inputs, is_backward=True))
 
         def inference_compiler(gm_: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
             return self._codegen(gm_, inputs, is_backward=False)
@@ -168,7 +174,14 @@ class GrapefxBackend:
                 seeds[ph.name] = shared["saved"][ph.name]
         for t, lay in zip(tangents, tangent_layouts):
             seeds[t.name] = lay
-        new_gm, plan = privatize_backward(bw_gm, bw_inputs, seeds, shared["batch"], params, self.config, self.state.id)
+
+        def build(ghost: frozenset[str]) -> tuple[fx.GraphModule, BackwardPlan]:
+            return privatize_backward(
+                bw_gm, bw_inputs, seeds, shared["batch"], params, self.config, self.state.id, ghost
+            )
+
+        new_gm, plan, memory_plan = schedule_memory(build, bw_gm, self.config)
+        plan.memory = memory_plan
         self.plans.append(plan)
         self.state.param_names = [g.name for g in plan.grads]  # columns of per_layer_norms()
         for name, proj in plan.projections.items():
@@ -192,6 +205,16 @@ class GrapefxBackend:
         if param is not None:
             grape_registry.register(param, self.state, name)
 
+    def _capturing(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def run(args: list[Any]) -> Any:
+            if self.capture_backward_inputs:
+                self.capture_backward_inputs = False
+                self.captured_inputs = [a.detach().clone() if isinstance(a, torch.Tensor) else a for a in args]
+            return fn(args)
+
+        run._boxed_call = True  # type: ignore[attr-defined]
+        return run
+
     # -- codegen ---------------------------------------------------------------------------------
     def _codegen(self, gm: fx.GraphModule, inputs: list[Any], is_backward: bool) -> Callable[..., Any]:
         if self.config.codegen == "inductor" and _has_inductor_trap(gm):
@@ -207,7 +230,17 @@ class GrapefxBackend:
             # Inductor lowers its own decomposition set (e.g. native_group_norm must be decomposed).
             gm = retrace(fx.Interpreter(gm).run, inputs, decompositions=select_decomp_table())
             return compile_fx_inner(gm, inputs, is_backward=is_backward)
+        return _boxed(gm)
+
+
+def _boxed(gm: fx.GraphModule) -> Callable[..., Any]:
+    """Eager codegen with the boxed calling convention: the generated code clears the argument
+    list, so each saved activation is freed after its last use instead of at the end of the
+    backward (what `make_boxed_func` alone would do). Runs a copy; `gm` stays callable as is."""
+    boxed_codegen = getattr(torch.fx.graph, "_BoxedCodeGen", None)
+    if boxed_codegen is None:  # private torch API: without it, inputs live to the end
         return make_boxed_func(gm)
+    return copy_graph_module(gm, boxed_codegen())
 
 
 _INDUCTOR_TRAPS = (

@@ -139,6 +139,8 @@ def _stable(report: dict) -> dict:
 
 
 def test_inspect_json_matches_golden(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    from grapefx.inspect.report import format_report
+
     monkeypatch.chdir(REPO)  # the golden file names the model by its repo-relative path
     assert main(["inspect", *TINY, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -146,7 +148,12 @@ def test_inspect_json_matches_golden(capsys: pytest.CaptureFixture, monkeypatch:
     assert _stable(report) == _stable(golden), "regenerate tests/golden (see this file's docstring) if intended"
     mem = report["memory_estimate"]
     assert "estimate" in mem["kind"]
-    assert mem["backward_private"]["peak_bytes"] >= mem["backward_original"]["peak_bytes"] > 0
+    assert mem["backward_private"]["peak_bytes"] > 0 and mem["backward_original"]["peak_bytes"] > 0
+    sched = mem["schedule"]  # the memory scheduler's decisions, estimated peaks before / after
+    peaks = sched["estimated_peak_bytes"]
+    assert peaks["private_scheduled"] == mem["backward_private"]["peak_bytes"] <= peaks["private_unscheduled"]
+    assert sched["policy"] == "balanced" and sched["live_at_peak"]
+    assert "memory scheduler (policy balanced)" in format_report(report)
 
 
 def test_compiler_error_is_one_message_without_traceback(runs: dict) -> None:

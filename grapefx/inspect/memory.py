@@ -1,4 +1,5 @@
-"""A static, liveness-based ESTIMATE of a graph's peak memory (not a measurement).
+"""A static, liveness-based ESTIMATE of a graph's peak memory (not a measurement); the model lives
+in grapefx/schedule/liveness.py (checked against torch.profiler there).
 
 Model: nodes run in graph order; each node's tensor output is allocated when it runs (bytes from
 `meta["val"]`, the batch symbol replaced by the example batch size) and freed right after its last
@@ -15,45 +16,12 @@ graph. Use it to compare two graphs of the same model, not as an absolute number
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.fx as fx
 
-from grapefx.inspect.graphs import nbytes, tensor_vals
-
-aten = torch.ops.aten
-
-_VIEW_OPS = {
-    "view",
-    "_unsafe_view",
-    "reshape",
-    "permute",
-    "expand",
-    "alias",
-    "slice",
-    "select",
-    "squeeze",
-    "unsqueeze",
-    "t",
-    "transpose",
-    "as_strided",
-    "unfold",
-    "narrow",
-    "diagonal",
-    "detach",
-    "view_as",
-    "expand_as",
-    "_reshape_alias",
-    "movedim",
-    "split",
-    "split_with_sizes",
-    "unbind",
-    "chunk",
-    "tensor_split",
-}
+from grapefx.schedule.liveness import MemoryModel
 
 
 @dataclass(frozen=True)
@@ -72,89 +40,10 @@ class MemoryEstimate:
         }
 
 
-def _is_alias(node: fx.Node) -> bool:
-    t = node.target
-    if not isinstance(t, torch._ops.OpOverload):
-        return False
-    name = t._opname
-    if name in _VIEW_OPS:
-        return True
-    # Views (`Tensor(a)`) and in-place / out= ops (`Tensor(a!)`) return an alias of an input.
-    returns = t._schema.returns
-    return bool(returns) and all(r.alias_info is not None for r in returns)
-
-
 def estimate_peak(gm: fx.GraphModule, free_inputs: bool = True) -> MemoryEstimate:
     """Peak bytes of running `gm` in order; `free_inputs=False`: the caller keeps the inputs alive."""
-    nodes = list(gm.graph.nodes)
-    storages: dict[fx.Node, list[int]] = {}  # node -> storage ids of its tensor outputs
-    elems: dict[fx.Node, list[list[int]]] = {}  # multi-output node -> storage ids per element
-    size: dict[int, int] = {}
-    born: dict[int, int] = {}
-    last: dict[int, int] = {}
-
-    def new_storage(t: torch.Tensor, at: int) -> int:
-        sid = len(size)
-        size[sid] = nbytes(t)
-        born[sid] = at
-        last[sid] = at
-        return sid
-
-    input_bytes = 0
-    for i, n in enumerate(nodes):
-        if n.op == "output":
-            continue
-        val = n.meta.get("val")
-        first = next((a for a in n.all_input_nodes if storages.get(a)), None)
-        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in elems:
-            parts = elems[n.args[0]]
-            storages[n] = list(parts[n.args[1]]) if n.args[1] < len(parts) else []
-        elif n.op == "call_function" and first is not None and _is_alias(n):
-            base = storages[first]
-            storages[n] = list(base)
-            if isinstance(val, (list, tuple)):
-                elems[n] = [list(base) for _ in val]
-        elif isinstance(val, (list, tuple)):
-            parts = [[new_storage(v, i)] if isinstance(v, torch.Tensor) else [] for v in val]
-            elems[n] = parts
-            storages[n] = [s for p in parts for s in p]
-        else:
-            storages[n] = [new_storage(t, i) for t in tensor_vals(val)]
-        if n.op == "placeholder":
-            input_bytes += sum(size[s] for s in storages[n])
-        for a in n.all_input_nodes:
-            for s in storages.get(a, []):
-                last[s] = max(last[s], i)
-
-    end = len(nodes)
-    if not free_inputs:
-        for n in nodes:
-            if n.op == "placeholder":
-                for s in storages.get(n, []):
-                    last[s] = end
-    output_bytes = 0
-    out = gm.graph.output_node()
-    counted: set[int] = set()
-    for a in out.all_input_nodes:
-        for s in storages.get(a, []):
-            last[s] = end
-            if s not in counted:
-                counted.add(s)
-                output_bytes += size[s]
-
-    alloc_at: dict[int, list[int]] = {}
-    free_at: dict[int, list[int]] = {}
-    for s in size:
-        alloc_at.setdefault(born[s], []).append(s)
-        free_at.setdefault(last[s], []).append(s)
-    live = peak = 0
-    peak_node = ""
-    for i, n in enumerate(nodes):
-        live += sum(size[s] for s in alloc_at.get(i, []))
-        if live > peak:
-            peak, peak_node = live, n.name
-        live -= sum(size[s] for s in free_at.get(i, []))
-    return MemoryEstimate(peak, peak_node, input_bytes, output_bytes)
+    live = MemoryModel.of(gm, free_inputs=free_inputs).simulate()
+    return MemoryEstimate(live.peak_bytes, live.peak_node, live.input_bytes, live.output_bytes)
 
 
 def human_bytes(n: float) -> str:

@@ -101,6 +101,9 @@ def build_report(
         rules[r["rule"]] = rules.get(r["rule"], 0) + 1
     graphs = backend.graphs
     memory = compare(graphs.get("backward_original"), graphs.get("backward"))
+    plan = current_plan(backend)
+    if plan is not None and getattr(plan, "memory", None) is not None:
+        memory["schedule"] = plan.memory.as_dict()  # the memory scheduler's decisions
     return {
         "grapefx_report": SCHEMA,
         "model": model,
@@ -162,4 +165,20 @@ def format_report(report: dict[str, Any]) -> str:
             + (f"   (x{mem['ratio']:.2f})" if "ratio" in mem else "")
         )
         lines.append(f"  of which backward inputs (saved activations + tangents): {human_bytes(o['input_bytes'])}")
+    sched = mem.get("schedule")
+    if sched:
+        peaks = sched["estimated_peak_bytes"]
+        lines.append(
+            f"memory scheduler (policy {sched['policy']}"
+            + (f", budget {human_bytes(sched['memory_budget'])}" if sched["memory_budget"] else "")
+            + f"): private peak {human_bytes(peaks['private_unscheduled'])} as traced -> "
+            + f"{human_bytes(peaks['private_scheduled'])} ({sched['order']} order)"
+        )
+        if sched["ghost_swaps"]:
+            swapped = ", ".join(sched["ghost_swaps"])
+            lines.append(f"  kept operands instead of per-sample gradients (ghost norms): {swapped}")
+        live = ", ".join(f"{e['node']} {human_bytes(e['bytes'])}" for e in sched["live_at_peak"][:5])
+        lines.append(f"  largest buffers live at the peak: {live}")
+        for note in sched["notes"]:
+            lines.append(f"  note: {note}")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,8 @@ sample and the post nodes are vmapped over the samples, so cross terms between u
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.fx as fx
 
@@ -17,14 +19,27 @@ from grapefx.passes.factored_norms import factored_norm_sq
 from grapefx.rules.registry import MEMORY_WEIGHT, NormChoice, SiteContext, mm_costs, pick, rule_for
 
 
-def plan_norms(grads: list[ParamGrad], contexts: dict[str, list[SiteContext]]) -> dict[str, list[NormChoice]]:
+def plan_norms(
+    grads: list[ParamGrad], contexts: dict[str, list[SiteContext]], ghost: frozenset[str] = frozenset()
+) -> dict[str, list[NormChoice]]:
+    """Each site's norm method by its rule's cost model; parameters in `ghost` (the memory
+    scheduler's choice) use ghost norms wherever their rule has one."""
     plan: dict[str, list[NormChoice]] = {}
     for g in grads:
         choices = [rule_for(c.kind).choose(c) for c in contexts[g.name]]
         if not g.isometric:
             choices = _shared_choice(g, contexts[g.name], choices)
+        if g.name in ghost:
+            choices = [_as_ghost(c) for c in choices]
         plan[g.name] = choices
     return plan
+
+
+def _as_ghost(choice: NormChoice) -> NormChoice:
+    if choice.method == "ghost" or not math.isfinite(choice.ghost_flops):
+        return choice  # already ghost, or the rule has no ghost form
+    reason = f"{choice.reason}; ghost chosen by the memory scheduler (instantiation was live at the peak)"
+    return NormChoice("ghost", choice.ghost_flops, choice.instantiate_flops, reason, choice.tokens)
 
 
 def _shared_choice(g: ParamGrad, sites: list[SiteContext], choices: list[NormChoice]) -> list[NormChoice]:

@@ -57,6 +57,7 @@ class BackwardPlan:
     choices: dict[str, list[tuple[str, NormChoice]]] = field(default_factory=dict)
     layouts: LayoutResult | None = None
     projections: dict[str, Projection] = field(default_factory=dict)  # DP-GRAPE parameters
+    memory: Any = None  # the MemoryPlan of passes/schedule_memory.py
 
 
 def _batch_size_value(gm: fx.GraphModule, layouts: LayoutResult, env: dict, batch: Any) -> Any:
@@ -77,7 +78,9 @@ def privatize_backward(
     params: list[tuple[int, str]],
     config: PrivacyConfig,
     state_id: int,
+    ghost: frozenset[str] = frozenset(),
 ) -> tuple[fx.GraphModule, BackwardPlan]:
+    """`ghost`: parameters whose norms must be ghost norms (the memory scheduler's choice)."""
     layouts = analyze_layouts(gm, batch, seeds)
     grads = find_grad_sites(gm, layouts, params)
     plan = BackwardPlan(grads, layouts=layouts)
@@ -118,7 +121,7 @@ def privatize_backward(
                     norm_sq[g.name], choice = projected_norm_sq(sites[0], proj, proj_p[g.name])
                     plan.choices[g.name] = [(str(sites[0].node), choice)]
                 else:
-                    choices = plan_norms([g], {g.name: sites})[g.name]
+                    choices = plan_norms([g], {g.name: sites}, ghost)[g.name]
                     plan.choices[g.name] = [(str(c.node), ch) for c, ch in zip(sites, choices)]
                     norm_sq[g.name] = per_sample_norm_sq(g, sites, choices, gm, env)
             if per_layer:

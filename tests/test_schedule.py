@@ -1,0 +1,270 @@
+"""The memory scheduler: liveness estimate vs measurement, optimality on small graphs, never worse,
+numerics unchanged, policies."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.fx as fx
+
+import grapefx
+from grapefx.schedule import MemoryModel, peak_envelope
+from grapefx.schedule.measure import example_inputs, measured_peak
+from grapefx.schedule.reorder import (
+    apply_order,
+    best_order,
+    copy_graph_module,
+    dependency_graph,
+    exact_order,
+    greedy_order,
+    reverse_greedy_order,
+    sink_allocations,
+)
+from tests.oracle import assert_grads_match, oracle_grads
+from tests.zoo import case
+
+
+# -- random DAGs ---------------------------------------------------------------------------------
+def _mix(*xs: torch.Tensor, size: int) -> torch.Tensor:
+    """A node of a random DAG: a fresh [size] tensor depending on every input."""
+    acc = sum((x.sum() for x in xs), torch.zeros(()))
+    return torch.arange(size, dtype=torch.float32) * 0.001 + acc
+
+
+def random_dag(seed: int, n_nodes: int, n_inputs: int = 2) -> fx.GraphModule:
+    rng = random.Random(seed)
+    graph = fx.Graph()
+    values: list[fx.Node] = []
+    for i in range(n_inputs):
+        ph = graph.placeholder(f"x{i}")
+        ph.meta["val"] = torch.empty(rng.choice([4, 16, 64]))
+        values.append(ph)
+    for _ in range(n_nodes):
+        k = rng.randint(1, min(3, len(values)))
+        # prefer recent values (backward graphs are nearly chains) but reach back sometimes
+        args = sorted({rng.choice(values[-4:] if rng.random() < 0.7 else values) for _ in range(k)}, key=values.index)
+        size = rng.choice([1, 4, 16, 64, 256])
+        node = graph.call_function(_mix, tuple(args), {"size": size})
+        node.meta["val"] = torch.empty(size)
+        values.append(node)
+    sinks = [v for v in values if not v.users and v.op != "placeholder"]
+    graph.output(tuple(sinks[-2:]))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    # Only the outputs' producers need users; dead-end nodes are fine (they are freed at once).
+    return gm
+
+
+def _inputs(gm: fx.GraphModule) -> list[torch.Tensor]:
+    return [torch.full(n.meta["val"].shape, 0.5) for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_dag_never_worse_and_numerics_unchanged(seed: int) -> None:
+    gm = random_dag(seed, n_nodes=random.Random(seed).randint(6, 40))
+    before = gm(*_inputs(gm))
+    model = MemoryModel.of(gm)
+    received = model.simulate().peak_bytes
+    result = best_order(model)
+    assert result.peak_bytes <= received
+    apply_order(gm, result.order)  # lints: raises on a non-topological order
+    assert MemoryModel.of(gm).simulate().peak_bytes == result.peak_bytes
+    after = gm(*_inputs(gm))
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
+
+
+def _heuristic_peak(model: MemoryModel) -> int:
+    """What graphs too large for the exact search get: the best greedy order, sunk."""
+    sizes, dag = model.sizes(), dependency_graph(model)
+    orders = (model.nodes, greedy_order(model, dag, sizes), reverse_greedy_order(model, dag, sizes))
+    return min(model.simulate(sink_allocations(model, dag, order, sizes)).peak_bytes for order in orders)
+
+
+def test_scheduler_within_5_percent_of_the_exact_optimum_on_small_dags() -> None:
+    gaps = []
+    for seed in range(60):
+        gm = random_dag(1000 + seed, n_nodes=random.Random(seed).randint(6, 14))
+        model = MemoryModel.of(gm)
+        optimum_order = exact_order(model, dependency_graph(model), model.sizes(), max_states=10**7)
+        assert optimum_order is not None
+        optimum = model.simulate(optimum_order).peak_bytes
+        assert best_order(model).peak_bytes <= 1.05 * optimum
+        heuristic = _heuristic_peak(model)
+        assert heuristic >= optimum  # the exact search is a lower bound
+        gaps.append(heuristic / optimum)
+    # The greedy orders alone (measured: median 1.00, 95% within 5%, worst 1.27 on these DAGs).
+    gaps.sort()
+    assert gaps[len(gaps) // 2] <= 1.0 + 1e-9
+    assert sum(g <= 1.05 for g in gaps) >= 0.9 * len(gaps)
+
+
+def test_scheduler_optimal_on_a_small_model() -> None:
+    pm = _compiled("mlp", batch=4)
+    for key in ("backward_original", "backward"):
+        model = MemoryModel.of(pm.grapefx_backend.graphs[key])
+        optimum_order = exact_order(model, dependency_graph(model), model.sizes(), max_states=2_000_000)
+        assert optimum_order is not None, f"{key}: exact search out of budget ({len(model.nodes)} nodes)"
+        optimum = model.simulate(optimum_order).peak_bytes
+        assert best_order(model).peak_bytes <= 1.05 * optimum
+
+
+def test_exact_search_is_optimal_by_brute_force() -> None:
+    import networkx as nx
+
+    for seed in range(8):
+        gm = random_dag(2000 + seed, n_nodes=6)
+        model = MemoryModel.of(gm)
+        dag = dependency_graph(model)
+        best = min(model.simulate(list(order)).peak_bytes for order in nx.all_topological_sorts(dag))
+        exact = exact_order(model, dag, model.sizes(), max_states=10**6)
+        assert exact is not None and model.simulate(exact).peak_bytes == best
+
+
+# -- real graphs -----------------------------------------------------------------------------------
+def _compiled(name: str, batch: int, **options: object) -> grapefx.PrivateModule:
+    """A zoo model compiled and run twice; the second backward's inputs are captured."""
+    zc = case(name)
+    model = zc.make()
+    pm = grapefx.compile(model, noise_multiplier=0.0, loss_reduction="sum", **options)
+    x, y = zc.batch(batch)
+    zc.loss(pm(x), y, "sum").backward()
+    pm.grapefx_backend.capture_backward_inputs = True
+    model.zero_grad()
+    zc.loss(pm(x), y, "sum").backward()
+    return pm
+
+
+ZOO_FOR_MEMORY = ["mlp", "conv2d", "embedding_bag", "gpt", "gpt_tied", "vit", "resnet_gn", "mha_tmajor"]
+
+
+@pytest.mark.parametrize("name", ZOO_FOR_MEMORY)
+def test_estimate_within_10_percent_of_profiler_measurement(name: str) -> None:
+    pm = _compiled(name, batch=6)
+    backend = pm.grapefx_backend
+    private = backend.graphs["backward"]
+    measured = measured_peak(private, backend.captured_inputs)
+    backend.captured_inputs = None
+    estimate = MemoryModel.of(private).simulate().peak_bytes
+    assert abs(estimate - measured) <= 0.10 * measured, (estimate, measured)
+    original = backend.graphs["backward_original"]
+    measured = measured_peak(original, example_inputs(original))
+    estimate = MemoryModel.of(original).simulate().peak_bytes
+    if any("convolution_backward" in str(n.target) for n in original.graph.nodes):
+        # The fused convolution_backward's im2col workspace lives inside the op: not modelled, so
+        # the estimate is a lower bound there (measured: 27% / 69% of the peak on conv2d /
+        # resnet_gn). The private graph computes weight gradients from explicit unfolds: exact.
+        assert estimate <= measured, (estimate, measured)
+    else:
+        assert abs(estimate - measured) <= 0.10 * measured, (estimate, measured)
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt"])
+def test_scheduled_private_graph_is_bitwise_equal_to_any_order(name: str) -> None:
+    """Run the scheduled private backward, and the same graph in another valid order (a random
+    topological sort keeping the side-effect chain): the gradients are bitwise equal."""
+    import networkx as nx
+
+    pm = _compiled(name, batch=5)
+    backend = pm.grapefx_backend
+    scheduled = backend.graphs["backward"]
+    inputs = backend.captured_inputs
+    backend.captured_inputs = None
+    other = copy_graph_module(scheduled)
+    model = MemoryModel.of(other)
+    dag = dependency_graph(model)
+    rng = random.Random(0)
+    order: list[fx.Node] = []
+    ready = [n for n in model.nodes if dag.in_degree(n) == 0]
+    waiting = {n: dag.in_degree(n) for n in model.nodes}
+    while ready:
+        n = ready.pop(rng.randrange(len(ready)))
+        order.append(n)
+        for s in dag.successors(n):
+            waiting[s] -= 1
+            if waiting[s] == 0:
+                ready.append(s)
+    assert nx.is_directed_acyclic_graph(dag) and len(order) == len(model.nodes)
+    apply_order(other, order)
+    a = scheduled(*[t.clone() if isinstance(t, torch.Tensor) else t for t in inputs])
+    b = other(*inputs)
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y)
+
+
+def test_peak_envelope_is_the_peak_at_every_batch_size() -> None:
+    pm = _compiled("gpt", batch=4)
+    model = MemoryModel.of(pm.grapefx_backend.graphs["backward"])
+    envelope = peak_envelope(model)
+    (symbol,) = model.symbols
+    for b in (2, 3, 7, 33):
+        assert int(envelope.subs(symbol, b)) == model.simulate(batch=b).peak_bytes
+
+
+def test_memory_plan_recorded_and_never_worse() -> None:
+    pm = _compiled("gpt", batch=6)
+    plan = pm.grapefx_backend.plans[-1].memory
+    assert plan.peak <= plan.traced_peak
+    d = plan.as_dict()
+    assert d["policy"] == "balanced" and d["live_at_peak"] and d["order"]
+
+
+class WideHead(torch.nn.Module):
+    """Tokens through a head whose instantiated per-sample gradient (V*d per sample) is cheaper in
+    flops than its ghost norm (T > V*d/(V+d)) but larger than the ghost Gram (T^2)."""
+
+    def __init__(self, vocab: int = 512, d: int = 32) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d)
+        self.fc = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(self.tok(ids))))
+
+
+def _token_sum_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum")
+
+
+def test_min_memory_swaps_instantiation_for_ghost_and_stays_exact() -> None:
+    """min-memory swaps the head's instantiated per-sample gradient (live at the peak) for a ghost
+    norm and lowers the estimated peak; balanced refuses (too many extra flops) and says so;
+    min-time keeps it. All three match the oracle."""
+    g = torch.Generator().manual_seed(3)
+    ids, y = torch.randint(0, 512, (4, 64), generator=g), torch.randint(0, 512, (4, 64), generator=g)
+    plans = {}
+    for policy in ("min-time", "balanced", "min-memory"):
+        torch.manual_seed(0)
+        model = WideHead()
+        pm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum", memory_policy=policy)
+        _token_sum_loss(pm(ids), y).backward()
+        plans[policy] = pm.grapefx_backend.plans[-1].memory
+        ref, _ = oracle_grads(model, (ids, y), _token_sum_loss, 1.0, "sum")
+        assert_grads_match(model, ref)
+    assert plans["min-time"].ghost_swaps == [] and plans["balanced"].ghost_swaps == []
+    assert any("min-memory" in note for note in plans["balanced"].notes)
+    assert "head.weight" in plans["min-memory"].ghost_swaps
+    assert plans["min-memory"].peak < plans["min-time"].peak
+
+
+def test_memory_budget_out_of_reach_warns() -> None:
+    with pytest.warns(UserWarning, match="memory_budget"):
+        _compiled("mlp", batch=4, memory_budget=16)
+
+
+def test_memory_policy_validated() -> None:
+    with pytest.raises(grapefx.ConfigError, match="memory_policy"):
+        grapefx.compile(torch.nn.Linear(2, 2), memory_policy="fastest")
+
+
+def test_per_layer_clipping_frees_buffers_without_a_barrier() -> None:
+    """Per-layer clipping finishes each parameter right after its own norm: no operand waits for a
+    global barrier, so its private backward peaks no higher than the flat one's."""
+    peaks = {}
+    for clipping in ("flat", "per_layer"):
+        pm = _compiled("gpt", batch=6, clipping=clipping)
+        peaks[clipping] = pm.grapefx_backend.plans[-1].memory.peak
+    assert peaks["per_layer"] <= peaks["flat"], peaks
