@@ -29,6 +29,7 @@ from grapefx.grape import registry as grape_registry
 from grapefx.inspect.dumps import dump_from_env
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
 from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
+from grapefx.passes.recompute_operands import find_recipes
 from grapefx.passes.schedule_memory import schedule_memory
 from grapefx.passes.tracing import retrace
 from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
@@ -150,6 +151,8 @@ class GrapefxBackend:
         outputs = list(fw_gm.graph.output_node().args[0])
         shared["saved"] = {n.name: layouts.layouts.get(n) for n in outputs if isinstance(n, fx.Node)}
         shared["tangent_layouts"] = _tangent_layouts(outputs, layouts.layouts)
+        available = {n.name for n in fw_gm.graph.nodes if n.op == "placeholder"} | set(shared["saved"])
+        shared["recipes"] = find_recipes(fw_gm, available)  # for recompute-after-barrier
 
     # -- backward --------------------------------------------------------------------------------
     def _privatize(
@@ -180,7 +183,7 @@ class GrapefxBackend:
                 bw_gm, bw_inputs, seeds, shared["batch"], params, self.config, self.state.id, ghost
             )
 
-        new_gm, plan, memory_plan = schedule_memory(build, bw_gm, self.config)
+        new_gm, plan, memory_plan = schedule_memory(build, bw_gm, self.config, shared.get("recipes"))
         plan.memory = memory_plan
         self.plans.append(plan)
         self.state.param_names = [g.name for g in plan.grads]  # columns of per_layer_norms()

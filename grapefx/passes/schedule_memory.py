@@ -9,7 +9,10 @@ non-private one's. This pass lowers it in two ways:
    flops, so the policy decides: "min-time" never swaps, "balanced" swaps when the backward's
    flops grow by at most BALANCED_EXTRA_FLOPS, "min-memory" whenever the peak drops, and
    `memory_budget` swaps (largest buffer first) until the estimate fits;
-2. the order: `grapefx.schedule.reorder.best_order` (never worse than the traced order).
+2. store vs recompute: a saved activation live at the peak that the forward computed by a short
+   elementwise chain from other saved tensors is replayed after the barrier instead of kept
+   (`recompute_operands.py`), when that lowers the peak (all policies but "min-time");
+3. the order: `grapefx.schedule.reorder.best_order` (never worse than the traced order).
 
 Every decision is recorded in a `MemoryPlan` (the CLI's `inspect` prints it).
 """
@@ -27,6 +30,7 @@ import torch.fx as fx
 
 from grapefx.config import PrivacyConfig
 from grapefx.inspect.graphs import concrete
+from grapefx.passes.recompute_operands import Recipe, candidates, recompute_after_barrier
 from grapefx.schedule.liveness import MemoryModel
 from grapefx.schedule.reorder import OrderResult, apply_order, best_order, copy_graph_module
 
@@ -34,6 +38,7 @@ aten = torch.ops.aten
 
 BALANCED_EXTRA_FLOPS = 0.10  # "balanced" accepts up to 10% more backward flops for a lower peak
 MAX_ROUNDS = 3  # retraces spent looking for swaps
+MAX_SINGLE_RECOMPUTE_TRIALS = 6  # activations tried one by one when recomputing all does not help
 
 
 @dataclass
@@ -46,6 +51,7 @@ class MemoryPlan:
     order_method: str
     ghost_swaps: list[str] = field(default_factory=list)  # parameters switched to ghost norms
     extra_flops: float = 0.0  # of the swaps, over the traced private backward
+    recomputed: list[str] = field(default_factory=list)  # saved activations replayed after the barrier
     live_at_peak: list[tuple[str, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     traced_graph: fx.GraphModule | None = None  # the private backward as first traced (for benchmarks)
@@ -62,6 +68,7 @@ class MemoryPlan:
             "ratio_to_non_private": round(self.peak / self.original_peak, 4) if self.original_peak else None,
             "order": self.order_method,
             "ghost_swaps": self.ghost_swaps,
+            "recomputed_after_barrier": self.recomputed,
             "extra_flops": self.extra_flops,
             "live_at_peak": [{"node": n, "bytes": b} for n, b in self.live_at_peak[:10]],
             "notes": self.notes,
@@ -71,64 +78,109 @@ class MemoryPlan:
 Build = Callable[[frozenset[str]], tuple[fx.GraphModule, Any]]
 
 
+@dataclass
+class _Trial:
+    gm: fx.GraphModule
+    result: Any
+    order: OrderResult
+    model: MemoryModel
+    recomputed: list[str] = field(default_factory=list)
+
+
 def schedule_memory(
-    build: Build, original: fx.GraphModule, config: PrivacyConfig
+    build: Build, original: fx.GraphModule, config: PrivacyConfig, recipes: dict[str, Recipe] | None = None
 ) -> tuple[fx.GraphModule, Any, MemoryPlan]:
     """`build(ghost_params)` traces the private backward; returns the chosen graph (reordered),
-    its build result and the plan."""
-    gm, result = build(frozenset())
-    traced = copy_graph_module(gm)
+    its build result and the plan. `recipes`: how the forward computed saved activations (for
+    recomputing them after the barrier)."""
+    planning = config.memory_policy != "min-time" or config.memory_budget is not None
+    rename: dict[str, str] = {}
+
+    def evaluate(swaps: frozenset[str], built: tuple[fx.GraphModule, Any] | None = None) -> _Trial:
+        gm, result = built or build(swaps)
+        order, model = _order(gm)
+        trial = _Trial(gm, result, order, model)
+        if planning and recipes:
+            _recompute(trial, recipes, rename or _placeholder_names(original, gm, rename), config)
+        return trial
+
+    gm0, result0 = build(frozenset())
+    traced = copy_graph_module(gm0)
     original_peak = MemoryModel.of(original).simulate().peak_bytes
-    order, model = _order(gm)
+    traced_peak = MemoryModel.of(gm0).simulate().peak_bytes
+    best = evaluate(frozenset())
     plan = MemoryPlan(
-        config.memory_policy,
-        config.memory_budget,
-        original_peak,
-        order.received_peak_bytes,
-        order.peak_bytes,
-        order.method,
-        traced_graph=traced,
+        config.memory_policy, config.memory_budget, original_peak, traced_peak, 0, "", traced_graph=traced
     )
     swaps: frozenset[str] = frozenset()
-    base_flops = graph_flops(gm)
-    swapping = config.memory_policy != "min-time" or config.memory_budget is not None
-    for _ in range(MAX_ROUNDS if swapping else 0):
-        if config.memory_budget is not None and order.peak_bytes <= config.memory_budget:
+    base_flops = graph_flops(best.gm)
+    for _ in range(MAX_ROUNDS if planning else 0):
+        if config.memory_budget is not None and best.order.peak_bytes <= config.memory_budget:
             break
-        candidates = _instantiated_at_peak(gm, model, order, result) - swaps
+        candidates = _instantiated_at_peak(best) - swaps
         if not candidates:
             break
-        trial_swaps = swaps | candidates
-        trial_gm, trial_result = build(trial_swaps)
-        trial_order, trial_model = _order(trial_gm)
-        extra = graph_flops(trial_gm) - base_flops
-        if trial_order.peak_bytes >= order.peak_bytes:
+        trial = evaluate(swaps | candidates)
+        extra = graph_flops(trial.gm) - base_flops
+        if trial.order.peak_bytes >= best.order.peak_bytes:
             plan.notes.append(f"ghost norms for {sorted(candidates)} would not lower the peak: kept instantiation")
             break
         if config.memory_policy == "balanced" and config.memory_budget is None:
             if extra > BALANCED_EXTRA_FLOPS * graph_flops(original):
                 plan.notes.append(
                     f"ghost norms for {sorted(candidates)} would lower the estimated peak to "
-                    f"{trial_order.peak_bytes} bytes but add {extra:.3g} flops (> {BALANCED_EXTRA_FLOPS:.0%} of the "
+                    f"{trial.order.peak_bytes} bytes but add {extra:.3g} flops (> {BALANCED_EXTRA_FLOPS:.0%} of the "
                     "backward): kept instantiation (memory_policy='min-memory' takes it)"
                 )
                 break
-        gm, result, order, model, swaps = trial_gm, trial_result, trial_order, trial_model, trial_swaps
+        best, swaps = trial, swaps | candidates
         plan.extra_flops = extra
-    if config.memory_budget is not None and order.peak_bytes > config.memory_budget:
+    if config.memory_budget is not None and best.order.peak_bytes > config.memory_budget:
         msg = (
-            f"grapefx: the private backward's estimated peak ({order.peak_bytes} bytes) exceeds memory_budget="
-            f"{config.memory_budget} after reordering and ghost norms; lower the batch size or use "
+            f"grapefx: the private backward's estimated peak ({best.order.peak_bytes} bytes) exceeds memory_budget="
+            f"{config.memory_budget} after reordering, ghost norms and recomputation; lower the batch size or use "
             "strategy='grape' / clipping='per_layer'"
         )
         plan.notes.append(msg)
         warnings.warn(msg, stacklevel=2)
-    apply_order(gm, order.order)
-    live = model.simulate(order.order)
-    plan.peak, plan.order_method = order.peak_bytes, order.method
+    apply_order(best.gm, best.order.order)
+    live = best.model.simulate(best.order.order)
+    plan.peak, plan.order_method = best.order.peak_bytes, best.order.method
     plan.ghost_swaps = sorted(swaps)
+    plan.recomputed = best.recomputed
     plan.live_at_peak = list(live.live_at_peak)
-    return gm, result, plan
+    return best.gm, best.result, plan
+
+
+def _placeholder_names(original: fx.GraphModule, gm: fx.GraphModule, rename: dict[str, str]) -> dict[str, str]:
+    """Recipes speak the forward's names, which are the received backward's placeholder names; the
+    traced graph has the same placeholders in the same order."""
+    pairs = zip(
+        (n for n in original.graph.nodes if n.op == "placeholder"), (n for n in gm.graph.nodes if n.op == "placeholder")
+    )
+    rename.update((a.name, b.name) for a, b in pairs)
+    return rename
+
+
+def _recompute(trial: _Trial, recipes: dict[str, Recipe], rename: dict[str, str], config: PrivacyConfig) -> None:
+    """Recompute after the barrier the saved activations live at the peak that have a recipe: all
+    together if that lowers the peak, else one by one (largest first) while each lowers it."""
+    sizes = dict(trial.model.simulate(trial.order.order).live_at_peak)
+    names = [n for n in candidates(trial.gm, recipes, rename) if rename[n] in sizes]
+    names.sort(key=lambda n: -sizes[rename[n]])
+    if not names:
+        return
+    attempts = [names] + ([[n] for n in names[:MAX_SINGLE_RECOMPUTE_TRIALS]] if len(names) > 1 else [])
+    for attempt in attempts:
+        if config.memory_budget is not None and trial.order.peak_bytes <= config.memory_budget:
+            break
+        gm = recompute_after_barrier(trial.gm, recipes, attempt, rename)
+        order, model = _order(gm)
+        if order.peak_bytes < trial.order.peak_bytes:
+            trial.gm, trial.order, trial.model = gm, order, model
+            trial.recomputed += attempt
+            if attempt is names:
+                break
 
 
 def _order(gm: fx.GraphModule) -> tuple[OrderResult, MemoryModel]:
@@ -136,11 +188,12 @@ def _order(gm: fx.GraphModule) -> tuple[OrderResult, MemoryModel]:
     return best_order(model), model
 
 
-def _instantiated_at_peak(gm: fx.GraphModule, model: MemoryModel, order: OrderResult, result: Any) -> frozenset[str]:
+def _instantiated_at_peak(trial: _Trial) -> frozenset[str]:
     """Parameters with an instantiated norm (that has a ghost form) whose norm buffers are live at
     the peak."""
-    live = model.simulate(order.order)
-    by_name = {n.name: n for n in gm.graph.nodes}
+    live = trial.model.simulate(trial.order.order)
+    result = trial.result
+    by_name = {n.name: n for n in trial.gm.graph.nodes}
     at_peak = {(by_name[name].meta.get("grapefx") or {}).get("param") for name, _ in live.live_at_peak}
     choices = getattr(result, "choices", {})
     swappable = {

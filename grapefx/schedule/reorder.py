@@ -39,7 +39,8 @@ class OrderResult:
 
 
 def dependency_graph(model: MemoryModel) -> nx.DiGraph:
-    """Data edges plus a chain through the side-effecting nodes (their order is observable)."""
+    """Data edges, a chain through the side-effecting nodes (their order is observable), and
+    barrier -> replay edges."""
     dag = nx.DiGraph()
     dag.add_nodes_from(model.nodes)
     for n in model.nodes:
@@ -47,7 +48,18 @@ def dependency_graph(model: MemoryModel) -> nx.DiGraph:
             dag.add_edge(a, n)
     impure = [n for n in model.nodes if _has_side_effects(n)]
     dag.add_edges_from(zip(impure, impure[1:]))
+    # Replays of saved activations (passes/recompute_operands.py) exist to run after the clip
+    # barrier; computed earlier they would only hold memory.
+    barrier = [n for n in model.nodes if _role(n) == ("clip", "*")]
+    for n in model.nodes:
+        if _role(n)[0] in ("recompute", "recompute_view"):
+            dag.add_edges_from((b, n) for b in barrier)
     return dag
+
+
+def _role(node: fx.Node) -> tuple[str, str]:
+    info = node.meta.get("grapefx") or {}
+    return info.get("role", ""), info.get("param", "")
 
 
 def _has_side_effects(node: fx.Node) -> bool:
@@ -297,7 +309,8 @@ def apply_order(gm: fx.GraphModule, order: list[fx.Node]) -> None:
 def copy_graph_module(gm: fx.GraphModule, codegen: fx.graph.CodeGen | None = None) -> fx.GraphModule:
     """A copy of `gm` with its own graph (reordering it leaves `gm` as it was)."""
     graph = fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
+    out = graph.output(graph.graph_copy(gm.graph, {}))
+    out.meta = dict(gm.graph.output_node().meta)
     if codegen is not None:
         graph.set_codegen(codegen)
     return fx.GraphModule(gm, graph)
