@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import platform
 import sys
 import time
@@ -98,6 +99,16 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="M3,M4")
@@ -117,7 +128,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "notes"}), flush=True)
     meta = {
-        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch thread(s)",
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread",
         "torch": torch.__version__,
         "date": _dt.date.today().isoformat(),
         "command": "python tools/bench_memory.py " + " ".join(sys.argv[1:]),
