@@ -6,8 +6,9 @@ non-private one's. This pass lowers it in two ways:
 
 1. what to keep across the barrier: a parameter whose instantiated per-sample gradient is live at
    the peak can keep its operands instead (ghost norm, contraction after the barrier). That costs
-   flops, so the policy decides: "min-time" never swaps, "balanced" swaps when the backward's
-   flops grow by at most BALANCED_EXTRA_FLOPS, "min-memory" whenever the peak drops, and
+   flops, so the policy decides: "min-time" never swaps, "balanced" swaps while the peak exceeds
+   BALANCED_PEAK_RATIO x the non-private backward's and the backward's flops grow by at most
+   BALANCED_EXTRA_FLOPS, "min-memory" whenever the peak drops, and
    `memory_budget` swaps (largest buffer first) until the estimate fits;
 2. store vs recompute: a saved activation live at the peak that the forward computed by a short
    elementwise chain from other saved tensors is replayed after the barrier instead of kept
@@ -36,7 +37,8 @@ from grapefx.schedule.reorder import OrderResult, apply_order, best_order, copy_
 
 aten = torch.ops.aten
 
-BALANCED_EXTRA_FLOPS = 0.10  # "balanced" accepts up to 10% more backward flops for a lower peak
+BALANCED_EXTRA_FLOPS = 0.10  # "balanced" accepts up to 10% more backward flops for a lower peak ...
+BALANCED_PEAK_RATIO = 1.05  # ... and only while the peak exceeds 1.05x the non-private backward's
 MAX_ROUNDS = 3  # retraces spent looking for swaps
 MAX_SINGLE_RECOMPUTE_TRIALS = 6  # activations tried one by one when recomputing all does not help
 
@@ -94,6 +96,7 @@ def schedule_memory(
     its build result and the plan. `recipes`: how the forward computed saved activations (for
     recomputing them after the barrier)."""
     planning = config.memory_policy != "min-time" or config.memory_budget is not None
+    balanced = config.memory_policy == "balanced" and config.memory_budget is None
     rename: dict[str, str] = {}
 
     def evaluate(swaps: frozenset[str], built: tuple[fx.GraphModule, Any] | None = None) -> _Trial:
@@ -117,6 +120,8 @@ def schedule_memory(
     for _ in range(MAX_ROUNDS if planning else 0):
         if config.memory_budget is not None and best.order.peak_bytes <= config.memory_budget:
             break
+        if balanced and best.order.peak_bytes <= BALANCED_PEAK_RATIO * original_peak:
+            break  # close enough to non-private: spend no flops
         candidates = _instantiated_at_peak(best) - swaps
         if not candidates:
             break
@@ -125,7 +130,7 @@ def schedule_memory(
         if trial.order.peak_bytes >= best.order.peak_bytes:
             plan.notes.append(f"ghost norms for {sorted(candidates)} would not lower the peak: kept instantiation")
             break
-        if config.memory_policy == "balanced" and config.memory_budget is None:
+        if balanced:
             if extra > BALANCED_EXTRA_FLOPS * graph_flops(original):
                 plan.notes.append(
                     f"ghost norms for {sorted(candidates)} would lower the estimated peak to "
