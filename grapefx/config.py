@@ -38,6 +38,12 @@ class PrivacyConfig:
     rank: int = 16
     resample_every: int = 200
     grape_params: tuple[str, ...] | None = None
+    # Data-parallel training (torch.distributed, model wrapped as DDP(grapefx.compile(model))): each
+    # rank divides by a run-time denominator (global / world size, so DDP's averaging gives the global
+    # result), only rank 0 adds noise, GRAPE's projected gradients are all-reduced in the backward.
+    # Set by grapefx.compile (default: on when a process group is initialized); expected_batch_size
+    # is then the expected *global* batch size.
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
