@@ -48,7 +48,10 @@ class PrivateModule(nn.Module):
             for a in list(args) + list(kwargs.values()):
                 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] > 1:
                     torch._dynamo.mark_dynamic(a, 0)
-        dist_wrap.check_unchanged(self, self._param_ids)  # e.g. fully_shard applied after compiling
+        if dist_wrap.check_unchanged(self, self._param_ids):  # fully_shard(this module): FSDP2
+            # The parameters are FSDP's gathered tensors, not those named at construction (whose ids
+            # may since be reused by other tensors): name the current ones for the compiler.
+            self.grapefx_backend.param_names = {id(p): n for n, p in self.module.named_parameters()}
         if self.privacy_config.distributed:
             dist_wrap.before_forward(self, args, kwargs)
         else:
@@ -113,7 +116,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
     Data-parallel training (README "Distributed training"): call `init_process_group` first, then
     wrap the result as `DistributedDataParallel(grapefx.compile(model, ...))`; `distributed=None`
     turns distributed mode on when a process group is initialized, and `expected_batch_size` is then
-    the expected global batch size. `grapefx.compile(DDP(model))` and FSDP models are refused.
+    the expected global batch size. FSDP2: `fully_shard(grapefx.compile(model, ...))` (the compiled
+    model as one unit; Book-Keeping only). `grapefx.compile(DDP(model))` and models sharded before
+    compiling are refused.
     """
     dist_wrap.check_compile_target(model)
     if strategy == "grape" and "grape_params" not in options:

@@ -89,6 +89,37 @@ def noise_runs(rank: int, device: str) -> dict[str, Any]:
     return out
 
 
+def fsdp_steps(rank: int, device: str, options: dict[str, Any], splits: list[tuple[int, int]]) -> list[dict]:
+    """fully_shard(grapefx.compile(model)) with an SGD step after each backward, vs one process."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    model = mlp().to(device)
+    cm = fully_shard(grapefx.compile(model, max_grad_norm=C, **options), mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)  # over the sharded parameters
+    ref_model = mlp().to(device) if rank == 0 else None
+    ref = grapefx.compile(ref_model, max_grad_norm=C, distributed=False, **options) if ref_model is not None else None
+    ref_opt = torch.optim.SGD(ref_model.parameters(), lr=0.5) if ref_model is not None else None
+    steps = []
+    for k, split in enumerate(splits):
+        x, y = global_batch(k, sum(split), device)
+        sl = _local(x, split, rank)
+        F.cross_entropy(cm(x[sl]), y[sl]).backward()
+        entry = {"dist": {n: p.grad.full_tensor().cpu() for n, p in model.named_parameters()}}
+        opt.step()
+        opt.zero_grad()
+        entry["params"] = {n: p.full_tensor().detach().cpu() for n, p in model.named_parameters()}
+        if ref is not None:
+            F.cross_entropy(ref(x), y).backward()
+            entry["ref"] = {n: p.grad.detach().cpu().clone() for n, p in ref_model.named_parameters()}
+            ref_opt.step()
+            ref_opt.zero_grad()
+            entry["ref_params"] = {n: p.detach().cpu().clone() for n, p in ref_model.named_parameters()}
+        steps.append(entry)
+    return steps
+
+
 def refusals(rank: int, device: str) -> dict[str, str]:
     """Errors for a distributed model trained outside DDP, and one compiled before the process group."""
     messages = {}
@@ -169,6 +200,10 @@ def worker(rank: int, world: int, rendezvous: str, out_dir: str, device: str) ->
                 splits = SPLITS if reduction == "mean" else SPLITS[:2]
                 results[f"exact/{strategy}/{reduction}"] = run_steps(rank, device, opts, splits)
         results["noise"] = noise_runs(rank, device)
+        fsdp = {"loss_reduction": "mean", "noise_multiplier": 0.0, "seed": 3}
+        results["fsdp/clean"] = fsdp_steps(rank, device, fsdp, SPLITS[:3])
+        noisy = {**fsdp, "noise_multiplier": 2.0, "expected_batch_size": 8}
+        results["fsdp/noisy"] = fsdp_steps(rank, device, noisy, SPLITS[:1])
         results["refusals"] = refusals(rank, device)
         results["engine"] = engine_run(rank, device)
     except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback

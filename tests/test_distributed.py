@@ -181,16 +181,34 @@ def test_torch_compile_of_ddp_with_grapefx_backend_is_refused(process_group) -> 
     assert "DistributedDataParallel(grapefx.compile(model" in str(info.value)
 
 
-def test_fsdp2_is_refused(process_group) -> None:
+def test_fsdp2_on_compiled_model_equals_single_process(ranks) -> None:
+    """fully_shard(grapefx.compile(model)) on 2 ranks (B>=2, B=1, B=0 shards), an SGD step on the
+    sharded parameters after each backward: gradients and parameters equal one process on the global
+    batch; with noise, equal to the single-process result with the same seed (noise drawn once)."""
+    for key in ("fsdp/clean", "fsdp/noisy"):
+        for k, step in enumerate(ranks[0][key]):
+            for name, ref in step["ref"].items():
+                assert _rel(step["dist"][name], ref) < 2e-6, f"{key} step {k} {name}"
+                assert _rel(step["params"][name], step["ref_params"][name]) < 1e-6, f"{key} step {k} {name}"
+                torch.testing.assert_close(ranks[1][key][k]["dist"][name], step["dist"][name], rtol=0, atol=0)
+
+
+def test_fsdp_set_ups_that_are_refused(process_group) -> None:
+    """Sharded before compiling, DP-GRAPE with FSDP2, fully_shard inside the compiled model."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (1,))
-    with pytest.raises(DistributedSetupError, match="does not support FSDP yet"):
+    with pytest.raises(DistributedSetupError, match="already sharded") as info:
         grapefx.compile(fully_shard(Net(), mesh=mesh))
+    assert "`fully_shard(grapefx.compile(model, ...))`" in str(info.value)
+    cm = fully_shard(grapefx.compile(Net(), noise_multiplier=0.0, strategy="grape", rank=2), mesh=mesh)
+    with pytest.raises(DistributedSetupError, match="DP-GRAPE"):
+        cm(torch.randn(4, 6))
     cm = grapefx.compile(Net(), noise_multiplier=0.0)
-    fully_shard(cm, mesh=mesh)  # after compiling: refused at the first forward
-    with pytest.raises(DistributedSetupError, match="FSDP"):
+    fully_shard(cm.module.a, mesh=mesh)
+    fully_shard(cm, mesh=mesh)
+    with pytest.raises(DistributedSetupError, match="inside the compiled model is sharded on its own"):
         cm(torch.randn(4, 6))
 
 

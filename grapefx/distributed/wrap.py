@@ -11,9 +11,14 @@ The order that works is ``DDP(grapefx.compile(model, ...))`` (after ``init_proce
 * DP-GRAPE's projected weights are left out of DDP's reducer; their r-dimensional Ĝ is all-reduced
   inside the backward (`grapefx.distributed.ops`) and back-projected on every rank.
 
+FSDP2: ``fully_shard(grapefx.compile(model, ...))`` — the compiled model sharded as the root — works
+for Book-Keeping: FSDP's hooks gather the parameters outside the compiled graph, and its gradient
+reduce-scatter averages like DDP.
+
 Refused: ``grapefx.compile(DDP(model))``, ``torch.compile(DDP(model), backend=grapefx...)`` (graph
-split per bucket, noise on every rank), FSDP / FSDP2 (``fully_shard``) models, and a distributed
-model trained outside DDP.
+split per bucket, noise on every rank), models sharded before compiling, fully_shard on modules
+inside the compiled model, DP-GRAPE or legacy FSDP with sharding, and a distributed model trained
+outside DDP / FSDP2.
 """
 
 from __future__ import annotations
@@ -87,23 +92,21 @@ def check_compile_target(model: nn.Module) -> None:
     for name, sub in model.named_modules():
         if fsdp and isinstance(sub, fsdp):
             raise DistributedSetupError(
-                f"grapefx does not support FSDP yet: `{name or type(model).__name__}` is sharded with "
-                f"{type(sub).__name__} (fully_shard / FullyShardedDataParallel). Per-sample clipping of sharded "
-                f"parameters is not implemented; use DistributedDataParallel instead. {RIGHT_ORDER}"
+                f"`{name or type(model).__name__}` is already sharded with {type(sub).__name__} (fully_shard / "
+                "FullyShardedDataParallel): grapefx compiles the unsharded model. Compile first, then shard the "
+                "compiled model as a whole: `fully_shard(grapefx.compile(model, ...))` (Book-Keeping), or use "
+                f"DDP: {RIGHT_ORDER}"
             )
     check_parameters(model)
 
 
-def check_unchanged(private: nn.Module, param_ids: list[int]) -> None:
-    """Refuse a model whose parameters were replaced after compiling (fully_shard on the compiled
-    model swaps in sharded / gathered tensors: grads would be reduce-scattered per rank, noise and all)."""
+def check_unchanged(private: nn.Module, param_ids: list[int]) -> bool:
+    """Refuse a model whose parameters were replaced after compiling, except by FSDP2 on the compiled
+    model itself (supported: returns True, the parameters are FSDP's gathered ones)."""
     fsdp = _fsdp_classes()
     if fsdp and isinstance(private, fsdp):
-        raise DistributedSetupError(
-            "fully_shard / FSDP was applied to a grapefx-compiled model: grapefx does not support FSDP yet "
-            "(per-sample clipping of sharded parameters is not implemented); use DistributedDataParallel. "
-            + RIGHT_ORDER
-        )
+        _check_fsdp_root(private, fsdp)
+        return True  # FSDP2 swaps in the gathered parameters before each forward, by design
     if [id(p) for p in private.module.parameters()] != param_ids:
         raise DistributedSetupError(
             "the model's parameters were replaced after grapefx.compile (e.g. by fully_shard / FSDP on an "
@@ -111,6 +114,42 @@ def check_unchanged(private: nn.Module, param_ids: list[int]) -> None:
             f"matches them. Compile the final model; for data parallelism: {RIGHT_ORDER}"
         )
     check_parameters(private.module)
+    return False
+
+
+def _check_fsdp_root(private: nn.Module, fsdp: tuple[type, ...]) -> None:
+    """FSDP2 on the compiled model as the root: its hooks all-gather the parameters before the
+    forward (outside the compiled graph) and reduce-scatter the gradients after the private backward,
+    *averaging* like DDP, so the same per-rank scaling and rank-0 noise give the global result."""
+    fsdp2 = _fsdp2_class()
+    config = private.privacy_config
+    where = None
+    if fsdp2 is None or not isinstance(private, fsdp2):
+        where = "the legacy FullyShardedDataParallel wrapper is not supported"
+    elif not config.distributed:
+        where = "the model was compiled without distributed mode (call init_process_group before grapefx.compile)"
+    elif config.strategy == "grape":
+        where = "DP-GRAPE keeps its optimizer state for the full weights; with sharded weights use DDP"
+    else:
+        nested = [n for n, m in private.module.named_modules() if isinstance(m, fsdp)]
+        if nested:
+            where = (
+                f"`{nested[0] or type(private.module).__name__}` inside the compiled model is sharded on its own "
+                "(its hooks would run inside the compiled graph); apply fully_shard to the compiled model only"
+            )
+    if where is not None:
+        raise DistributedSetupError(
+            f"unsupported FSDP set-up: {where}. Supported: `fully_shard(grapefx.compile(model, ...))` with "
+            f"Book-Keeping (strategy auto/ghost/instantiate), or DDP: {RIGHT_ORDER}"
+        )
+
+
+def _fsdp2_class() -> type | None:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return None
+    return FSDPModule
 
 
 def check_parameters(model: nn.Module) -> None:
@@ -205,7 +244,9 @@ def before_forward(private: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
         return  # evaluation: no backward, nothing to privatize
     n = world_size()
     ddp = active_ddp_module()
-    if n > 1 and (ddp is None or not any(m is private for m in ddp.module.modules())):
+    fsdp2 = _fsdp2_class()
+    sharded = fsdp2 is not None and isinstance(private, fsdp2)  # checked by check_unchanged
+    if n > 1 and not sharded and (ddp is None or not any(m is private for m in ddp.module.modules())):
         raise DistributedSetupError(
             f"this grapefx model was compiled for data-parallel training (world size {n}) but is called "
             "outside DistributedDataParallel, so its gradients would not be all-reduced across ranks. " + RIGHT_ORDER
