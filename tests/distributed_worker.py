@@ -182,31 +182,57 @@ def engine_run(rank: int, device: str) -> dict[str, Any]:
     return out
 
 
+def inductor_runs(rank: int, device: str) -> dict[str, Any]:
+    """codegen="inductor": noise off vs one process (BK, GRAPE); noise on vs a clean run (std)."""
+    out: dict[str, Any] = {}
+    for strategy in ("auto", "grape"):
+        opts = {"loss_reduction": "mean", "noise_multiplier": 0.0, "seed": 3, "codegen": "inductor"}
+        out[f"exact/{strategy}"] = run_steps(rank, device, {**opts, "strategy": strategy, "rank": 4}, SPLITS[:2])
+    base = {"loss_reduction": "mean", "expected_batch_size": 8, "seed": 3, "codegen": "inductor"}
+    out["noisy"] = run_steps(rank, device, {**base, "noise_multiplier": 2.0}, [(5, 3)] * 3, reference=False)
+    out["clean"] = run_steps(rank, device, {**base, "noise_multiplier": 0.0}, [(5, 3)], reference=False)
+    return out
+
+
+def inductor_worker(rank: int, world: int, rendezvous: str, out_dir: str, device: str) -> None:
+    _run(rank, world, rendezvous, out_dir, device, lambda: {"inductor": inductor_runs(rank, device)})
+
+
 def worker(rank: int, world: int, rendezvous: str, out_dir: str, device: str) -> None:
+    _run(rank, world, rendezvous, out_dir, device, lambda: _scenarios(rank, device))
+
+
+def _run(rank: int, world: int, rendezvous: str, out_dir: str, device: str, body: Any) -> None:
     torch.set_num_threads(1)
     torch._dynamo.config.recompile_limit = 256
     torch._dynamo.config.accumulated_recompile_limit = 4096
     # a timeout: a rank that fails mid-collective makes the other fail too, instead of hanging
     dist.init_process_group(
-        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=timedelta(seconds=90)
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world, timeout=timedelta(seconds=180)
     )
     results: dict[str, Any] = {}
     try:
-        for strategy in ("auto", "grape"):
-            for reduction in ("sum", "mean"):
-                opts = {"noise_multiplier": 0.0, "loss_reduction": reduction, "strategy": strategy, "seed": 3}
-                if strategy == "grape":
-                    opts["rank"] = 4
-                splits = SPLITS if reduction == "mean" else SPLITS[:2]
-                results[f"exact/{strategy}/{reduction}"] = run_steps(rank, device, opts, splits)
-        results["noise"] = noise_runs(rank, device)
-        fsdp = {"loss_reduction": "mean", "noise_multiplier": 0.0, "seed": 3}
-        results["fsdp/clean"] = fsdp_steps(rank, device, fsdp, SPLITS[:3])
-        noisy = {**fsdp, "noise_multiplier": 2.0, "expected_batch_size": 8}
-        results["fsdp/noisy"] = fsdp_steps(rank, device, noisy, SPLITS[:1])
-        results["refusals"] = refusals(rank, device)
-        results["engine"] = engine_run(rank, device)
+        results = body()
     except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
         results["error"] = traceback.format_exc()
     torch.save(copy.copy(results), f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _scenarios(rank: int, device: str) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for strategy in ("auto", "grape"):
+        for reduction in ("sum", "mean"):
+            opts = {"noise_multiplier": 0.0, "loss_reduction": reduction, "strategy": strategy, "seed": 3}
+            if strategy == "grape":
+                opts["rank"] = 4
+            splits = SPLITS if reduction == "mean" else SPLITS[:2]
+            results[f"exact/{strategy}/{reduction}"] = run_steps(rank, device, opts, splits)
+    results["noise"] = noise_runs(rank, device)
+    fsdp = {"loss_reduction": "mean", "noise_multiplier": 0.0, "seed": 3}
+    results["fsdp/clean"] = fsdp_steps(rank, device, fsdp, SPLITS[:3])
+    noisy = {**fsdp, "noise_multiplier": 2.0, "expected_batch_size": 8}
+    results["fsdp/noisy"] = fsdp_steps(rank, device, noisy, SPLITS[:1])
+    results["refusals"] = refusals(rank, device)
+    results["engine"] = engine_run(rank, device)
+    return results

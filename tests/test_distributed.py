@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from distributed_worker import SPLITS, C, mlp, worker
+from distributed_worker import SPLITS, C, inductor_worker, mlp, worker
 
 import grapefx
 from grapefx.distributed import DistributedSetupError
@@ -28,14 +28,18 @@ N_PARAMS = 40 * 24 + 24 + 24 * 32 + 32 + 32 * 5 + 5  # the MLP: 1949
 GHAT = 4 * 40 + 32 * 4  # GRAPE rank 4: Ĝ of 0.weight [24, 40] is 4 × 40, of 2.weight [32, 24] is 32 × 4
 
 
-@pytest.fixture(scope="module")
-def ranks() -> tuple[dict, dict]:
+def _spawn(fn) -> tuple[dict, dict]:  # noqa: ANN001 - a worker function of distributed_worker
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(worker, args=(2, os.path.join(d, "rendezvous"), d, "cpu"), nprocs=2, join=True)
+        mp.spawn(fn, args=(2, os.path.join(d, "rendezvous"), d, "cpu"), nprocs=2, join=True)
         results = tuple(torch.load(f"{d}/rank{r}.pt", weights_only=False) for r in range(2))
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r} failed:\n{res['error']}"
     return results
+
+
+@pytest.fixture(scope="module")
+def ranks() -> tuple[dict, dict]:
+    return _spawn(worker)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -148,6 +152,28 @@ def test_make_private_shards_poisson_sampling_and_counts_global_steps(ranks) -> 
         assert drawn and all(i % 2 == r for i in drawn)
     sizes = [len(b) for e in (e0, e1) for b in e["indices"]]
     assert 2 <= sum(sizes) / len(e0["indices"]) <= 16  # expected global batch 8
+
+
+@pytest.mark.slow
+def test_inductor_codegen_on_two_ranks() -> None:
+    """codegen="inductor" (~2 min): noise off, BK and GRAPE equal one process on the global batch;
+    noise on, its std is σC/8 (drawn once). Not bit-identical to the single-process noise of the same
+    seed: Inductor may order the per-parameter draws differently in the two graphs."""
+    ranks = _spawn(inductor_worker)
+    res = ranks[0]["inductor"]
+    for strategy in ("auto", "grape"):
+        for k, step in enumerate(res[f"exact/{strategy}"]["steps"]):
+            for name, ref in step["ref"].items():
+                assert _rel(step["dist"][name], ref) < 2e-6, f"{strategy} step {k} {name}"
+                torch.testing.assert_close(
+                    ranks[1]["inductor"][f"exact/{strategy}"]["steps"][k]["dist"][name],
+                    step["dist"][name],
+                    rtol=0,
+                    atol=0,
+                )
+    clean = res["clean"]["steps"][0]["dist"]
+    diffs = torch.cat([(s["dist"][n] - clean[n]).reshape(-1) for s in res["noisy"]["steps"] for n in clean])
+    assert abs(diffs.std().item() / (2.0 * C / 8) - 1) < 0.05
 
 
 # -- single rank, in this process ------------------------------------------------------------------
