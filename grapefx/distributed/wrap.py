@@ -249,7 +249,8 @@ def before_forward(private: nn.Module, args: tuple[Any, ...], kwargs: dict[str, 
     if n > 1 and not sharded and (ddp is None or not any(m is private for m in ddp.module.modules())):
         raise DistributedSetupError(
             f"this grapefx model was compiled for data-parallel training (world size {n}) but is called "
-            "outside DistributedDataParallel, so its gradients would not be all-reduced across ranks. " + RIGHT_ORDER
+            "outside DistributedDataParallel (and is not sharded with fully_shard), so its gradients would not "
+            "be reduced across ranks. " + RIGHT_ORDER
         )
     config, state = private.privacy_config, private.privacy_state
     if config.loss_reduction == "sum":
