@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from grapefx.config import PrivacyConfig
+from grapefx.distributed import wrap as dist_wrap
 from grapefx.dynamo_backend import GrapefxBackend
 from grapefx.errors import GraphBreakError
 from grapefx.grape.policy import DEFAULT_EXCLUDE, grape_parameters
@@ -29,8 +30,14 @@ class PrivateModule(nn.Module):
         self.module = module
         self.privacy_config = config
         self.grapefx_backend = GrapefxBackend(config, model=module)
+        self.grapefx_backend.managed = True
         self._compiled = torch.compile(module, backend=self.grapefx_backend, fullgraph=True, dynamic=False)
         self._dynamic = dynamic
+        self._param_ids = [id(p) for p in module.parameters()]
+        if config.distributed:  # noise on rank 0 only; GRAPE: Ĝ all-reduced by grapefx, not DDP
+            seed = dist_wrap.prepare(self, config.grape_params if config.strategy == "grape" else None)
+            if seed is not None:
+                self.privacy_state.projection_seed = seed
 
     @property
     def privacy_state(self) -> Any:
@@ -41,8 +48,19 @@ class PrivateModule(nn.Module):
             for a in list(args) + list(kwargs.values()):
                 if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] > 1:
                     torch._dynamo.mark_dynamic(a, 0)
+        if dist_wrap.check_unchanged(self, self._param_ids):  # fully_shard(this module): FSDP2
+            # The parameters are FSDP's gathered tensors, not those named at construction (whose ids
+            # may since be reused by other tensors): name the current ones for the compiler.
+            self.grapefx_backend.param_names = {id(p): n for n, p in self.module.named_parameters()}
+        if self.privacy_config.distributed:
+            dist_wrap.before_forward(self, args, kwargs)
+        else:
+            dist_wrap.refuse_non_distributed_in_ddp(self)
         try:
-            return self._compiled(*args, **kwargs)
+            # Inside DDP's forward, Dynamo's DDPOptimizer would split the graph per gradient bucket
+            # (clipping each part on its own): one graph; DDP's reducer all-reduces after the backward.
+            with torch._dynamo.config.patch(optimize_ddp=False):
+                return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.Unsupported as e:  # a graph break under fullgraph=True
             raise GraphBreakError(
                 "grapefx needs the model in one graph (per-sample clipping split over graphs would be "
@@ -85,6 +103,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     grape_include: Sequence[str] | None = None,
     grape_exclude: Sequence[str] = DEFAULT_EXCLUDE,
     grape_module_types: tuple[type[nn.Module], ...] = (nn.Linear,),
+    distributed: bool | None = None,
     **options: Any,
 ) -> PrivateModule:
     """Compile `model` so that `loss.backward()` leaves DP-SGD gradients in every `p.grad`.
@@ -93,7 +112,15 @@ def compile(  # noqa: A001 - mirrors torch.compile
     (Linear weights whose smaller side exceeds `rank`, minus the head / embeddings / `grape_exclude`
     patterns; `grape_include` patterns or `grape_module_types` override) in a random rank-`rank`
     subspace resampled every `resample_every` steps.
+
+    Data-parallel training (README "Distributed training"): call `init_process_group` first, then
+    wrap the result as `DistributedDataParallel(grapefx.compile(model, ...))`; `distributed=None`
+    turns distributed mode on when a process group is initialized, and `expected_batch_size` is then
+    the expected global batch size. FSDP2: `fully_shard(grapefx.compile(model, ...))` (the compiled
+    model as one unit; Book-Keeping only). `grapefx.compile(DDP(model))` and models sharded before
+    compiling are refused.
     """
+    dist_wrap.check_compile_target(model)
     if strategy == "grape" and "grape_params" not in options:
         options["grape_params"] = grape_parameters(model, rank, grape_include, grape_exclude, grape_module_types)
     config = PrivacyConfig(
@@ -107,6 +134,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         codegen=codegen,
         rank=rank,
         resample_every=resample_every,
+        distributed=dist_wrap.resolve(distributed),
         **options,
     )
     return PrivateModule(model, config)

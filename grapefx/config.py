@@ -41,10 +41,16 @@ class PrivacyConfig:
     grape_params: tuple[str, ...] | None = None
     # Memory plan of the private backward (grapefx/passes/schedule_memory.py): every policy reorders
     # nodes for a lower peak; "balanced" / "min-memory" also swap instantiated per-sample gradients
-    # live at the peak for ghost norms (more flops, fewer bytes); `memory_budget` (bytes of the
-    # backward's estimated peak) swaps until the estimate fits.
+    # live at the peak for ghost norms (more flops, fewer bytes) and replay saved activations after
+    # the barrier; `memory_budget` (bytes of the backward's estimated peak) plans until it fits.
     memory_policy: str = "balanced"
     memory_budget: int | None = None
+    # Data-parallel training (torch.distributed, model wrapped as DDP(grapefx.compile(model))): each
+    # rank divides by a run-time denominator (global / world size, so DDP's averaging gives the global
+    # result), only rank 0 adds noise, GRAPE's projected gradients are all-reduced in the backward.
+    # Set by grapefx.compile (default: on when a process group is initialized); expected_batch_size
+    # is then the expected *global* batch size.
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):

@@ -24,10 +24,12 @@ from grapefx.analysis.capture import Capture, capture_inputs
 from grapefx.analysis.forward_checks import check_forward
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, analyze_layouts
 from grapefx.config import PrivacyConfig
+from grapefx.distributed.wrap import check_backend_call
 from grapefx.errors import GrapefxError, GraphBreakError
 from grapefx.grape import registry as grape_registry
 from grapefx.inspect.dumps import dump_from_env
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
+from grapefx.passes.grape_project import projection_index
 from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.recompute_operands import find_recipes
 from grapefx.passes.schedule_memory import schedule_memory
@@ -96,6 +98,7 @@ class GrapefxBackend:
         self.state = state or PrivacyState(seed=config.seed, secure=config.secure_noise)
         self.state.resample_every = config.resample_every
         self.state.projection_seed = config.seed if config.seed is not None else self.state.id
+        self.managed = False  # set by PrivateModule (grapefx.compile), which owns the distributed set-up
         self.plans: list[BackwardPlan] = []
         self.graphs: dict[str, fx.GraphModule] = {}
         # Tests / tools set this to keep a clone of the next backward call's inputs (to replay the
@@ -105,6 +108,7 @@ class GrapefxBackend:
         _configure_torch()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        check_backend_call(self.config.distributed, self.managed)  # DDPOptimizer / wrong DDP order
         _require_one_graph()
         capture = capture_inputs(gm, example_inputs, self.param_names)
         self.param_objects = {info.name: ex for info, ex in zip(capture.inputs, example_inputs) if info.kind == "param"}
@@ -199,7 +203,8 @@ class GrapefxBackend:
             if name in set(self.config.grape_params or ()) and outputs[index] is not None:
                 m, n = outputs[index].meta["val"].shape
                 rows = m <= n
-                info = {"index": index, "rank": self.config.rank, "dim": m if rows else n, "rows": rows}
+                stable = projection_index(name, self.config)
+                info = {"index": stable, "rank": self.config.rank, "dim": m if rows else n, "rows": rows}
                 self._register_projection(name, info)
 
     def _register_projection(self, name: str, info: dict[str, Any]) -> None:

@@ -21,7 +21,18 @@ from grapefx.config import PrivacyConfig
 STABILITY = 1e-6
 
 
-def loss_scale_and_denom(batch_size: Any, config: PrivacyConfig) -> tuple[Any, Any]:
+def loss_scale_and_denom(
+    batch_size: Any, config: PrivacyConfig, state_id: int | None = None, like: torch.Tensor | None = None
+) -> tuple[Any, Any]:
+    if config.distributed:
+        # The global denominator is only known at run time (global batch size, world size): a 0-d
+        # tensor from the privacy state, read by every graph (no recompiles). `like` gives the device.
+        import grapefx.distributed.ops  # noqa: F401 - registers grapefx::distributed_denom
+
+        if state_id is None or like is None:
+            raise ValueError("distributed mode needs the privacy state id and a tensor for the denominator")
+        scale = 1 if config.loss_reduction == "sum" else batch_size
+        return scale, torch.ops.grapefx.distributed_denom(like, state_id)
     if config.loss_reduction == "sum":
         return 1, 1
     if config.expected_batch_size is not None:
@@ -57,7 +68,7 @@ def clip_weights(
     norm_sq: list[torch.Tensor], batch_size: Any, config: PrivacyConfig, state_id: int
 ) -> tuple[list[torch.Tensor], Any]:
     """All parameters at once (used where the graph has no per-layer structure, e.g. B=1)."""
-    scale, denom = loss_scale_and_denom(batch_size, config)
+    scale, denom = loss_scale_and_denom(batch_size, config, state_id, norm_sq[0] if norm_sq else None)
     n = len(norm_sq)
     norms = recorded_norms(norm_sq, scale, 0, n, state_id)
     if config.clipping == "per_layer":

@@ -37,7 +37,13 @@ class Projection:
     swapped: bool  # the site computes Wᵀ's gradient
 
 
-def plan_projection(grad: ParamGrad, index: int, config: PrivacyConfig) -> Projection:
+def projection_index(name: str, config: PrivacyConfig) -> int:
+    """The parameter's position in `config.grape_params`: seeds its P. Not the graph's output index,
+    which can differ between the graphs of one model (e.g. B=5 vs B=3) and between ranks."""
+    return list(config.grape_params or ()).index(name)
+
+
+def plan_projection(grad: ParamGrad, config: PrivacyConfig) -> Projection:
     shape = [int(s) for s in grad.out_node.meta["val"].shape]
     site = grad.sites[0] if len(grad.sites) == 1 else None
     swapped = _orientation(site, grad) if site is not None and grad.isometric else None
@@ -52,7 +58,9 @@ def plan_projection(grad: ParamGrad, index: int, config: PrivacyConfig) -> Proje
     rows = m <= n
     if min(m, n) <= config.rank:
         raise GrapefxError(f"parameter `{grad.name}` {shape}: its smaller side is not larger than rank {config.rank}")
-    return Projection(grad.name, index, config.rank, rows, m if rows else n, rows != swapped, swapped)
+    return Projection(
+        grad.name, projection_index(grad.name, config), config.rank, rows, m if rows else n, rows != swapped, swapped
+    )
 
 
 def projection_for(site: SiteContext, proj: Projection, state_id: int) -> torch.Tensor:
@@ -92,7 +100,8 @@ def finish_projected(
     config: PrivacyConfig,
     state_id: int,
 ) -> torch.Tensor:
-    """Weighted projected contraction + noise in the projected space; returns p.grad (back-projected)."""
+    """Weighted projected contraction + noise in the projected space; returns p.grad (back-projected),
+    or the noised Ĝ in distributed mode (the caller all-reduces every Ĝ, then back-projects)."""
     a, b = site.node.args[:2]
     A, Bm = site.value(a), site.value(b)
     lk = mm._k_layout(site)
@@ -107,6 +116,13 @@ def finish_projected(
     ghat = torch.mm(A, Bm)  # site orientation
     ghat = ghat.t() if proj.swapped else ghat  # parameter orientation: [r, n] or [m, r]
     ghat = add_noise(ghat.contiguous(), config, state_id, denom)
+    if config.distributed:  # Ĝ is all-reduced (once, all parameters) before back_project
+        return ghat
+    return back_project(ghat, proj, P, state_id)
+
+
+def back_project(ghat: torch.Tensor, proj: Projection, P: torch.Tensor, state_id: int) -> torch.Tensor:
+    """Stash the privatized Ĝ for GRAPE optimizers; p.grad is its back-projection Pᵀ Ĝ or Ĝ P."""
     ghat = torch.ops.grapefx.stash_projected(ghat, proj.name, state_id)
     P = P.to(ghat.dtype)
     return torch.mm(P.t(), ghat) if proj.rows else torch.mm(ghat, P)

@@ -27,6 +27,7 @@ import torch.fx.traceback as fx_traceback
 from grapefx.analysis.grad_sites import ParamGrad, find_grad_sites, site_kind
 from grapefx.analysis.layout import BatchLayout, LayoutResult, analyze_layouts
 from grapefx.config import PrivacyConfig
+from grapefx.distributed.ops import reduce_projected
 from grapefx.passes.clip_factors import (
     add_noise,
     flat_weights,
@@ -36,6 +37,7 @@ from grapefx.passes.clip_factors import (
 )
 from grapefx.passes.grape_project import (
     Projection,
+    back_project,
     finish_projected,
     plan_projection,
     projected_norm_sq,
@@ -86,7 +88,7 @@ def privatize_backward(
     plan = BackwardPlan(grads, layouts=layouts)
     if config.strategy == "grape":
         wanted = set(config.grape_params or ())
-        plan.projections = {g.name: plan_projection(g, g.out_index, config) for g in grads if g.name in wanted}
+        plan.projections = {g.name: plan_projection(g, config) for g in grads if g.name in wanted}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     deferred: set[fx.Node] = set()
     for g in grads:
@@ -111,7 +113,8 @@ def privatize_backward(
             # per-layer mode the parameter is finished right away: no buffer waits for a barrier.
             if "b" not in state:
                 state["b"] = _batch_size_value(gm, layouts, env, batch)
-                state["scale"], state["denom"] = loss_scale_and_denom(state["b"], config)
+                like = next(v for v in env.values() if isinstance(v, torch.Tensor))
+                state["scale"], state["denom"] = loss_scale_and_denom(state["b"], config, state_id, like)
             sites = [SiteContext(s, site_kind(s, layouts), layouts, env, state["b"], config.strategy) for s in g.sites]
             site_ctx[g.name] = sites
             proj = plan.projections.get(g.name)
@@ -160,6 +163,12 @@ def privatize_backward(
                 w = flat_weights(norms, state["scale"], state["denom"], config)
             for g in grads:
                 finished[g.name] = _finish(g, site_ctx[g.name], w, state["denom"])
+        if config.distributed and plan.projections:  # DP-GRAPE: all-reduce the r-dimensional Ĝ only
+            with provenance("grape_project", "all_reduce_projected", "*"):
+                projs = {p.index: p for p in plan.projections.values()}
+                reduced = reduce_projected({p.index: finished[p.name] for p in projs.values()}, state_id)
+                for i, ghat in reduced.items():
+                    finished[projs[i].name] = back_project(ghat, projs[i], proj_p[projs[i].name], state_id)
         outputs = list(fx.node.map_arg(output_args, lambda n: env.get(n) if n not in deferred else None))
         for g in grads:
             outputs[g.out_index] = finished[g.name]

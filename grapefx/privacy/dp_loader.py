@@ -116,14 +116,18 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     return batch  # anything else (e.g. a constant) is shared by every micro-batch
 
 
-def micro_batch_bounds(n: int, accumulation_steps: int, max_physical_batch_size: int | None) -> list[tuple[int, int]]:
+def micro_batch_bounds(
+    n: int, accumulation_steps: int, max_physical_batch_size: int | None, parts: int | None = None
+) -> list[tuple[int, int]]:
     """Split ``n`` samples into ``accumulation_steps`` near-equal parts (fewer if ``n`` is smaller, none
-    empty), more if a part would exceed ``max_physical_batch_size``; an empty batch stays one part."""
-    if n == 0:
-        return [(0, 0)]
-    parts = min(accumulation_steps, n)
-    if max_physical_batch_size is not None:
-        parts = max(parts, math.ceil(n / max_physical_batch_size))
+    empty), more if a part would exceed ``max_physical_batch_size``; an empty batch stays one part.
+    ``parts`` forces the number of parts (some may be empty): ranks must run the same number."""
+    if parts is None:
+        if n == 0:
+            return [(0, 0)]
+        parts = min(accumulation_steps, n)
+        if max_physical_batch_size is not None:
+            parts = max(parts, math.ceil(n / max_physical_batch_size))
     base, extra = divmod(n, parts)
     bounds, start = [], 0
     for j in range(parts):
@@ -131,6 +135,15 @@ def micro_batch_bounds(n: int, accumulation_steps: int, max_physical_batch_size:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def _max_over_ranks(value: int) -> int:
+    import torch.distributed as dist
+
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 class DPDataLoader:
@@ -153,9 +166,11 @@ class DPDataLoader:
         *,
         accumulation_steps: int = 1,
         max_physical_batch_size: int | None = None,
+        distributed: bool = False,
         **loader_kwargs: Any,
     ) -> None:
         self.dataset = dataset
+        self.distributed = distributed  # ranks agree on the number of micro-batches of each batch
         self.batch_sampler = sampler
         self.sample_rate = sampler.sample_rate
         self.accumulation_steps = accumulation_steps
@@ -193,11 +208,14 @@ class DPDataLoader:
             for batch in self._loader:
                 self._consumed_state = self._tracker.snapshots.popleft()
                 engine._begin_logical_batch()
-                bounds = (
-                    micro_batch_bounds(batch_size_of(batch), self.accumulation_steps, self.max_physical_batch_size)
-                    if self.splits
-                    else [None]
-                )
+                bounds: list[Any] = [None]
+                if self.splits:
+                    n = batch_size_of(batch)
+                    bounds = micro_batch_bounds(n, self.accumulation_steps, self.max_physical_batch_size)
+                    if self.distributed:  # every rank must run as many forward/backward passes
+                        parts = _max_over_ranks(len(bounds))
+                        if parts != len(bounds):
+                            bounds = micro_batch_bounds(n, self.accumulation_steps, None, parts=parts)
                 for j, bound in enumerate(bounds):
                     last = j == len(bounds) - 1
                     engine._begin_micro_batch(last)

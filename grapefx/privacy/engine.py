@@ -66,6 +66,8 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data import default_collate as _default_collate
 
+from grapefx.distributed import wrap as dist_wrap
+from grapefx.distributed.sampling import ShardedPoissonBatchSampler, shard_size
 from grapefx.privacy.accounting import Accountant, noise_multiplier_for
 from grapefx.privacy.dp_loader import DPDataLoader, SecurePoissonBatchSampler
 from grapefx.privacy.sampling import PoissonBatchSampler, collate_with_empty
@@ -384,6 +386,8 @@ def make_private(
     seed: int | None = None,
     accountant: str = "pld",
     codegen: str = "eager",
+    distributed: bool | None = None,
+    ddp_options: dict[str, Any] | None = None,
     **compile_options: Any,
 ) -> tuple[Any, DPOptimizer, DPDataLoader, PrivacyEngine]:
     """Make ``(model, optimizer, data_loader)`` train with DP-SGD; returns ``(model, optimizer, loader, engine)``.
@@ -396,6 +400,14 @@ def make_private(
     ``noise_multiplier``. ``steps_per_epoch = round(1 / q)``. ``seed`` makes sampling and noise
     reproducible (ignored by ``secure_mode``). Other keywords go to `grapefx.compile`.
     Train with the returned objects only, as in the module docstring.
+
+    **Data-parallel** (``distributed``: default on when a ``torch.distributed`` process group is
+    initialized; call ``make_private`` on every rank with the same arguments): ``data_loader.batch_size``
+    is the expected batch size *per rank*, so q = batch_size * accumulation_steps * world_size /
+    len(dataset); rank r Poisson-samples its shard (examples r, r+N, ...) with rate q (the union is a
+    Poisson sample of the dataset: `grapefx.distributed.sampling`); the returned model is
+    ``DistributedDataParallel(private_module, **ddp_options)`` (``engine.model`` is the private
+    module); noise is drawn once, by rank 0, and the accountant counts global steps at the global q.
     """
     from grapefx.api import PrivateModule
     from grapefx.api import compile as grapefx_compile  # lazy: grapefx.api imports this package
@@ -422,7 +434,9 @@ def make_private(
     if data_loader.batch_size is None:
         raise ValueError("data_loader needs batch_size set: it is the expected batch size of Poisson sampling")
     n_data = len(dataset)
-    expected_batch = data_loader.batch_size * accumulation_steps
+    distributed = dist_wrap.resolve(distributed)
+    world, rank = (dist_wrap.world_size(), dist_wrap.rank()) if distributed else (1, 0)
+    expected_batch = data_loader.batch_size * accumulation_steps * world  # global
     if expected_batch > n_data:
         raise ValueError(f"expected logical batch {expected_batch} exceeds the dataset size {n_data}")
     q = expected_batch / n_data
@@ -465,6 +479,7 @@ def make_private(
         "epochs": epochs,
         "planned_steps": planned_steps,
         "accountant": accountant,
+        "world_size": world,
     }
     engine.model = grapefx_compile(
         model,
@@ -477,15 +492,21 @@ def make_private(
         seed=noise_seed,
         codegen=codegen,
         secure_noise=bool(secure_mode),
+        distributed=distributed,
         **compile_options,
     )
     engine._n_noised = n_trainable
     engine.optimizer = DPOptimizer(optimizer, engine)
-    sampler: PoissonBatchSampler = (
-        SecurePoissonBatchSampler(n_data, q, steps=steps_per_epoch)
+    if distributed:  # each rank its own seeded stream over its own shard
+        sampler_seed = (sampler_seed + rank * 0x9E3779B97F4A7C15) % (1 << 62)
+    n_local = shard_size(n_data, rank, world)
+    sampler: Any = (
+        SecurePoissonBatchSampler(n_local, q, steps=steps_per_epoch)
         if secure_mode
-        else PoissonBatchSampler(n_data, q, steps=steps_per_epoch, seed=sampler_seed)
+        else PoissonBatchSampler(n_local, q, steps=steps_per_epoch, seed=sampler_seed)
     )
+    if distributed:
+        sampler = ShardedPoissonBatchSampler(sampler, rank, world, n_data)
     collate = data_loader.collate_fn or _default_collate
     if not isinstance(collate, collate_with_empty):
         collate = collate_with_empty(dataset[0], collate)
@@ -495,8 +516,14 @@ def make_private(
         engine,
         accumulation_steps=accumulation_steps,
         max_physical_batch_size=max_physical_batch_size,
+        distributed=distributed,
         collate_fn=collate,
         generator=torch.Generator().manual_seed(secrets.randbits(62) if secure_mode else sampler_seed ^ 1),
         **_loader_settings(data_loader),
     )
-    return engine.model, engine.optimizer, engine.loader, engine
+    model_out: Any = engine.model
+    if distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model_out = DistributedDataParallel(engine.model, **(ddp_options or {}))
+    return model_out, engine.optimizer, engine.loader, engine

@@ -36,6 +36,10 @@ class PrivacyState:
     seed: int | None = None
     secure: bool = False
     noise_enabled: bool = True  # off for all but the last micro-batch of a virtual batch
+    # distributed mode: only one rank (rank 0) draws the noise of a logical step; the others count it
+    noise_local: bool = True
+    dist_denom: float = 1.0  # distributed mode: this step's global denominator / world size
+    comm_bytes: int = 0  # bytes grapefx itself all-reduced (projected gradients, batch sizes)
     last_norms: torch.Tensor | None = None  # [B] per-sample norms of the whole gradient, last backward
     last_layer_norms: torch.Tensor | None = None  # [B, n_params] per-parameter norms, last backward
     param_names: list[str] = field(default_factory=list)
@@ -120,6 +124,9 @@ def add_gaussian_noise(grad: torch.Tensor, std: torch.Tensor, state_id: int) -> 
     symbolic denominator can be folded in). Fused: one allocation, no separate add pass."""
     state = get_state(state_id)
     if not state.noise_enabled:
+        return grad.clone(memory_format=torch.contiguous_format)
+    if not state.noise_local:  # distributed: rank 0 draws this step's noise, once for all ranks
+        state.noise_draws += 1
         return grad.clone(memory_format=torch.contiguous_format)
     out = state.standard_normal(grad.shape, grad.device, grad.dtype)
     return out.mul_(std.to(grad.dtype)).add_(grad)
