@@ -186,3 +186,27 @@ def test_grape_refuses_non_linear_parameters_by_name() -> None:
     cm = grapefx.compile(model, noise_multiplier=0.0, strategy="grape", rank=4, grape_params=("0.weight",))
     with pytest.raises(grapefx.GrapefxError, match=r"cannot project parameter `0\.weight`"):
         _loss(cm(torch.randn(4, 3, 8)), torch.randint(0, 5, (4,)), "mean").backward()
+
+
+def test_projected_gradient_accumulates_over_a_virtual_batch() -> None:
+    """Micro-batches with noise off then the last with noise on: Ĝ (what GrapeAdamW reads) is the
+    sum over the micro-batches, like p.grad, equal to one backward on the whole batch; the next
+    logical batch starts a fresh Ĝ."""
+    torch.manual_seed(6)
+    model = _mlp()
+    whole = copy.deepcopy(model)
+    opts = dict(max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum", strategy="grape", rank=4, seed=0)
+    cm, cw = grapefx.compile(model, **opts), grapefx.compile(whole, **opts)
+    x, y = torch.randn(7, 40), torch.randint(0, 5, (7,))
+    for lo, hi, last in ((0, 3, False), (3, 7, True)):
+        cm.set_noise_enabled(last)
+        _loss(cm(x[lo:hi]), y[lo:hi], "sum").backward()
+    _loss(cw(x), y, "sum").backward()
+    for name in cm.privacy_config.grape_params:
+        torch.testing.assert_close(cm.privacy_state.projected_grads[name], cw.privacy_state.projected_grads[name])
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, dict(whole.named_parameters())[name].grad)
+    part = grapefx.compile(copy.deepcopy(whole), **opts)  # same parameters (no step was taken)
+    _loss(part(x[:3]), y[:3], "sum").backward()
+    _loss(cm(x[:3]), y[:3], "sum").backward()  # a new logical batch (noise on): replaces, not adds
+    for name in cm.privacy_config.grape_params:
+        torch.testing.assert_close(cm.privacy_state.projected_grads[name], part.privacy_state.projected_grads[name])

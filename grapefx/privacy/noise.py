@@ -51,6 +51,7 @@ class PrivacyState:
     projection_blocks: dict[int, int] = field(default_factory=dict)  # param index -> block of last use
     projected: dict[str, dict] = field(default_factory=dict)  # name -> {index, rank, dim, side}
     projected_grads: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> privatized Ĝ
+    projected_partial: dict[str, bool] = field(default_factory=dict)  # Ĝ of an unfinished virtual batch
     backward_calls: int = 0
     noise_draws: int = 0  # noise tensors drawn so far (one per noised parameter per backward)
     id: int = field(default_factory=lambda: next(_ids))
@@ -186,9 +187,18 @@ def _raise_non_finite(norms: torch.Tensor, first_column: int, state: PrivacyStat
 
 @torch.library.custom_op("grapefx::stash_projected", mutates_args=())
 def stash_projected(grad: torch.Tensor, name: str, state_id: int) -> torch.Tensor:
-    """Keep the privatized projected gradient Ĝ of `name` for GRAPE optimizers; returns a copy."""
+    """Keep the privatized projected gradient Ĝ of `name` for GRAPE optimizers; returns a copy.
+
+    Like p.grad, Ĝ accumulates over the micro-batches of a virtual batch (backwards with noise off,
+    then the last one with noise on: the same P throughout); the first backward after a complete
+    logical batch starts a new Ĝ, whether or not an optimizer consumed the previous one."""
     state = get_state(state_id)
-    state.projected_grads[name] = grad.detach().clone()
+    previous = state.projected_grads.get(name)
+    if previous is not None and state.projected_partial.get(name, False):
+        state.projected_grads[name] = previous + grad.detach()
+    else:
+        state.projected_grads[name] = grad.detach().clone()
+    state.projected_partial[name] = not state.noise_enabled
     return grad.clone()
 
 
