@@ -128,7 +128,9 @@ def interleaved(groups: Iterable[list[dict]], rounds: int, opts, log=print) -> l
                 r = run_one(spec, opts)
                 r["round"] = rd
                 runs.append(r)
-                where = spec["model"] + "".join(f" {k[0].upper()}={spec[k]}" for k in ("batch", "seq") if spec.get(k))
+                where = spec["model"] + "".join(
+                    f" {n}={spec[k]}" for k, n in (("batch", "B"), ("seq", "T")) if spec.get(k)
+                )
                 log(
                     f"[{time.perf_counter() - t_start:6.0f}s] {where} r{rd} {spec['config']:22s} {_line(r)} "
                     f"(wall {r['wall_s']:.0f}s, load {r['loadavg_before'][:1]})",

@@ -12,6 +12,7 @@ SWEEPS = {  # name -> (the varied key, values, the fixed key and value)
     "batch": ("batch", (1, 4, 16, 64), ("seq", 128)),
     "seq": ("seq", (64, 256, 1024), ("batch", 4)),
 }
+LETTER = {"batch": "B", "seq": "T"}
 QUICK_SWEEPS = {"batch": ("batch", (1, 4, 8), ("seq", 32)), "seq": ("seq", (16, 32, 64), ("batch", 2))}
 
 
@@ -54,7 +55,7 @@ def fit(cur: dict) -> dict:
     return out
 
 
-def plot(all_curves: dict, path: Path, title: str) -> None:
+def plot(all_curves: dict, sweeps: dict, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +63,7 @@ def plot(all_curves: dict, path: Path, title: str) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     for col, (sweep, cur) in enumerate(all_curves.items()):
-        key, _, (fixed_k, fixed_v) = SWEEPS.get(sweep, QUICK_SWEEPS[sweep])
+        key, _, (fixed_k, fixed_v) = sweeps[sweep]
         for row, (m, label) in enumerate((("time", "ms / step"), ("prof", "peak MB allocated in a step"))):
             ax = axes[row][col]
             for c, ms in cur.items():
@@ -72,7 +73,7 @@ def plot(all_curves: dict, path: Path, title: str) -> None:
                     ax.plot([p[0] for p in pts], ys, marker="o", label=c)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            ax.set_xlabel(f"{'B' if key == 'batch' else 'T'} ({fixed_k[0].upper()}={fixed_v})")
+            ax.set_xlabel(f"{LETTER[key]} ({LETTER[fixed_k]}={fixed_v})")
             ax.set_ylabel(label)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
@@ -113,7 +114,7 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
     suffix = "-quick" if opts.quick else ""
     stem = out_dir / f"scaling-{opts.machine}{suffix}"
     title = f"grapefx scaling on {model}'s decoder — {meta['machine']}, torch {meta['torch']}, {meta['date'][:10]}"
-    plot(all_curves, stem.with_suffix(".png"), title)
+    plot(all_curves, sweeps, stem.with_suffix(".png"), title)
     stem.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "curves": all_curves, "fits": fits, "runs": runs}, indent=1)
     )
