@@ -62,6 +62,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-profile", action="store_true", help="skip the profiler memory step")
     ap.add_argument("--keep-cache", action="store_true", help="reuse the Inductor cache of an earlier run")
     ap.add_argument("--timeout", type=int, default=1500, help="seconds per run")
+    ap.add_argument("--no-profile-worst", action="store_true", help="full mode: skip the worst miss's op table")
+    ap.add_argument("--report-partial", metavar="JSONL", help="only: tables of an interrupted run's .partial.jsonl")
     ap.add_argument("--op-profile", metavar="MODEL:CONFIG", help="only: one step's op table of MODEL:CONFIG")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # JSON spec of one run
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         (out_dir / f"profile-{args.machine}-{m}-{c}.txt").write_text(text + "\n")
         print(text)
         return None
+    if args.report_partial:
+        return _report_partial(args, Path(args.report_partial), steps_for)
     meta = {**runner.machine_meta(args.device), "machine": args.machine, "quick": args.quick}
     failed = 0
     if not args.scaling_only:
@@ -166,12 +170,40 @@ def _suite(args: argparse.Namespace, meta: dict, out_dir: Path, steps_for) -> in
         ]
         for m in models
     ]
-    runs = runner.interleaved(groups, rounds, args)
-    meta.update(loadavg_end=runner.loadavg(), total_s=time.perf_counter() - t0)
-    summary = report.summarize(runs)
     stem = out_dir / f"bench-suite-{args.machine}{'-quick' if args.quick else ''}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
-    stem.with_suffix(".md").write_text(report.markdown(meta, summary, models, configs, runs))
-    print(stem.with_suffix(".md").read_text())
-    print(f"wrote {stem}.json and .md in {meta['total_s']:.0f}s")
+    partial = stem.with_suffix(".partial.jsonl")
+    partial.write_text(json.dumps({"meta": meta}) + "\n")
+    runs = runner.interleaved(groups, rounds, args, partial=partial)
+    meta.update(loadavg_end=runner.loadavg(), total_s=time.perf_counter() - t0)
+    _write_suite(args, meta, runs, stem, steps_for)
+    partial.unlink()
     return sum("error" in r for r in runs)
+
+
+def _report_partial(args: argparse.Namespace, path: Path, steps_for) -> None:  # noqa: ANN001
+    """Render the tables of an interrupted suite run from its JSON lines (rounds as far as they got)."""
+    lines = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    meta, runs = lines[0]["meta"], lines[1:]
+    args.quick = meta.get("quick", False)
+    meta.update(loadavg_end=runner.loadavg(), interrupted=f"{len(runs)} runs recorded before the run stopped")
+    stem = path.parent / path.name.replace(".partial.jsonl", "")
+    _write_suite(args, meta, runs, stem, steps_for)
+
+
+def _write_suite(args: argparse.Namespace, meta: dict, runs: list[dict], stem: Path, steps_for) -> None:  # noqa: ANN001
+    out_dir, models, configs = stem.parent, meta["models"], meta["configs"]
+    summary = report.summarize(runs)
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=1))
+    md = report.markdown(meta, summary, models, configs, runs)
+    worst = None if args.quick or args.no_profile_worst else report.worst_missed(summary)
+    if worst:  # where the time goes in the worst miss: one step's op table
+        m, c = worst
+        print(f"profiling the worst time-target miss: {m} {c}", flush=True)
+        r = runner.run_one({"model": m, "config": c, "warmup": steps_for(m)[0], "steps": 1}, args, op_table=True)
+        text = r.get("op_table") or r.get("error", "no result")
+        (out_dir / f"profile-{args.machine}-{m}-{c}.txt").write_text(text + "\n")
+        md += f"\nOne step of the worst time-target miss ({m} {c}), torch.profiler, top ops by self time:\n\n"
+        md += "```\n" + text + "\n```\n"
+    stem.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"wrote {stem}.json and .md")

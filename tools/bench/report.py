@@ -138,6 +138,16 @@ def targets(summary: dict[str, dict]) -> list[str]:
     return L
 
 
+def worst_missed(summary: dict[str, dict]) -> tuple[str, str] | None:
+    """(model, config) of the grapefx run that misses its time target (vs non-private) by the most."""
+    cands = []
+    for m, c, ref, k, lim, _ in TARGETS:
+        v = (summary.get(f"{m}/{c}") or {}).get(ref, {}).get(k)
+        if ref == "x_np" and k in ("time", "cpu") and v is not None and v > lim:
+            cands.append((v / lim, m, c))
+    return max(cands)[1:] if cands else None
+
+
 def header(meta: dict, title: str) -> list[str]:
     g = meta.get("git", {})
     dirty = f" + {len(g.get('dirty_files', []))} uncommitted file(s)" if g.get("dirty_files") else ""
@@ -149,6 +159,11 @@ def header(meta: dict, title: str) -> list[str]:
         "fresh process per run, order reversed every other round · C=1, σ=1, mean loss",
         f"Load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta.get('loadavg_end')}. "
         f"grapefx at {g.get('commit', '?')[:10]}{dirty}. Command: `{meta['command']}`.",
+        *(
+            [f"**Interrupted:** {meta['interrupted']}; rounds are incomplete where a row has fewer runs."]
+            if meta.get("interrupted")
+            else []
+        ),
         "",
     ]
 

@@ -117,9 +117,11 @@ def _line(r: dict) -> str:
     )
 
 
-def interleaved(groups: Iterable[list[dict]], rounds: int, opts, log=print) -> list[dict]:  # noqa: ANN001
+def interleaved(groups: Iterable[list[dict]], rounds: int, opts, log=print, partial: Path | None = None) -> list[dict]:  # noqa: ANN001
     """Each group (the configurations of one model / one sweep point) runs `rounds` times back to back,
-    reversed in odd rounds, so drift cancels in same-round ratios. Returns every run with `round`."""
+    reversed in odd rounds, so drift cancels in same-round ratios. Returns every run with `round`; each
+    is also appended to `partial` (JSON lines) as it finishes, so an interrupted run can be reported
+    (`--report-partial`)."""
     runs: list[dict] = []
     t_start = time.perf_counter()
     for group in groups:
@@ -128,6 +130,9 @@ def interleaved(groups: Iterable[list[dict]], rounds: int, opts, log=print) -> l
                 r = run_one(spec, opts)
                 r["round"] = rd
                 runs.append(r)
+                if partial is not None:
+                    with open(partial, "a") as f:
+                        f.write(json.dumps(r) + "\n")
                 where = spec["model"] + "".join(
                     f" {n}={spec[k]}" for k, n in (("batch", "B"), ("seq", "T")) if spec.get(k)
                 )

@@ -96,7 +96,8 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
             ]
             for v in values
         ]
-        runs += runner.interleaved(groups, opts.scaling_rounds, opts, log=log)
+        partial = out_dir / f"scaling-{opts.machine}{'-quick' if opts.quick else ''}.partial.jsonl"
+        runs += runner.interleaved(groups, opts.scaling_rounds, opts, log=log, partial=partial)
     all_curves = {
         name: curves([r for r in runs if r["sweep"] == name], key, configs) for name, (key, _, _) in sweeps.items()
     }
@@ -150,4 +151,5 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
         f"- FAIL {r['model']} {r['config']} B={r.get('batch')} T={r.get('seq')}: `{r['error'][:300]}`" for r in errors
     ]
     stem.with_suffix(".md").write_text("\n".join(L) + "\n")
+    partial.unlink(missing_ok=True)
     return {"fits": fits, "errors": len(errors), "md": stem.with_suffix(".md")}
