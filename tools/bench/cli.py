@@ -63,6 +63,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep-cache", action="store_true", help="reuse the Inductor cache of an earlier run")
     ap.add_argument("--timeout", type=int, default=1500, help="seconds per run")
     ap.add_argument("--no-profile-worst", action="store_true", help="full mode: skip the worst miss's op table")
+    ap.add_argument("--scaling-from", metavar="JSON", help="only: re-render a scaling-*.json (tables, plot)")
     ap.add_argument("--report-partial", metavar="JSONL", help="only: tables of an interrupted run's .partial.jsonl")
     ap.add_argument("--op-profile", metavar="MODEL:CONFIG", help="only: one step's op table of MODEL:CONFIG")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # JSON spec of one run
@@ -130,6 +131,12 @@ def main(argv: list[str] | None = None) -> None:
         text = r.get("op_table") or r.get("error", "no result")
         (out_dir / f"profile-{args.machine}-{m}-{c}.txt").write_text(text + "\n")
         print(text)
+        return None
+    if args.scaling_from:  # same measurements, rendered again (e.g. after a change to the report)
+        from tools.bench import scaling
+
+        d = json.loads(Path(args.scaling_from).read_text())
+        print(scaling.render(d["meta"], d["runs"], Path(args.scaling_from).with_suffix(""))["md"].read_text())
         return None
     if args.report_partial:
         return _report_partial(args, Path(args.report_partial), steps_for)

@@ -30,7 +30,7 @@ def curves(runs: list[dict], key: str, configs: list[str]) -> dict:
     summary = report.summarize([{**r, "model": f"{r['model']}@{key}={r[key]}"} for r in runs])
     out: dict = {}
     for c in configs:
-        for m in ("time", "prof", "drss"):
+        for m in ("time", "cpu", "prof", "drss"):
             pts = sorted(
                 (row[key], row[m]) for row in summary.values() if row["config"] == c and row.get(m) is not None
             )
@@ -98,10 +98,6 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
         ]
         partial = out_dir / f"scaling-{opts.machine}{'-quick' if opts.quick else ''}.partial.jsonl"
         runs += runner.interleaved(groups, opts.scaling_rounds, opts, log=log, partial=partial)
-    all_curves = {
-        name: curves([r for r in runs if r["sweep"] == name], key, configs) for name, (key, _, _) in sweeps.items()
-    }
-    fits = {name: fit(cur) for name, cur in all_curves.items()}
     meta = {
         **meta,
         "loadavg_end": runner.loadavg(),
@@ -112,31 +108,46 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
         "steps": steps,
         "rounds": opts.scaling_rounds,
     }
-    suffix = "-quick" if opts.quick else ""
-    stem = out_dir / f"scaling-{opts.machine}{suffix}"
+    stem = out_dir / f"scaling-{opts.machine}{'-quick' if opts.quick else ''}"
+    res = render(meta, runs, stem)
+    partial.unlink(missing_ok=True)
+    return res
+
+
+def render(meta: dict, runs: list[dict], stem: Path) -> dict:
+    """Curves, fits, plot, JSON and markdown of a sweep's runs (`--scaling-from` re-renders a JSON)."""
+    sweeps, configs, model, quick = meta["sweeps"], meta["configs"], meta["model"], meta.get("quick")
+    all_curves = {
+        name: curves([r for r in runs if r["sweep"] == name], key, configs) for name, (key, _, _) in sweeps.items()
+    }
+    fits = {name: fit(cur) for name, cur in all_curves.items()}
     title = f"grapefx scaling on {model}'s decoder — {meta['machine']}, torch {meta['torch']}, {meta['date'][:10]}"
     plot(all_curves, sweeps, stem.with_suffix(".png"), title)
     stem.with_suffix(".json").write_text(
         json.dumps({"meta": meta, "curves": all_curves, "fits": fits, "runs": runs}, indent=1)
     )
-    L = report.header(meta, f"Scaling — {model}'s decoder, {meta['machine']}{' (quick)' if opts.quick else ''}")
+    L = report.header(meta, f"Scaling — {model}'s decoder, {meta['machine']}{' (quick)' if quick else ''}")
     L += [
         f"Plot: `{stem.with_suffix('.png').name}`. Points: {', '.join(f'{n} {v}' for n, (_, v, _) in sweeps.items())}"
-        f"; {warmup} warmup + {steps} timed steps per point, fresh process per run. Slope = least-squares line "
-        "through (x, median); `×np` = slope / non-private eager's slope (the issue's target in B: ≤ 1.1).",
+        f"; {meta['warmup']} warmup + {meta['steps']} timed steps per point, fresh process per run. "
+        "Slope = least-squares line through (x, median); `×np` = slope / non-private eager's slope "
+        "(the issue's target in B: ≤ 1.1). "
+        "`cpu` = the same fit of process CPU time per step, less disturbed by other processes on the cores.",
         "",
     ]
     for name, f in fits.items():
         key = sweeps[name][0]
         L += [
-            f"| {key} sweep: config | ms/step per unit | ×np | prof MB per unit | ×np | points |",
-            "|---|---|---|---|---|---|",
+            f"| {key} sweep: config | ms/step per unit | ×np | cpu ms per unit | ×np | prof MB per unit | ×np "
+            "| points |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for c, ms in f.items():
-            t, p = ms["time"], ms["prof"]
+            t, cp, p = ms["time"], ms["cpu"], ms["prof"]
             mb = None if p["slope"] is None else p["slope"] / 2**20
             L.append(
-                f"| {c} | {report._f(t['slope'], 2)} | {report._f(t['x_np'], 2)} | {report._f(mb, 2)} | "
+                f"| {c} | {report._f(t['slope'], 2)} | {report._f(t['x_np'], 2)} | {report._f(cp['slope'], 2)} | "
+                f"{report._f(cp['x_np'], 2)} | {report._f(mb, 2)} | "
                 f"{report._f(p['x_np'], 2)} | {t['points']} |"
             )
         L.append("")
@@ -151,5 +162,4 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
         f"- FAIL {r['model']} {r['config']} B={r.get('batch')} T={r.get('seq')}: `{r['error'][:300]}`" for r in errors
     ]
     stem.with_suffix(".md").write_text("\n".join(L) + "\n")
-    partial.unlink(missing_ok=True)
     return {"fits": fits, "errors": len(errors), "md": stem.with_suffix(".md")}
