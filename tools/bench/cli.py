@@ -54,6 +54,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scaling-configs", default=",".join(SCALING_CONFIGS))
     ap.add_argument("--scaling-steps", type=int, default=3, help="timed steps per sweep point")
     ap.add_argument("--scaling-rounds", type=int, default=1)
+    ap.add_argument("--sweeps", help="comma list of batch,seq (default both)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     ap.add_argument("--machine", help="name in the output files (default cpu-<ncores>c / the GPU's name)")
     ap.add_argument("--out-dir", default=str(ROOT / "results"))
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
         w, _ = steps_for(m)
         r = runner.run_one({"model": m, "config": c, "warmup": w, "steps": 1}, args, op_table=True)
         text = r.get("op_table") or r.get("error", "no result")
-        (out_dir / f"profile-{args.machine}-{m}-{c}.txt").write_text(text + "\n")
+        (out_dir / f"profile-{args.machine}-{m}-{c}-suite.txt").write_text(text + "\n")
         print(text)
         return None
     if args.scaling_from:  # same measurements, rendered again (e.g. after a change to the report)
@@ -208,7 +209,7 @@ def _write_suite(args: argparse.Namespace, meta: dict, runs: list[dict], stem: P
         print(f"profiling the worst time-target miss: {m} {c}", flush=True)
         r = runner.run_one({"model": m, "config": c, "warmup": steps_for(m)[0], "steps": 1}, args, op_table=True)
         text = r.get("op_table") or r.get("error", "no result")
-        (out_dir / f"profile-{args.machine}-{m}-{c}.txt").write_text(text + "\n")
+        (out_dir / f"profile-{args.machine}-{m}-{c}-suite.txt").write_text(text + "\n")
         md += f"\nOne step of the worst time-target miss ({m} {c}), torch.profiler, top ops by self time:\n\n"
         md += "```\n" + text + "\n```\n"
     stem.with_suffix(".md").write_text(md)

@@ -85,6 +85,12 @@ def plot(all_curves: dict, sweeps: dict, path: Path, title: str) -> None:
 
 def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:  # noqa: ANN001
     sweeps = QUICK_SWEEPS if opts.quick else SWEEPS
+    only = [w for w in (opts.sweeps or "").split(",") if w]
+    sweeps = {k: v for k, v in sweeps.items() if not only or k in only}
+    # file stem: scaling-<machine>[-quick][-<sweep>] (a single sweep gets its own files)
+    name = f"scaling-{opts.machine}{'-quick' if opts.quick else ''}" + (
+        "".join(f"-{k}" for k in sweeps) if only else ""
+    )
     model = "GPT-S" if opts.quick else "M3"
     warmup, steps = (1, 2) if opts.quick else (1, opts.scaling_steps)
     runs: list[dict] = []
@@ -96,7 +102,7 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
             ]
             for v in values
         ]
-        partial = out_dir / f"scaling-{opts.machine}{'-quick' if opts.quick else ''}.partial.jsonl"
+        partial = out_dir / f"{name}.partial.jsonl"
         runs += runner.interleaved(groups, opts.scaling_rounds, opts, log=log, partial=partial)
     meta = {
         **meta,
@@ -108,7 +114,7 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
         "steps": steps,
         "rounds": opts.scaling_rounds,
     }
-    stem = out_dir / f"scaling-{opts.machine}{'-quick' if opts.quick else ''}"
+    stem = out_dir / name
     res = render(meta, runs, stem)
     partial.unlink(missing_ok=True)
     return res
