@@ -67,6 +67,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scaling-from", metavar="JSON", help="only: re-render a scaling-*.json (tables, plot)")
     ap.add_argument("--report-partial", metavar="JSONL", help="only: tables of an interrupted run's .partial.jsonl")
     ap.add_argument("--op-profile", metavar="MODEL:CONFIG", help="only: one step's op table of MODEL:CONFIG")
+    ap.add_argument("--batch", type=int, help="with --op-profile: override the model's batch size")
+    ap.add_argument("--seq", type=int, help="with --op-profile: override the decoder's sequence length")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # JSON spec of one run
     ap.add_argument("--json-out", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -128,9 +130,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.op_profile:
         m, c = args.op_profile.split(":", 1)
         w, _ = steps_for(m)
-        r = runner.run_one({"model": m, "config": c, "warmup": w, "steps": 1}, args, op_table=True)
+        spec = {"model": m, "config": c, "warmup": w, "steps": 1, "batch": args.batch, "seq": args.seq}
+        r = runner.run_one(spec, args, op_table=True)
         text = r.get("op_table") or r.get("error", "no result")
-        (out_dir / f"profile-{args.machine}-{m}-{c}-suite.txt").write_text(text + "\n")
+        shape = "".join(f"-{n}{v}" for n, v in (("B", args.batch), ("T", args.seq)) if v)
+        (out_dir / f"profile-{args.machine}-{m}{shape}-{c}-op.txt").write_text(text + "\n")
         print(text)
         return None
     if args.scaling_from:  # same measurements, rendered again (e.g. after a change to the report)

@@ -88,7 +88,7 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
     only = [w for w in (opts.sweeps or "").split(",") if w]
     sweeps = {k: v for k, v in sweeps.items() if not only or k in only}
     # file stem: scaling-<machine>[-quick][-<sweep>] (a single sweep gets its own files)
-    name = f"scaling-{opts.machine}{'-quick' if opts.quick else ''}" + (
+    file_stem = f"scaling-{opts.machine}{'-quick' if opts.quick else ''}" + (
         "".join(f"-{k}" for k in sweeps) if only else ""
     )
     model = "GPT-S" if opts.quick else "M3"
@@ -102,7 +102,7 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
             ]
             for v in values
         ]
-        partial = out_dir / f"{name}.partial.jsonl"
+        partial = out_dir / f"{file_stem}.partial.jsonl"
         runs += runner.interleaved(groups, opts.scaling_rounds, opts, log=log, partial=partial)
     meta = {
         **meta,
@@ -114,7 +114,7 @@ def run(opts, configs: list[str], meta: dict, out_dir: Path, log=print) -> dict:
         "steps": steps,
         "rounds": opts.scaling_rounds,
     }
-    stem = out_dir / name
+    stem = out_dir / file_stem
     res = render(meta, runs, stem)
     partial.unlink(missing_ok=True)
     return res
