@@ -121,6 +121,6 @@ def run(
             tr.step()
             sync()
         ka = prof.key_averages(group_by_input_shape=True)
-        res["op_table"] = ka.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=20)
+        res["op_table"] = ka.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=20)
         res["op_table_total_self_cpu_ms"] = sum(e.self_cpu_time_total for e in ka) / 1e3
     return res
