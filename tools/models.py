@@ -1,4 +1,4 @@
-"""Benchmark models (random weights, no downloads), the same four BENCHMARKS.md uses.
+"""Benchmark models (random weights, no downloads): the four BENCHMARKS.md uses (M1-M4) and more.
 
 M1  MLP 784-512-512-10, B=256
 M2  CNN: 3 conv (+GroupNorm) + linear on 32x32x3, B=64 (2x2 max pooling; stride-2 variant)
@@ -6,9 +6,11 @@ M3  GPT-style decoder (vocab 8192, d 256, 4 layers, 4 heads, untied head, learne
     embedding (nn.Embedding(arange(T)); nn.Parameter-slice variant), pre-LN, causal SDPA attention,
     GELU MLP 4x), T=128, B=16
 M4  the same decoder, T=512, B=4
+H   parameter-heavy decoder (vocab 8192, d 512, 6 layers, 8 heads), T=64, B=4, trained with Adam
+ViT ViT-tiny-like encoder (4x4 patches of 32x32x3, d 192, 3 heads, 6 layers), B=32
 GPT-S  a small decoder (vocab 512, d 64, 2 layers, T=32, B=8) for `--quick` smoke runs
 
-Every case is `make_case(name) -> Case(model, x, y, loss_fn)`; the loss is cross entropy with mean
+Every case is `make_case(name, batch=None, seq=None) -> Case(model, x, y, loss_fn)`; the loss is cross entropy with mean
 reduction (token-level for the decoders: mean over all B*T tokens).
 """
 
@@ -71,9 +73,12 @@ class CNN(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
+    """Multi-head self-attention through SDPA; causal unless `causal=False` (the ViT's encoder)."""
+
+    def __init__(self, d: int, heads: int, causal: bool = True) -> None:
         super().__init__()
         self.heads = heads
+        self.causal = causal
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
 
@@ -84,15 +89,15 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.heads, hd).transpose(1, 2)
         k = k.view(B, T, self.heads, hd).transpose(1, 2)
         v = v.view(B, T, self.heads, hd).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
+    def __init__(self, d: int, heads: int, causal: bool = True) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d)
-        self.attn = CausalSelfAttention(d, heads)
+        self.attn = CausalSelfAttention(d, heads, causal)
         self.ln2 = nn.LayerNorm(d)
         self.fc = nn.Linear(d, 4 * d)
         self.fc_out = nn.Linear(4 * d, d)
@@ -109,7 +114,9 @@ class GPT(nn.Module):
     pos="embedding" (default): nn.Embedding(max_t, d) looked up with arange(T) (nanoGPT style);
     pos="param": the positional table is an nn.Parameter [1, max_t, d] sliced to T (as tests/zoo.py's
     TinyGPT).
-    Same parameter count and math either way.
+    Same parameter count and math either way. `batched_pos_ids=True` looks the positions up with
+    [B, T] ids (arange(T) expanded, made contiguous) instead of [T]: Opacus' per-sample hooks and ghost
+    norms assume every layer input has the batch dim first.
     """
 
     def __init__(
@@ -125,6 +132,7 @@ class GPT(nn.Module):
         if pos not in ("param", "embedding"):
             raise ValueError(f"pos must be 'param' or 'embedding', got {pos!r}")
         self.pos_style = pos
+        self.batched_pos_ids = False
         self.tok = nn.Embedding(vocab, d)
         if pos == "embedding":
             self.pos = nn.Embedding(max_t, d)
@@ -141,14 +149,40 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer))
 
     def forward(self, ids: Tensor) -> Tensor:  # [B, T] -> [B, T, V]
-        T = ids.shape[1]
+        B, T = ids.shape
         if self.pos_style == "embedding":
-            h = self.tok(ids) + self.pos(torch.arange(T, device=ids.device))
+            pos_ids = torch.arange(T, device=ids.device)
+            if self.batched_pos_ids:
+                pos_ids = pos_ids.expand(B, T).contiguous()
+            h = self.tok(ids) + self.pos(pos_ids)
         else:
             h = self.tok(ids) + self.pos[:, :T]
         for blk in self.blocks:
             h = blk(h)
         return self.head(self.ln_f(h))
+
+
+class ViT(nn.Module):
+    """ViT-tiny-like encoder: 4x4 patch conv on 32x32x3 (64 patches) + cls token + learned positions,
+    pre-LN blocks (the decoder's Block, non-causal), final LN, linear head on the cls token."""
+
+    def __init__(
+        self, img: int = 32, patch: int = 4, d: int = 192, heads: int = 3, n_layer: int = 6, n_out: int = 10
+    ) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, kernel_size=patch, stride=patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, (img // patch) ** 2 + 1, d) * 0.02)
+        self.blocks = nn.ModuleList(Block(d, heads, causal=False) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # [B, 3, H, W] -> [B, n_out]
+        h = self.patch(x).flatten(2).transpose(1, 2)  # [B, N, d]
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1) + self.pos
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(self.ln_f(h)[:, 0])
 
 
 def class_loss(out: Tensor, y: Tensor) -> Tensor:
@@ -173,50 +207,59 @@ class Case:
         return sum(p.numel() for p in self.model.parameters())
 
 
-# name -> (description, builder(generator) -> (model, x, y, loss))
-def _m1(g: torch.Generator):
-    B = 256
+# name -> (description, default batch B, default sequence length T or None, builder(g, B, T, **variants))
+def _m1(g: torch.Generator, B: int, T: int | None):
     return MLP(), torch.randn(B, 784, generator=g), torch.randint(0, 10, (B,), generator=g), class_loss
 
 
-def _m2(g: torch.Generator, pool: str = "max"):
-    B = 64
+def _m2(g: torch.Generator, B: int, T: int | None, pool: str = "max"):
     return CNN(pool=pool), torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 10, (B,), generator=g), class_loss
 
 
-def _gpt(B: int, T: int, vocab: int = 8192, d: int = 256, n_layer: int = 4, heads: int = 4, max_t: int = 512):
-    def build(g: torch.Generator, pos: str = "embedding"):
-        model = GPT(vocab=vocab, d=d, n_layer=n_layer, heads=heads, max_t=max_t, pos=pos)
+def _vit(g: torch.Generator, B: int, T: int | None):
+    return ViT(), torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 10, (B,), generator=g), class_loss
+
+
+def _gpt(vocab: int = 8192, d: int = 256, n_layer: int = 4, heads: int = 4, max_t: int = 512):
+    def build(g: torch.Generator, B: int, T: int, pos: str = "embedding"):
+        model = GPT(vocab=vocab, d=d, n_layer=n_layer, heads=heads, max_t=max(max_t, T), pos=pos)
         ids = torch.randint(0, vocab, (B, T + 1), generator=g)
         return model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), token_loss
 
     return build
 
 
-GPT_CASES = ("M3", "M4", "GPT-S")
+GPT_CASES = ("M3", "M4", "H", "GPT-S")
 
-CASES: dict[str, tuple[str, Callable]] = {
-    "M1": ("MLP 784-512-512-10, B=256", _m1),
-    "M2": ("CNN 3 conv + GroupNorm + linear, 32x32x3, B=64", _m2),
-    "M3": ("GPT decoder V=8192 d=256 L=4 H=4, T=128, B=16", _gpt(B=16, T=128)),
-    "M4": ("GPT decoder V=8192 d=256 L=4 H=4, T=512, B=4", _gpt(B=4, T=512)),
-    "GPT-S": (
-        "small GPT decoder V=512 d=64 L=2 H=2, T=32, B=8",
-        _gpt(B=8, T=32, vocab=512, d=64, n_layer=2, heads=2, max_t=32),
-    ),
+CASES: dict[str, tuple[str, int, int | None, Callable]] = {
+    "M1": ("MLP 784-512-512-10", 256, None, _m1),
+    "M2": ("CNN 3 conv + GroupNorm + linear, 32x32x3", 64, None, _m2),
+    "M3": ("GPT decoder V=8192 d=256 L=4 H=4", 16, 128, _gpt()),
+    "M4": ("GPT decoder V=8192 d=256 L=4 H=4", 4, 512, _gpt()),
+    # parameter-heavy: 27M parameters, few tokens per step, so optimizer state dominates memory
+    "H": ("GPT decoder V=8192 d=512 L=6 H=8 (parameter-heavy, Adam)", 4, 64, _gpt(d=512, n_layer=6, heads=8, max_t=64)),
+    "ViT": ("ViT-tiny-like: 4x4 patches of 32x32x3, d=192, 3 heads, 6 layers", 32, None, _vit),
+    "GPT-S": ("small GPT decoder V=512 d=64 L=2 H=2", 8, 32, _gpt(vocab=512, d=64, n_layer=2, heads=2, max_t=32)),
 }
+ADAM_CASES = ("H",)  # trained with Adam (GRAPE configs: GrapeAdamW); the others with SGD
 
 
-def make_case(name: str, seed: int = 0, gpt_pos: str = "embedding", cnn_pool: str = "max") -> Case:
+def make_case(
+    name: str,
+    seed: int = 0,
+    gpt_pos: str = "embedding",
+    cnn_pool: str = "max",
+    batch: int | None = None,
+    seq: int | None = None,
+) -> Case:
     """Build a case; `gpt_pos` picks the decoders' positional-embedding style (see GPT), `cnn_pool`
-    the CNN's downsampling (see CNN)."""
-    desc, build = CASES[name]
+    the CNN's downsampling (see CNN); `batch` / `seq` override B and T (the scaling sweeps)."""
+    desc, B, T, build = CASES[name]
+    B = batch or B
+    T = seq or T
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed + 1)
-    if name in GPT_CASES:
-        model, x, y, loss_fn = build(g, pos=gpt_pos)
-    elif name == "M2":
-        model, x, y, loss_fn = build(g, pool=cnn_pool)
-    else:
-        model, x, y, loss_fn = build(g)
+    variants = {"pos": gpt_pos} if name in GPT_CASES else {"pool": cnn_pool} if name == "M2" else {}
+    model, x, y, loss_fn = build(g, B, T, **variants)
+    desc += f", B={B}" + (f", T={T}" if T else "")
     return Case(name, desc, model, x, y, loss_fn)

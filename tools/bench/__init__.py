@@ -1,0 +1,1 @@
+"""grapefx benchmarks: `python -m tools.bench` (or `python tools/bench`); see tools/README.md."""
