@@ -7,6 +7,7 @@ its results. Single-rank tests (wrapping-order refusals, FSDP) run in this proce
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -274,9 +275,15 @@ def test_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += [str(ROOT / "examples" / "train_digits_ddp.py"), "--quick"]
+    # Own process group: on a timeout the workers are killed with torchrun, not left running.
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True
+    )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:  # show where it stopped
-        raise AssertionError(f"timed out:\n{(e.stdout or b'')[-3000:]!r}\n{(e.stderr or b'')[-3000:]!r}") from None
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "test accuracy" in proc.stdout and "bytes/step" in proc.stdout, proc.stdout[-2000:]
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"timed out:\n{stdout[-3000:]}\n{stderr[-3000:]}") from None
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "test accuracy" in stdout and "bytes/step" in stdout, stdout[-2000:]
