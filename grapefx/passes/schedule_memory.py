@@ -111,7 +111,7 @@ def schedule_memory(
     traced = copy_graph_module(gm0)
     original_peak = MemoryModel.of(original).simulate().peak_bytes
     traced_peak = MemoryModel.of(gm0).simulate().peak_bytes
-    best = evaluate(frozenset())
+    best = evaluate(frozenset(), (gm0, result0))  # gm0 itself may be reordered below; `traced` is a copy
     plan = MemoryPlan(
         config.memory_policy, config.memory_budget, original_peak, traced_peak, 0, "", traced_graph=traced
     )
