@@ -2,18 +2,23 @@
 
 The order of an fx graph decides its peak: a node that allocates without freeing (an `mm` whose
 inputs stay alive) is best run just before its result is needed; a node that frees its inputs
-(a reduction, a contraction whose operands die) is best run early. Two orders are tried:
+(a reduction, a contraction whose operands die) is best run early. Candidates, the lowest peak wins:
 
-* greedy: among the ready nodes, run the one with the smallest net change of live bytes (ties: the
-  received order) — linear-time, good on backward graphs, which are nearly chains;
-* exact: a best-first search over sets of executed nodes keyed by the peak so far (the live bytes
-  of a set do not depend on the path to it, so the first complete set popped is optimal); it is
-  bounded by the best peak known and by a state budget, and used when it finishes in budget.
+* the received order;
+* greedy list scheduling forwards (run the ready node that grows the live bytes least) and
+  backwards from the output (place, as late as possible, the node whose placement grows them
+  least) — near-linear, good on backward graphs, which are nearly chains;
+* each of those after sinking: a node moves to just before its first user when that cannot raise
+  any position's live bytes;
+* exact (graphs up to EXACT_MAX_NODES): a best-first search over sets of executed nodes keyed by
+  the peak so far (the live bytes of a set do not depend on the path to it, so the first complete
+  set popped is optimal), bounded by the best peak known and by a state budget. A ready node that
+  allocates nothing is run at once (that never raises a later position), which keeps view-heavy
+  aten graphs tractable.
 
-A ready node that allocates nothing is always run at once by the exact search (doing so never
-raises a later position), which keeps view-heavy aten graphs tractable. The result is never worse
-than the received order (it is one of the candidates). Side-effecting
-nodes (noise draws, norm records) keep their relative order, so the same seed gives the same noise.
+The result is never worse than the received order (it is a candidate). Side-effecting nodes (noise
+draws, norm records, collectives) keep their relative order, so the same seed gives the same noise;
+replays of saved activations stay after the clip barrier.
 """
 
 from __future__ import annotations
