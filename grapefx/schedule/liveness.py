@@ -133,6 +133,14 @@ class MemoryModel:
             pinned |= {s for n in nodes if n.op == "placeholder" for s in storages[n]}
         return MemoryModel(nodes, allocates, reads, size_expr, pinned, owner, batch_symbols(gm), hint)
 
+    def readers(self) -> list[list[fx.Node]]:
+        """Per storage, the nodes that read it, in model order."""
+        result: list[list[fx.Node]] = [[] for _ in self.size_expr]
+        for n in self.nodes:
+            for s in self.reads[n]:
+                result[s].append(n)
+        return result
+
     def sizes(self, batch: int | None = None) -> list[int]:
         """Concrete bytes per storage for `batch` (None: the compiled example batch)."""
         subs = dict(self.hint)

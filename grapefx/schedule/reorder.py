@@ -100,10 +100,7 @@ class _LazyHeap:
 def greedy_order(model: MemoryModel, dag: nx.DiGraph, sizes: list[int]) -> list[fx.Node]:
     """Forward list scheduling: run the ready node that grows the live bytes least."""
     position = {n: i for i, n in enumerate(model.nodes)}
-    readers: list[list[fx.Node]] = [[] for _ in sizes]
-    for n in model.nodes:
-        for s in model.reads[n]:
-            readers[s].append(n)
+    readers = model.readers()
     readers_left = [len(r) for r in readers]
     waiting = {n: dag.in_degree(n) for n in model.nodes}
 
@@ -140,10 +137,7 @@ def reverse_greedy_order(model: MemoryModel, dag: nx.DiGraph, sizes: list[int]) 
     """Backward list scheduling, from the output: place (as late as possible) the node whose
     placement grows the live bytes least — an allocation is pushed down to just before its users."""
     position = {n: i for i, n in enumerate(model.nodes)}
-    readers: list[list[fx.Node]] = [[] for _ in sizes]
-    for n in model.nodes:
-        for s in model.reads[n]:
-            readers[s].append(n)
+    readers = model.readers()
     live = set(model.pinned)
     users_left = {n: dag.out_degree(n) for n in model.nodes}
 
@@ -182,10 +176,7 @@ def sink_allocations(model: MemoryModel, dag: nx.DiGraph, order: list[fx.Node], 
     bytes: the output is live for a shorter time, and the inputs that now live longer (those it
     was, or becomes, the last reader of) are together no larger than the output."""
     order = list(order)
-    readers: dict[int, list[fx.Node]] = {}
-    for n in model.nodes:
-        for s in model.reads[n]:
-            readers.setdefault(s, []).append(n)
+    readers = model.readers()
     for n in list(reversed(order)):
         if _is_input(n) or _has_side_effects(n) or not model.allocates[n]:
             continue
