@@ -1,13 +1,15 @@
 """Liveness over an fx graph: which storages are alive when each node runs, and the peak.
 
-Model (a static ESTIMATE, checked against torch.profiler in tests/test_schedule_memory.py):
+Model (a static ESTIMATE, checked against torch.profiler in tests/test_schedule.py):
 nodes run in the given order; each node's tensor outputs are allocated when it runs (bytes from
 `meta["val"]`) and freed right after the last node that reads them. Views and in-place ops share
 their base's storage, so a storage lives until the last use of any alias. Graph inputs (saved
 activations, tangents) are live from the start and die after their last use — AOTAutograd hands
 the backward its inputs in a list it clears — unless `free_inputs=False` (a caller that keeps
-them). Graph outputs live to the end. Not modelled: allocator caching and fragmentation, workspaces
-and temporaries inside an op, Inductor fusion, parameters and optimizer state outside the graph.
+them). Graph outputs live to the end. An op's internal scratch is modelled where it is large and known
+(convolutions on CPU, calibrated once per shape: grapefx/schedule/workspace.py) as a storage that
+lives only while the op runs. Not modelled: allocator caching and fragmentation, other ops'
+temporaries, Inductor fusion, parameters and optimizer state outside the graph.
 
 Sizes are sympy expressions in the batch symbol where shapes are symbolic; `MemoryModel.at(batch)`
 makes them concrete for one batch size (default: the size the graph was compiled with).
@@ -25,6 +27,7 @@ import torch
 import torch.fx as fx
 
 from grapefx.inspect.graphs import batch_symbols, concrete, tensor_vals
+from grapefx.schedule.workspace import Workspace, workspace_of
 
 _VIEW_OPS = frozenset(
     {
@@ -88,6 +91,7 @@ class MemoryModel:
     owner: list[fx.Node]  # per storage: the node that allocated it
     symbols: set[sympy.Symbol] = field(default_factory=set)
     hint: dict[sympy.Symbol, int] = field(default_factory=dict)
+    workspaces: dict[int, Workspace] = field(default_factory=dict)  # storages that are op scratch
 
     @staticmethod
     def of(gm: fx.GraphModule, free_inputs: bool = True) -> MemoryModel:
@@ -99,6 +103,7 @@ class MemoryModel:
         size_expr: list[sympy.Expr] = []
         owner: list[fx.Node] = []
         hint: dict[sympy.Symbol, int] = {}
+        workspaces: dict[int, Workspace] = {}
 
         def new_storage(t: torch.Tensor, node: fx.Node) -> int:
             for s in t.shape:
@@ -128,10 +133,16 @@ class MemoryModel:
                 storages[n] = [s for p in parts for s in p]
             else:
                 storages[n] = [new_storage(t, n) for t in tensor_vals(val)]
+            ws = workspace_of(n, symbolic_nbytes)
+            if ws is not None:  # read by no one: freed right after the node
+                size_expr.append(ws.expr)
+                owner.append(n)
+                allocates[n].append(len(size_expr) - 1)
+                workspaces[len(size_expr) - 1] = ws
         pinned = {s for a in gm.graph.output_node().all_input_nodes for s in storages.get(a, [])}
         if not free_inputs:
             pinned |= {s for n in nodes if n.op == "placeholder" for s in storages[n]}
-        return MemoryModel(nodes, allocates, reads, size_expr, pinned, owner, batch_symbols(gm), hint)
+        return MemoryModel(nodes, allocates, reads, size_expr, pinned, owner, batch_symbols(gm), hint, workspaces)
 
     def readers(self) -> list[list[fx.Node]]:
         """Per storage, the nodes that read it, in model order."""
@@ -146,7 +157,11 @@ class MemoryModel:
         subs = dict(self.hint)
         if batch is not None:
             subs.update({s: batch for s in self.symbols})
-        return [int(e.xreplace(subs)) if e.free_symbols else int(e) for e in self.size_expr]
+        sizes = [int(e.xreplace(subs)) if e.free_symbols else int(e) for e in self.size_expr]
+        if batch is not None:  # scratch is not linear in the batch: calibrate at this one
+            for s, ws in self.workspaces.items():
+                sizes[s] = ws.bytes_at({sym: sympy.Integer(batch) for sym in self.symbols})
+        return sizes
 
     def simulate(self, order: Sequence[fx.Node] | None = None, batch: int | None = None) -> Liveness:
         return simulate(self, list(order) if order is not None else self.nodes, self.sizes(batch))
