@@ -16,6 +16,7 @@ running (profilers do not nest).
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from grapefx.inspect.graphs import concrete
 
 aten = torch.ops.aten
+log = logging.getLogger(__name__)
 
 WORKSPACE_OPS = frozenset({aten.convolution_backward.default, aten.convolution.default})
 
@@ -88,8 +90,11 @@ class _TensorSig:
     dtype: torch.dtype
 
     def make(self) -> torch.Tensor:
-        t = torch.empty_strided(self.shape, self.stride, dtype=self.dtype)
-        return t.normal_() if self.dtype.is_floating_point else t.zero_()
+        # Fill a flat buffer, then view it with the strides (they may overlap: expanded tensors).
+        extent = 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride)) if all(self.shape) else 0
+        flat = torch.empty(extent, dtype=self.dtype)
+        flat = flat.normal_() if self.dtype.is_floating_point else flat.zero_()
+        return flat.as_strided(self.shape, self.stride)
 
 
 def _signature(a: Any, subs: dict) -> Any:
@@ -119,10 +124,14 @@ def _calibrated(target: Any, signature: tuple) -> int:
 
     from grapefx.schedule.measure import peak_of_profile, quiet_native_stderr
 
-    with unset_fake_temporarily(), torch.no_grad():
-        args = [_materialize(s) for s in signature]
-        with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            out = target(*args)
-        outs = out if isinstance(out, (list, tuple)) else [out]
-        out_bytes = sum(t.untyped_storage().nbytes() for t in outs if isinstance(t, torch.Tensor))
+    try:
+        with unset_fake_temporarily(), torch.no_grad():
+            args = [_materialize(s) for s in signature]
+            with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                out = target(*args)
+            outs = out if isinstance(out, (list, tuple)) else [out]
+            out_bytes = sum(t.untyped_storage().nbytes() for t in outs if isinstance(t, torch.Tensor))
+    except (RuntimeError, ValueError) as e:  # an estimate must never break compilation
+        log.debug("workspace calibration of %s failed: %s", target, e)
+        return 0
     return max(0, peak_of_profile(prof) - out_bytes)

@@ -4,7 +4,7 @@
     gx-<codegen>[-<variant>]           grapefx.compile(..., codegen=eager|inductor); variant: (none) =
                                        strategy "auto" (BK), ghost, instantiate, perlayer (clipping
                                        "per_layer"), grape<r> (strategy "grape", rank r, with
-                                       GrapeAdamW / GrapeSGD)
+                                       GrapeAdamW / GrapeSGD), minmem (memory_policy "min-memory")
     opacus-hooks | opacus-ghost        Opacus PrivacyEngine, grad_sample_mode "hooks" | "ghost" (ghost
                                        clipping: two backward passes, DPLossFastGradientClipping)
     func-vmap                          torch.func by hand: vmap(grad(functional_call)) per-sample grads,
@@ -64,6 +64,8 @@ def grapefx_kwargs(variant: str) -> dict:
         kw["clipping"] = "per_layer"
     elif variant.startswith("grape"):
         kw.update(strategy="grape", rank=int(variant[len("grape") :]))
+    elif variant == "minmem":
+        kw["memory_policy"] = "min-memory"
     elif variant not in ("", "auto"):
         raise ValueError(f"unknown grapefx variant {variant!r}")
     return kw
