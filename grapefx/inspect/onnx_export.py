@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import operator
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -99,6 +100,8 @@ def concrete_backward(
             env[n] = _noise_replacement(g, n, noise_in[n], env)
         elif is_grapefx_op(n) and n.target._opname == "record_norms":
             env[n] = env[n.args[0]]
+        elif is_grapefx_op(n) and n.target._opname == "conv_per_sample_weight_grad":
+            env[n] = _conv_per_sample_replacement(g, n, env)
         else:
             env[n] = g.node_copy(n, lambda a: env[a])
     out_vals, out_names = [], []
@@ -125,6 +128,25 @@ def _noise_replacement(g: fx.Graph, n: fx.Node, z: fx.Node, env: dict[fx.Node, A
         std = g.call_function(aten._to_copy.default, (std,), {"dtype": n.meta["val"].dtype})
     scaled = g.call_function(aten.mul.Tensor, (z, std))
     return g.call_function(aten.add.Tensor, (env[n.args[0]], scaled))
+
+
+def _conv_per_sample_replacement(g: fx.Graph, n: fx.Node, env: dict[fx.Node, Any]) -> fx.Node:
+    """grapefx::conv_per_sample_weight_grad at the (now constant) batch size, as the single grouped
+    convolution_backward it computes in chunks."""
+    aten = torch.ops.aten
+    grad, x, w_shape, stride, padding, dilation, groups = n.args
+    b = concrete(x.meta["val"].shape[0])
+    folded = [
+        g.call_function(aten.reshape.default, (env[t], [1, -1, *[concrete(s) for s in t.meta["val"].shape[2:]]]))
+        for t in (grad, x)
+    ]
+    w = g.call_function(aten.zeros.default, ([b * w_shape[0], *w_shape[1:]],), {"dtype": grad.meta["val"].dtype})
+    conv = g.call_function(
+        aten.convolution_backward.default,
+        (*folded, w, None, stride, padding, dilation, False, [0] * len(stride), b * groups, [False, True, False]),
+    )
+    wg = g.call_function(operator.getitem, (conv, 1))
+    return g.call_function(aten.reshape.default, (wg, [b, *w_shape]))
 
 
 def _random_like(val: Any) -> torch.Tensor:

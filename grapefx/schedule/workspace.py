@@ -26,12 +26,19 @@ import torch
 import torch.fx as fx
 from torch.profiler import ProfilerActivity, profile
 
+import grapefx.rules.conv  # noqa: F401 - registers grapefx::conv_per_sample_weight_grad
 from grapefx.inspect.graphs import concrete
 
 aten = torch.ops.aten
 log = logging.getLogger(__name__)
 
-WORKSPACE_OPS = frozenset({aten.convolution_backward.default, aten.convolution.default})
+WORKSPACE_OPS = frozenset(
+    {
+        aten.convolution_backward.default,
+        aten.convolution.default,
+        torch.ops.grapefx.conv_per_sample_weight_grad.default,  # grouped convolution_backward inside
+    }
+)
 
 
 @dataclass
