@@ -26,8 +26,11 @@ class SumRule(SiteRule):
         x, dims, _, dtype = _sum_args(site)
         lay = site.layout(x)
         xs = expose_batch(site.value(x), lay, site.batch_size)  # dims shift by one
-        summed = xs.sum(dim=[d + 1 for d in dims], keepdim=True, dtype=dtype)
         out_shape = list(site.node.meta["val"].shape)
+        if dtype is None and all(isinstance(xs.shape[d + 1], int) and xs.shape[d + 1] == 1 for d in dims):
+            # Nothing to add up (a Linear's bias on [B, d] inputs): a view, not a copy.
+            return xs.reshape([site.batch_size] + out_shape)
+        summed = xs.sum(dim=[d + 1 for d in dims], keepdim=True, dtype=dtype)
         return summed.reshape([site.batch_size] + out_shape)
 
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,11 @@ def keep_and_norm(site: SiteContext, per_sample: torch.Tensor) -> torch.Tensor:
     """Squared norms of instantiated per-sample values, which are kept for the weighted sum."""
     site.env[("per_sample", site.node)] = per_sample
     ps = per_sample.float()
-    return ps.reshape(ps.shape[0], -1).pow(2).sum(1) if ps.dim() > 1 else ps.pow(2)
+    if ps.dim() <= 1:
+        return ps * ps
+    # A batched dot product of each sample with itself: no squared copy of the per-sample tensor.
+    flat = ps.reshape(ps.shape[0], 1, -1)
+    return torch.bmm(flat, flat.transpose(1, 2)).reshape(ps.shape[0])
 
 
 # -- cost model (per sample, flop-equivalents) -----------------------------------------------------
