@@ -188,9 +188,11 @@ class GrapefxBackend:
         for t, lay in zip(tangents, tangent_layouts):
             seeds[t.name] = lay
 
-        def build(ghost: frozenset[str]) -> tuple[fx.GraphModule, BackwardPlan]:
+        def build(
+            ghost: frozenset[str], instantiate: frozenset[str] = frozenset()
+        ) -> tuple[fx.GraphModule, BackwardPlan]:
             return privatize_backward(
-                bw_gm, bw_inputs, seeds, shared["batch"], params, self.config, self.state.id, ghost
+                bw_gm, bw_inputs, seeds, shared["batch"], params, self.config, self.state.id, ghost, instantiate
             )
 
         new_gm, plan, memory_plan = schedule_memory(build, bw_gm, self.config, shared.get("recipes"))

@@ -260,6 +260,43 @@ def test_min_memory_swaps_instantiation_for_ghost_and_stays_exact() -> None:
     assert plans["min-memory"].peak < plans["min-time"].peak
 
 
+class WideMiddle(torch.nn.Module):
+    """A 128x128 layer on 32 tokens: its rule picks ghost norms to save memory (the [B, 128, 128]
+    per-sample gradient is larger than 1.5x its operands) though instantiating costs fewer flops;
+    the wide head's logits gradient sets the peak early, leaving room at the clip barrier."""
+
+    def __init__(self, vocab: int = 2048, d: int = 128) -> None:
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d)
+        self.fc = torch.nn.Linear(d, d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.fc(self.tok(ids))))
+
+
+def test_balanced_instantiates_where_it_saves_flops_under_the_peak() -> None:
+    """balanced instantiates fc.weight (fewer flops, peak unchanged); min-time and min-memory keep
+    the rule's ghost norm. All match the oracle."""
+    g = torch.Generator().manual_seed(3)
+    ids, y = torch.randint(0, 2048, (4, 32), generator=g), torch.randint(0, 2048, (4, 32), generator=g)
+    plans, methods = {}, {}
+    for policy in ("min-time", "balanced", "min-memory"):
+        torch.manual_seed(0)
+        model = WideMiddle()
+        pm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum", memory_policy=policy)
+        _token_sum_loss(pm(ids), y).backward()
+        plans[policy] = pm.grapefx_backend.plans[-1].memory
+        methods[policy] = {k: [c.method for _, c in v] for k, v in pm.grapefx_backend.plans[-1].choices.items()}
+        ref, _ = oracle_grads(model, (ids, y), _token_sum_loss, 1.0, "sum")
+        assert_grads_match(model, ref)
+    assert plans["balanced"].instantiated == ["fc.weight"]
+    assert methods["balanced"]["fc.weight"] == ["instantiate"]
+    assert methods["min-time"]["fc.weight"] == ["ghost"] and methods["min-memory"]["fc.weight"] == ["ghost"]
+    assert plans["balanced"].peak <= max(plans["min-time"].peak, 1.05 * plans["balanced"].original_peak)
+    assert any("fewer flops" in note for note in plans["balanced"].notes)
+
+
 def test_memory_budget_out_of_reach_warns() -> None:
     with pytest.warns(UserWarning, match="memory_budget"):
         _compiled("mlp", batch=4, memory_budget=16)

@@ -177,6 +177,9 @@ def format_report(report: dict[str, Any]) -> str:
         if sched["ghost_swaps"]:
             swapped = ", ".join(sched["ghost_swaps"])
             lines.append(f"  kept operands instead of per-sample gradients (ghost norms): {swapped}")
+        if sched.get("instantiated_to_save_flops"):
+            inst = ", ".join(sched["instantiated_to_save_flops"])
+            lines.append(f"  kept per-sample gradients instead of operands (fewer flops, fits under the peak): {inst}")
         live = ", ".join(f"{e['node']} {human_bytes(e['bytes'])}" for e in sched["live_at_peak"][:5])
         lines.append(f"  largest buffers live at the peak: {live}")
         for note in sched["notes"]:

@@ -20,10 +20,14 @@ from grapefx.rules.registry import MEMORY_WEIGHT, NormChoice, SiteContext, mm_co
 
 
 def plan_norms(
-    grads: list[ParamGrad], contexts: dict[str, list[SiteContext]], ghost: frozenset[str] = frozenset()
+    grads: list[ParamGrad],
+    contexts: dict[str, list[SiteContext]],
+    ghost: frozenset[str] = frozenset(),
+    instantiate: frozenset[str] = frozenset(),
 ) -> dict[str, list[NormChoice]]:
-    """Each site's norm method by its rule's cost model; parameters in `ghost` (the memory
-    scheduler's choice) use ghost norms wherever their rule has one."""
+    """Each site's norm method by its rule's cost model; the memory scheduler's overrides: parameters
+    in `ghost` use ghost norms wherever their rule has one, parameters in `instantiate` instantiate
+    where the rule chose ghost only to save memory (instantiation costing fewer flops)."""
     plan: dict[str, list[NormChoice]] = {}
     for g in grads:
         choices = [rule_for(c.kind).choose(c) for c in contexts[g.name]]
@@ -31,8 +35,22 @@ def plan_norms(
             choices = _shared_choice(g, contexts[g.name], choices)
         if g.name in ghost:
             choices = [_as_ghost(c) for c in choices]
+        elif g.name in instantiate and g.isometric:
+            choices = [_as_instantiated(c) for c in choices]
         plan[g.name] = choices
     return plan
+
+
+def cheaper_to_instantiate(choice: NormChoice) -> bool:
+    """A ghost choice made for memory alone: instantiating would cost fewer flops."""
+    return choice.method == "ghost" and choice.instantiate_flops < choice.ghost_flops
+
+
+def _as_instantiated(choice: NormChoice) -> NormChoice:
+    if not cheaper_to_instantiate(choice):
+        return choice
+    reason = f"{choice.reason}; instantiated by the memory scheduler (fewer flops, and it fits under the peak)"
+    return NormChoice("instantiate", choice.ghost_flops, choice.instantiate_flops, reason, choice.tokens)
 
 
 def _as_ghost(choice: NormChoice) -> NormChoice:

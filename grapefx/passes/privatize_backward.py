@@ -81,8 +81,9 @@ def privatize_backward(
     config: PrivacyConfig,
     state_id: int,
     ghost: frozenset[str] = frozenset(),
+    instantiate: frozenset[str] = frozenset(),
 ) -> tuple[fx.GraphModule, BackwardPlan]:
-    """`ghost`: parameters whose norms must be ghost norms (the memory scheduler's choice)."""
+    """`ghost` / `instantiate`: parameters whose norm method the memory scheduler overrides."""
     layouts = analyze_layouts(gm, batch, seeds)
     grads = find_grad_sites(gm, layouts, params)
     plan = BackwardPlan(grads, layouts=layouts)
@@ -124,7 +125,7 @@ def privatize_backward(
                     norm_sq[g.name], choice = projected_norm_sq(sites[0], proj, proj_p[g.name])
                     plan.choices[g.name] = [(str(sites[0].node), choice)]
                 else:
-                    choices = plan_norms([g], {g.name: sites}, ghost)[g.name]
+                    choices = plan_norms([g], {g.name: sites}, ghost, instantiate)[g.name]
                     plan.choices[g.name] = [(str(c.node), ch) for c, ch in zip(sites, choices)]
                     norm_sq[g.name] = per_sample_norm_sq(g, sites, choices, gm, env)
             if per_layer:

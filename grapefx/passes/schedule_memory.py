@@ -9,7 +9,9 @@ non-private one's. This pass lowers it in two ways:
    flops, so the policy decides: "min-time" never swaps, "balanced" swaps while the peak exceeds
    BALANCED_PEAK_RATIO x the non-private backward's and the backward's flops grow by at most
    BALANCED_EXTRA_FLOPS, "min-memory" whenever the peak drops, and
-   `memory_budget` swaps (largest buffer first) until the estimate fits;
+   `memory_budget` swaps (largest buffer first) until the estimate fits. The other direction:
+   where "balanced" needed no swap, a parameter whose rule chose ghost norms only to save memory
+   (instantiating costs fewer flops) is instantiated if the peak stays under the same ceiling;
 2. store vs recompute: a saved activation live at the peak that the forward computed by a short
    elementwise chain from other saved tensors is replayed after the barrier instead of kept
    (`recompute_operands.py`), when that lowers the peak (all policies but "min-time");
@@ -31,8 +33,9 @@ import torch.fx as fx
 
 from grapefx.config import PrivacyConfig
 from grapefx.inspect.graphs import concrete
+from grapefx.passes.per_sample_norms import cheaper_to_instantiate
 from grapefx.passes.recompute_operands import Recipe, candidates, recompute_after_barrier
-from grapefx.schedule.liveness import MemoryModel
+from grapefx.schedule.liveness import MemoryModel, live_curve
 from grapefx.schedule.reorder import OrderResult, apply_order, best_order, copy_graph_module
 
 aten = torch.ops.aten
@@ -52,6 +55,7 @@ class MemoryPlan:
     peak: int  # after this pass
     order_method: str
     ghost_swaps: list[str] = field(default_factory=list)  # parameters switched to ghost norms
+    instantiated: list[str] = field(default_factory=list)  # switched to instantiation (fewer flops)
     extra_flops: float = 0.0  # of the swaps, over the traced private backward
     recomputed: list[str] = field(default_factory=list)  # saved activations replayed after the barrier
     live_at_peak: list[tuple[str, int]] = field(default_factory=list)
@@ -70,6 +74,7 @@ class MemoryPlan:
             "ratio_to_non_private": round(self.peak / self.original_peak, 4) if self.original_peak else None,
             "order": self.order_method,
             "ghost_swaps": self.ghost_swaps,
+            "instantiated_to_save_flops": self.instantiated,
             "recomputed_after_barrier": self.recomputed,
             "extra_flops": self.extra_flops,
             "live_at_peak": [{"node": n, "bytes": b} for n, b in self.live_at_peak[:10]],
@@ -77,7 +82,7 @@ class MemoryPlan:
         }
 
 
-Build = Callable[[frozenset[str]], tuple[fx.GraphModule, Any]]
+Build = Callable[[frozenset[str], frozenset[str]], tuple[fx.GraphModule, Any]]
 
 
 @dataclass
@@ -99,15 +104,17 @@ def schedule_memory(
     balanced = config.memory_policy == "balanced" and config.memory_budget is None
     rename: dict[str, str] = {}
 
-    def evaluate(swaps: frozenset[str], built: tuple[fx.GraphModule, Any] | None = None) -> _Trial:
-        gm, result = built or build(swaps)
+    def evaluate(
+        swaps: frozenset[str], built: tuple[fx.GraphModule, Any] | None = None, inst: frozenset[str] = frozenset()
+    ) -> _Trial:
+        gm, result = built or build(swaps, inst)
         order, model = _order(gm)
         trial = _Trial(gm, result, order, model)
         if planning and recipes:
             _recompute(trial, recipes, rename or _placeholder_names(original, gm, rename), config)
         return trial
 
-    gm0, result0 = build(frozenset())
+    gm0, result0 = build(frozenset(), frozenset())
     traced = copy_graph_module(gm0)
     original_peak = MemoryModel.of(original).simulate().peak_bytes
     traced_peak = MemoryModel.of(gm0).simulate().peak_bytes
@@ -140,6 +147,9 @@ def schedule_memory(
                 break
         best, swaps = trial, swaps | candidates
         plan.extra_flops = extra
+    instantiated: frozenset[str] = frozenset()
+    if balanced and not swaps:
+        best, instantiated = _instantiate_under_the_peak(best, evaluate, BALANCED_PEAK_RATIO * original_peak, plan)
     if config.memory_budget is not None and best.order.peak_bytes > config.memory_budget:
         msg = (
             f"grapefx: the private backward's estimated peak ({best.order.peak_bytes} bytes) exceeds memory_budget="
@@ -152,9 +162,66 @@ def schedule_memory(
     live = best.model.simulate(best.order.order)
     plan.peak, plan.order_method = best.order.peak_bytes, best.order.method
     plan.ghost_swaps = sorted(swaps)
+    plan.instantiated = sorted(instantiated)
     plan.recomputed = best.recomputed
     plan.live_at_peak = list(live.live_at_peak)
     return best.gm, best.result, plan
+
+
+def _instantiate_under_the_peak(
+    best: _Trial, evaluate: Callable[..., _Trial], ceiling: float, plan: MemoryPlan
+) -> tuple[_Trial, frozenset[str]]:
+    """The other direction ("balanced" only, when no ghost swap was needed): parameters whose rule
+    chose ghost norms only to save memory, though instantiating costs fewer flops, are instantiated
+    if the peak stays at or below max(current peak, `ceiling`) — a layer processed after the peak
+    can keep its per-sample gradient in memory the peak has already given back. The largest flop
+    savings are tried first, as a whole and then in halves (each try is one retrace)."""
+    savings: dict[str, float] = {}
+    for name, sites in getattr(best.result, "choices", {}).items():
+        gain = sum(ch.ghost_flops - ch.instantiate_flops for _, ch in sites if cheaper_to_instantiate(ch))
+        if gain > 0:
+            savings[name] = gain
+    limit = max(best.order.peak_bytes, ceiling)
+    # Whatever is instantiated is alive at the clip barrier: skip gradients larger than the room there.
+    room = limit - _live_at_barrier(best)
+    sizes = _per_sample_grad_bytes(best)
+    ranked = sorted((n for n in savings if sizes.get(n, 0) <= room), key=lambda n: -savings[n])
+    base_flops = graph_flops(best.gm)
+    count = len(ranked)
+    for _ in range(MAX_ROUNDS):
+        if count == 0:
+            break
+        chosen = frozenset(ranked[:count])
+        trial = evaluate(frozenset(), inst=chosen)
+        saved = base_flops - graph_flops(trial.gm)
+        if trial.order.peak_bytes <= limit and saved > 0:
+            plan.notes.append(
+                f"instantiated {sorted(chosen)} (ghost norms were chosen to save memory): {saved:.3g} fewer "
+                f"flops, estimated peak {trial.order.peak_bytes} bytes <= {int(limit)}"
+            )
+            return trial, chosen
+        count //= 2
+    if ranked:
+        plan.notes.append(f"instantiating {ranked[:4]} would raise the peak above {int(limit)} bytes: kept ghost")
+    return best, frozenset()
+
+
+def _live_at_barrier(trial: _Trial) -> int:
+    order = trial.order.order
+    curve = live_curve(trial.model, order, trial.model.sizes())
+    at = [i for i, n in enumerate(order) if getattr(n.target, "_opname", None) == "record_norms"]
+    return curve[at[0]] if at else max(curve, default=0)
+
+
+def _per_sample_grad_bytes(trial: _Trial) -> dict[str, int]:
+    """Bytes of each parameter's [B, *shape] per-sample gradient at the compiled batch size."""
+    batch = max((trial.model.hint[s] for s in trial.model.symbols if s in trial.model.hint), default=0)
+    out: dict[str, int] = {}
+    for g in getattr(trial.result, "grads", []):
+        val = g.out_node.meta.get("val")
+        if isinstance(val, torch.Tensor) and batch:
+            out[g.name] = batch * math.prod(concrete(s) for s in val.shape) * val.element_size()
+    return out
 
 
 def _placeholder_names(original: fx.GraphModule, gm: fx.GraphModule, rename: dict[str, str]) -> dict[str, str]:

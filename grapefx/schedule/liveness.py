@@ -212,6 +212,18 @@ def _free_positions(model: MemoryModel, order: list[fx.Node]) -> dict[int, list[
     return free_at
 
 
+def live_curve(model: MemoryModel, order: list[fx.Node], sizes: list[int]) -> list[int]:
+    """Live bytes while each node of `order` runs (its outputs allocated, nothing freed yet)."""
+    free_at = _free_positions(model, order)
+    total = 0
+    curve = []
+    for i, n in enumerate(order):
+        total += sum(sizes[s] for s in model.allocates[n])
+        curve.append(total)
+        total -= sum(sizes[s] for s in free_at.get(i, []))
+    return curve
+
+
 def simulate(model: MemoryModel, order: list[fx.Node], sizes: list[int]) -> Liveness:
     """Peak live bytes running `order` (every node of the model exactly once, topologically)."""
     free_at = _free_positions(model, order)
