@@ -260,30 +260,18 @@ def test_min_memory_swaps_instantiation_for_ghost_and_stays_exact() -> None:
     assert plans["min-memory"].peak < plans["min-time"].peak
 
 
-class WideMiddle(torch.nn.Module):
-    """A 128x128 layer on 32 tokens: its rule picks ghost norms to save memory (the [B, 128, 128]
-    per-sample gradient is larger than 1.5x its operands) though instantiating costs fewer flops;
-    the wide head's logits gradient sets the peak early, leaving room at the clip barrier."""
-
-    def __init__(self, vocab: int = 2048, d: int = 128) -> None:
-        super().__init__()
-        self.tok = torch.nn.Embedding(vocab, d)
-        self.fc = torch.nn.Linear(d, d)
-        self.head = torch.nn.Linear(d, vocab, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.tanh(self.fc(self.tok(ids))))
-
-
 def test_balanced_instantiates_where_it_saves_flops_under_the_peak() -> None:
-    """balanced instantiates fc.weight (fewer flops, peak unchanged); min-time and min-memory keep
-    the rule's ghost norm. All match the oracle."""
+    """A 128x128 layer on 32 tokens: its rule picks ghost norms to save memory (the [B, 128, 128]
+    per-sample gradient is larger than 1.5x its operands) though instantiating costs fewer flops, and
+    the wide head's logits gradient sets the peak early, leaving room at the clip barrier. balanced
+    instantiates fc.weight (peak unchanged); min-time and min-memory keep the rule's ghost norm. All
+    match the oracle."""
     g = torch.Generator().manual_seed(3)
     ids, y = torch.randint(0, 2048, (4, 32), generator=g), torch.randint(0, 2048, (4, 32), generator=g)
     plans, methods = {}, {}
     for policy in ("min-time", "balanced", "min-memory"):
         torch.manual_seed(0)
-        model = WideMiddle()
+        model = WideHead(vocab=2048, d=128)
         pm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum", memory_policy=policy)
         _token_sum_loss(pm(ids), y).backward()
         plans[policy] = pm.grapefx_backend.plans[-1].memory

@@ -65,15 +65,7 @@ def conv_per_sample_weight_grad(
 
 
 @conv_per_sample_weight_grad.register_fake
-def _(
-    g: torch.Tensor,
-    x: torch.Tensor,
-    w_shape: list[int],
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-) -> torch.Tensor:
+def _(g: torch.Tensor, x: torch.Tensor, w_shape: list[int], *conv_args: object) -> torch.Tensor:
     return g.new_empty([x.shape[0], *w_shape])
 
 
