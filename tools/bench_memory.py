@@ -71,6 +71,7 @@ def run_one(model_name: str, strategy: str, policy: str) -> dict:
         for key in ("unscheduled", "scheduled"):
             row[f"{key}_{kind}_ratio"] = round(row[f"{key}_{kind}_mib"] / base, 4)
     row["ghost_swaps"] = plan.ghost_swaps
+    row["instantiated"] = plan.instantiated
     row["recomputed"] = plan.recomputed
     row["order"] = plan.order_method
     row["notes"] = plan.notes
@@ -86,15 +87,15 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "(torch.profiler memory events); ratios to the non-private backward of the same kind.",
         "",
         "| model | strategy | policy | non-private MiB est / meas | unscheduled ×np est / meas "
-        "| scheduled ×np est / meas | ghost swaps | recomputed | order |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scheduled ×np est / meas | ghost swaps | instantiated | recomputed | order |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['strategy']} | {r['policy']} | {r['non_private_est_mib']:.1f} / "
             f"{r['non_private_meas_mib']:.1f} | {r['unscheduled_est_ratio']:.3f} / {r['unscheduled_meas_ratio']:.3f} "
             f"| {r['scheduled_est_ratio']:.3f} / {r['scheduled_meas_ratio']:.3f} | "
-            f"{len(r['ghost_swaps'])} | {len(r['recomputed'])} | {r['order']} |"
+            f"{len(r['ghost_swaps'])} | {len(r.get('instantiated', []))} | {len(r['recomputed'])} | {r['order']} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -175,7 +175,8 @@ def _instantiate_under_the_peak(
     chose ghost norms only to save memory, though instantiating costs fewer flops, are instantiated
     if the peak stays at or below max(current peak, `ceiling`) — a layer processed after the peak
     can keep its per-sample gradient in memory the peak has already given back. The largest flop
-    savings are tried first, as a whole and then in halves (each try is one retrace)."""
+    savings are tried first: as many as the room at the barrier holds, then halves of that (each try
+    is one retrace)."""
     savings: dict[str, float] = {}
     for name, sites in getattr(best.result, "choices", {}).items():
         gain = sum(ch.ghost_flops - ch.instantiate_flops for _, ch in sites if cheaper_to_instantiate(ch))
@@ -187,7 +188,14 @@ def _instantiate_under_the_peak(
     sizes = _per_sample_grad_bytes(best)
     ranked = sorted((n for n in savings if sizes.get(n, 0) <= room), key=lambda n: -savings[n])
     base_flops = graph_flops(best.gm)
-    count = len(ranked)
+    # First try the longest prefix whose gradients together fit the room at the barrier.
+    count, total = 0, 0
+    for name in ranked:
+        total += sizes.get(name, 0)
+        if total > room:
+            break
+        count += 1
+    count = max(count, min(1, len(ranked)))
     for _ in range(MAX_ROUNDS):
         if count == 0:
             break
