@@ -418,6 +418,7 @@ def test_example_plot_accuracy_vs_epsilon_quick(tmp_path):
     non-private 0.967-0.978); the bar is 0.80."""
     import matplotlib  # noqa: F401 - and matplotlib (test extra)
     import sklearn  # noqa: F401 - the example needs scikit-learn (test extra)
+
     _run_example(
         ["examples/plot_accuracy_vs_epsilon.py", "--quick", "--epsilons", "3", "--out-dir", str(tmp_path)], 300
     )

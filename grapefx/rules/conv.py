@@ -60,7 +60,7 @@ def conv_per_sample_weight_grad(
         wg = aten.convolution_backward(
             gc, xc, w1, None, stride, padding, dilation, False, zeros, (hi - lo) * groups, [False, True, False]
         )[1]
-        out[lo:hi].copy_(wg.view(hi - lo, *w_shape))
+        out[lo:hi].copy_(wg.reshape(hi - lo, *w_shape))
     return out
 
 

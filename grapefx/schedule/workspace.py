@@ -5,9 +5,10 @@ oneDNN or im2col, whose workspaces are several times the op's inputs: without th
 non-private conv backward was 27% of the measured peak. There is no closed form (the algorithm, and
 so the scratch, changes with the shapes, and B=1 takes another path than B=2), so the workspace is
 calibrated: the op runs once on random tensors of the node's concrete shapes under torch.profiler,
-and the bytes above its outputs are remembered per signature. Where the batch is symbolic, the
-workspace is taken as proportional to the op's first input (its scratch scales with the batch; the
-benchmark and tests/test_schedule.py check the result against measured peaks).
+and the bytes above its outputs are remembered per signature. `MemoryModel.sizes(batch)` calibrates
+again at another batch size; symbolic expressions (peak envelopes) scale the calibrated bytes with
+the op's first input, an approximation. tests/test_schedule.py checks estimates against measured
+peaks at the compiled batch and at two others.
 
 Calibration is skipped (workspace 0, the old lower bound) off CPU and when a profiler is already
 running (profilers do not nest).
