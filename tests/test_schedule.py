@@ -213,12 +213,18 @@ def test_peak_envelope_is_the_peak_at_every_batch_size() -> None:
         assert int(envelope.subs(symbol, b)) == model.simulate(batch=b).peak_bytes
 
 
-def test_memory_plan_recorded_and_never_worse() -> None:
-    pm = _compiled("gpt", batch=6)
+@pytest.mark.parametrize("policy", ["min-time", "balanced", "min-memory"])
+def test_memory_plan_recorded_and_never_worse(policy: str) -> None:
+    """Never above the traced graph's peak — except that "balanced" may spend headroom up to 1.05x
+    the non-private backward's on instantiations that save flops."""
+    pm = _compiled("gpt", batch=6, memory_policy=policy)
     plan = pm.grapefx_backend.plans[-1].memory
-    assert plan.peak <= plan.traced_peak
+    if plan.instantiated:
+        assert policy == "balanced" and plan.peak <= max(plan.traced_peak, 1.05 * plan.original_peak)
+    else:
+        assert plan.peak <= plan.traced_peak
     d = plan.as_dict()
-    assert d["policy"] == "balanced" and d["live_at_peak"] and d["order"]
+    assert d["policy"] == policy and d["live_at_peak"] and d["order"]
 
 
 class WideHead(torch.nn.Module):
