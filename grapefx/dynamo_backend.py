@@ -30,6 +30,7 @@ from grapefx.grape import registry as grape_registry
 from grapefx.inspect.dumps import dump_from_env
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
 from grapefx.passes.grape_project import projection_index
+from grapefx.passes.noise_in_place import lower_for_execution
 from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.recompute_operands import find_recipes
 from grapefx.passes.schedule_memory import schedule_memory
@@ -233,6 +234,7 @@ class GrapefxBackend:
 
     # -- codegen ---------------------------------------------------------------------------------
     def _codegen(self, gm: fx.GraphModule, inputs: list[Any], is_backward: bool) -> Callable[..., Any]:
+        gm = lower_for_execution(gm)  # noise into the clipped sums' own buffers
         if self.config.codegen == "inductor" and _has_inductor_trap(gm):
             warnings.warn(
                 "grapefx: this graph uses max pooling, whose Inductor lowering gives wrong gradients on "

@@ -81,7 +81,9 @@ def add_noise(grad: torch.Tensor, config: PrivacyConfig, state_id: int, denom: A
     """grad + N(0, (σC / denom)²) per coordinate, once per parameter per backward."""
     if config.noise_multiplier <= 0:
         return grad
-    std = grad.new_full((), float(config.noise_multiplier * config.max_grad_norm), dtype=torch.float32) / denom
+    # not grad.new_full: a second reader of grad would keep the noise out of grad's buffer (noise_in_place)
+    std = torch.full((), float(config.noise_multiplier * config.max_grad_norm), dtype=torch.float32, device=grad.device)
+    std = std / denom
     # contiguous: the op's input strides must match between tracing and run time under Inductor
     # (a convolution_backward weight gradient can come out with kernel-dependent strides).
     return torch.ops.grapefx.add_gaussian_noise(grad.contiguous(), std, state_id)

@@ -21,7 +21,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from grapefx.schedule.liveness import is_alias
+from grapefx.analysis.aliasing import is_alias
 from grapefx.schedule.reorder import copy_graph_module
 
 MAX_RECIPE_NODES = 16

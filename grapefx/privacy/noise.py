@@ -76,12 +76,11 @@ class PrivacyState:
             self._generators[device] = gen
         return gen
 
-    def standard_normal(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """One N(0, I) noise tensor: from the seeded generator, or from the OS CSPRNG in secure mode."""
-        self.noise_draws += 1
+    def fill_standard_normal_(self, buf: torch.Tensor) -> torch.Tensor:
+        """Fill `buf` with N(0, 1) samples: from the seeded generator, or the OS CSPRNG in secure mode."""
         if self.secure:
-            return secure_standard_normal(shape, dtype=dtype, device=device)
-        return torch.randn(shape, generator=self.generator(device), device=device, dtype=dtype)
+            return buf.copy_(secure_standard_normal(buf.shape, dtype=buf.dtype, device=buf.device))
+        return buf.normal_(generator=self.generator(buf.device))
 
     def reseed(self, seed: int) -> None:
         self.seed = seed
@@ -119,23 +118,66 @@ def get_state(state_id: int) -> PrivacyState:
     return state
 
 
+# Noise is drawn into one small scratch chunk at a time and added in place, so the only temporary is
+# that chunk: a full-size draw would be a second gradient-sized buffer at the end of the backward,
+# where the clipped sums are alive (it was M1's peak). Chunks are multiples of 16 elements and the
+# last is at least 16, so on CPU the stream is the one a single full-size `normal_` gives (it draws
+# 16 at a time, with a different path for fewer; tested).
+_NOISE_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}  # elements: L2-sized on CPU; few launches on GPU
+
+
+def noise_scratch_numel(numel: int, device_type: str) -> int:
+    """Elements of the scratch chunk the noise of a `numel`-element gradient is drawn into."""
+    return min(_NOISE_CHUNK.get(device_type, _NOISE_CHUNK["cuda"]) + 16, numel)
+
+
+def _add_noise_(grad: torch.Tensor, std: torch.Tensor, state: PrivacyState) -> None:
+    """grad += std * N(0, I) in place (no-op for a micro-batch whose noise is off / drawn elsewhere)."""
+    if not state.noise_enabled:
+        return
+    state.noise_draws += 1
+    if not state.noise_local:  # distributed: rank 0 draws this step's noise, once for all ranks
+        return
+    std = std.to(device=grad.device, dtype=grad.dtype)
+    if not grad.is_contiguous():  # not produced by the graph (it hands the op contiguous tensors)
+        grad.add_(state.fill_standard_normal_(torch.empty_like(grad)).mul_(std))
+        return
+    flat, n = grad.view(-1), grad.numel()
+    step = _NOISE_CHUNK.get(grad.device.type, _NOISE_CHUNK["cuda"])
+    scratch = torch.empty(noise_scratch_numel(n, grad.device.type), device=grad.device, dtype=grad.dtype)
+    start = 0
+    while start < n:
+        end = start + step if n - start - step >= 16 else n  # no tail under 16: another code path
+        chunk = flat[start:end]
+        chunk.addcmul_(state.fill_standard_normal_(scratch[: end - start]), std)
+        start = end
+
+
 @torch.library.custom_op("grapefx::add_gaussian_noise", mutates_args=())
 def add_gaussian_noise(grad: torch.Tensor, std: torch.Tensor, state_id: int) -> torch.Tensor:
     """grad + std * N(0, I), drawn from the privacy state's generator (std: a 0-d tensor, so a
-    symbolic denominator can be folded in). Fused: one allocation, no separate add pass."""
-    state = get_state(state_id)
-    if not state.noise_enabled:
-        return grad.clone(memory_format=torch.contiguous_format)
-    if not state.noise_local:  # distributed: rank 0 draws this step's noise, once for all ranks
-        state.noise_draws += 1
-        return grad.clone(memory_format=torch.contiguous_format)
-    out = state.standard_normal(grad.shape, grad.device, grad.dtype)
-    return out.mul_(std.to(grad.dtype)).add_(grad)
+    symbolic denominator can be folded in). The form the passes build and the inspection tools read;
+    codegen turns it into `add_gaussian_noise_` where the input's buffer can be reused
+    (`grapefx.passes.noise_in_place`)."""
+    out = grad.clone(memory_format=torch.contiguous_format)
+    _add_noise_(out, std, get_state(state_id))
+    return out
 
 
 @add_gaussian_noise.register_fake
 def _(grad: torch.Tensor, std: torch.Tensor, state_id: int) -> torch.Tensor:
     return grad.new_empty(grad.shape)  # contiguous, as the real op returns (Inductor checks strides)
+
+
+@torch.library.custom_op("grapefx::add_gaussian_noise_", mutates_args=("grad",))
+def add_gaussian_noise_(grad: torch.Tensor, std: torch.Tensor, state_id: int) -> None:
+    """In-place `add_gaussian_noise`: the same draws, into the clipped sum's own buffer."""
+    _add_noise_(grad, std, get_state(state_id))
+
+
+@add_gaussian_noise_.register_fake
+def _(grad: torch.Tensor, std: torch.Tensor, state_id: int) -> None:
+    return None
 
 
 @torch.library.custom_op("grapefx::record_norms", mutates_args=())

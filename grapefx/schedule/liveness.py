@@ -7,8 +7,8 @@ their base's storage, so a storage lives until the last use of any alias. Graph 
 activations, tangents) are live from the start and die after their last use — AOTAutograd hands
 the backward its inputs in a list it clears — unless `free_inputs=False` (a caller that keeps
 them). Graph outputs live to the end. An op's internal scratch is modelled where it is large and known
-(convolutions on CPU, calibrated once per shape: grapefx/schedule/workspace.py) as a storage that
-lives only while the op runs. Not modelled: allocator caching and fragmentation, other ops'
+(convolutions on CPU, calibrated once per shape: grapefx/schedule/workspace.py; the noise op's draw
+chunk) as a storage that lives only while the op runs. Not modelled: allocator caching and fragmentation, other ops'
 temporaries, Inductor fusion, parameters and optimizer state outside the graph.
 
 Sizes are sympy expressions in the batch symbol where shapes are symbolic; `MemoryModel.at(batch)`
@@ -26,50 +26,10 @@ import sympy
 import torch
 import torch.fx as fx
 
+from grapefx.analysis.aliasing import is_alias, is_noise, reuses_input_storage
 from grapefx.inspect.graphs import batch_symbols, concrete, tensor_vals
+from grapefx.privacy.noise import noise_scratch_numel
 from grapefx.schedule.workspace import Workspace, workspace_of
-
-_VIEW_OPS = frozenset(
-    {
-        "view",
-        "_unsafe_view",
-        "reshape",
-        "permute",
-        "expand",
-        "alias",
-        "slice",
-        "select",
-        "squeeze",
-        "unsqueeze",
-        "t",
-        "transpose",
-        "as_strided",
-        "unfold",
-        "narrow",
-        "diagonal",
-        "detach",
-        "view_as",
-        "expand_as",
-        "_reshape_alias",
-        "movedim",
-        "split",
-        "split_with_sizes",
-        "unbind",
-        "chunk",
-        "tensor_split",
-    }
-)
-
-
-def is_alias(node: fx.Node) -> bool:
-    """True when `node`'s outputs share storage with an input (views, in-place / out= ops)."""
-    t = node.target
-    if not isinstance(t, torch._ops.OpOverload):
-        return False
-    if t._opname in _VIEW_OPS:
-        return True
-    returns = t._schema.returns
-    return bool(returns) and all(r.alias_info is not None for r in returns)
 
 
 def symbolic_nbytes(t: torch.Tensor) -> sympy.Expr:
@@ -123,7 +83,7 @@ class MemoryModel:
             if n.op == "call_function" and n.target is operator.getitem and n.args[0] in elems:
                 parts = elems[n.args[0]]
                 storages[n] = list(parts[n.args[1]]) if n.args[1] < len(parts) else []
-            elif n.op == "call_function" and first is not None and is_alias(n):
+            elif n.op == "call_function" and first is not None and (is_alias(n) or reuses_input_storage(n)):
                 storages[n] = list(storages[first])
                 if isinstance(val, (list, tuple)):
                     elems[n] = [list(storages[first]) for _ in val]
@@ -139,6 +99,11 @@ class MemoryModel:
                 owner.append(n)
                 allocates[n].append(len(size_expr) - 1)
                 workspaces[len(size_expr) - 1] = ws
+            elif is_noise(n) and isinstance(val, torch.Tensor):  # the chunk the noise is drawn into
+                scratch = noise_scratch_numel(concrete(val.numel()), val.device.type) * val.element_size()
+                size_expr.append(sympy.Integer(scratch))
+                owner.append(n)
+                allocates[n].append(len(size_expr) - 1)
         pinned = {s for a in gm.graph.output_node().all_input_nodes for s in storages.get(a, [])}
         if not free_inputs:
             pinned |= {s for n in nodes if n.op == "placeholder" for s in storages[n]}

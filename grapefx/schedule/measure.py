@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch.profiler import ProfilerActivity, profile
 
 from grapefx.inspect.graphs import batch_symbols, concrete
+from grapefx.passes.noise_in_place import lower_for_execution
 from grapefx.schedule.reorder import copy_graph_module
 
 
@@ -76,7 +77,8 @@ def quiet_native_stderr() -> Iterator[None]:
 def measured_peak(gm: fx.GraphModule, args: list[Any]) -> int:
     """Peak bytes while running `gm` on `args`, which it consumes (the list is cleared; keep no
     other reference to its tensors, or they cannot be freed)."""
-    runner = copy_graph_module(gm, torch.fx.graph._BoxedCodeGen())  # takes one list, clears it
+    # what codegen runs (noise in place), taking one list and clearing it
+    runner = copy_graph_module(lower_for_execution(gm), torch.fx.graph._BoxedCodeGen())
     with (
         quiet_native_stderr(),
         torch.no_grad(),

@@ -4,7 +4,8 @@
     gx-<codegen>[-<variant>]           grapefx.compile(..., codegen=eager|inductor); variant: (none) =
                                        strategy "auto" (BK), ghost, instantiate, perlayer (clipping
                                        "per_layer"), grape<r> (strategy "grape", rank r, with
-                                       GrapeAdamW / GrapeSGD), minmem (memory_policy "min-memory")
+                                       GrapeAdamW / GrapeSGD), minmem (memory_policy "min-memory"),
+                                       nonoise (sigma = 0: clipping alone, to separate its cost from the noise)
     opacus-hooks | opacus-ghost        Opacus PrivacyEngine, grad_sample_mode "hooks" | "ghost" (ghost
                                        clipping: two backward passes, DPLossFastGradientClipping)
     func-vmap                          torch.func by hand: vmap(grad(functional_call)) per-sample grads,
@@ -66,6 +67,8 @@ def grapefx_kwargs(variant: str) -> dict:
         kw.update(strategy="grape", rank=int(variant[len("grape") :]))
     elif variant == "minmem":
         kw["memory_policy"] = "min-memory"
+    elif variant == "nonoise":  # sigma = 0: the cost of clipping alone, without the Gaussian draws
+        kw["noise_multiplier"] = 0.0
     elif variant not in ("", "auto"):
         raise ValueError(f"unknown grapefx variant {variant!r}")
     return kw
@@ -158,8 +161,9 @@ def build(case: Case, config: str, device: str = "cpu") -> Trainer:
     if kind != "gx" or codegen not in ("eager", "inductor"):
         raise ValueError(f"unknown configuration {config!r}")
     kw = grapefx_kwargs(rest[0] if rest else "")
+    sigma = kw.pop("noise_multiplier", SIGMA)
     fwd = grapefx.compile(
-        model, max_grad_norm=C, noise_multiplier=SIGMA, loss_reduction="mean", codegen=codegen, seed=0, **kw
+        model, max_grad_norm=C, noise_multiplier=sigma, loss_reduction="mean", codegen=codegen, seed=0, **kw
     )
     opt = _optimizer(case, model.parameters(), grape=kw["strategy"] == "grape")
     return Trainer(model, opt, _plain_step(fwd, opt, case, x, y), True)
