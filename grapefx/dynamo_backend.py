@@ -47,6 +47,9 @@ def _decompositions() -> dict[Any, Any]:
     # Keep these whole: their rules (embedding ghost norm, per-sample conv) need the fused op.
     table.pop(aten.embedding_dense_backward.default, None)
     table.pop(aten.convolution_backward.default, None)
+    # The fused norm backwards too (rules/norm.py): decomposed, a CNN's GroupNorm backwards cost 4x.
+    table.pop(aten.native_group_norm_backward.default, None)
+    table.pop(aten.native_layer_norm_backward.default, None)
     # Trap found on torch 2.13 CPU: the core-aten decomposition of CPU flash attention gives wrong
     # gradients for causal attention with a dynamic batch (86 abs error on a 1-layer GPT). Keep
     # the fused kernel; its layout rule treats it as per-sample over the leading dims.

@@ -179,6 +179,27 @@ class GroupNormNet(nn.Module):
         return self.fc(F.relu(self.gn(self.conv(x))).mean(dim=(-2, -1)))
 
 
+class NormLayoutsNet(nn.Module):
+    """Fused norm backwards on every layout their rule must handle: LayerNorm on a t-major [T, B, d]
+    tensor, on flattened tokens [B*T, d] (no bias), over two dims [T, d]; GroupNorm on [B, C, L]."""
+
+    def __init__(self, T: int = 4, d: int = 8, n_out: int = 4) -> None:
+        super().__init__()
+        self.ln_tmajor = nn.LayerNorm(d)
+        self.ln_flat = nn.LayerNorm(d, bias=False)
+        self.ln_2d = nn.LayerNorm([T, d])
+        self.conv = nn.Conv1d(d, 6, kernel_size=1)
+        self.gn = nn.GroupNorm(3, 6)
+        self.fc = nn.Linear(6, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, d] -> [B, T, n_out]
+        h = self.ln_tmajor(x.transpose(0, 1)).transpose(0, 1)
+        h = self.ln_flat(h.reshape(-1, h.shape[-1])).view(x.shape)
+        h = self.ln_2d(F.gelu(h) * 1.5)
+        h = F.relu(self.gn(self.conv(h.transpose(1, 2))))
+        return self.fc(h.transpose(1, 2))
+
+
 class RMSNormNet(nn.Module):
     def __init__(self, d: int = 8, h: int = 12, n_out: int = 4) -> None:
         super().__init__()
@@ -483,6 +504,7 @@ ZOO: list[ZooCase] = [
     ZooCase("layernorm", lambda: LayerNormNet(), _dense_tokens(4, 8, 4), token_loss),
     ZooCase("groupnorm", lambda: GroupNormNet(), _dense((3, 6, 6), 4)),
     ZooCase("rmsnorm", lambda: RMSNormNet(), _dense_tokens(4, 8, 4), token_loss),
+    ZooCase("norm_layouts", lambda: NormLayoutsNet(), _dense_tokens(4, 8, 4), token_loss),
     ZooCase("mha_tmajor", lambda: MHANet(batch_first=False), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("mha_batch_first", lambda: MHANet(batch_first=True), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("gpt", lambda: TinyGPT(), _ids(8, 32), token_loss, tags={"gpt", "embedding"}),

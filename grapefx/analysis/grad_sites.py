@@ -1,7 +1,8 @@
 """Find, for every trainable parameter, the backward nodes that sum its gradient over the batch.
 
 A *grad site* is the node where the batch disappears on the way to a parameter gradient (an `mm`
-contracting `B*T`, a `sum` over batch dims, `convolution_backward`, `embedding_dense_backward`).
+contracting `B*T`, a `sum` over batch dims, `convolution_backward`, `embedding_dense_backward`, the
+fused layer / group norm backwards).
 Everything between the sites and the gradient output is batch-free and linear in the site values
 ("post nodes": views, permutes, the `add` of a tied weight's two uses, ...). The DP rewrite replaces
 each site by its per-sample-weighted version and leaves the post nodes as they are.
@@ -20,7 +21,10 @@ from grapefx.errors import BatchMixingError, UnsupportedOpError, describe_node
 
 aten = torch.ops.aten
 
-_SUPPORTED_KINDS = {"mm", "bmm", "reduce", "convolution_backward", "embedding_dense_backward"}
+_SUPPORTED_KINDS = {"mm", "bmm", "reduce", "convolution_backward", "embedding_dense_backward", "norm_backward"}
+# Multi-output backward ops whose outputs 1 and 2 (weight, bias gradient) are the grad sites; output
+# 0 (the input gradient) keeps the batch.
+MULTI_OUTPUT_SITES = ("convolution_backward", "norm_backward")
 
 
 @dataclass
@@ -46,8 +50,9 @@ def site_kind(node: fx.Node, layouts: LayoutResult) -> str | None:
     if kind is not None:
         return kind
     if node.target is operator.getitem and node.args[0] in layouts.batch_reductions:
-        if layouts.batch_reductions[node.args[0]] == "convolution_backward" and node.args[1] in (1, 2):
-            return "convolution_backward"
+        kind = layouts.batch_reductions[node.args[0]]
+        if kind in MULTI_OUTPUT_SITES and node.args[1] in (1, 2):
+            return kind
     return None
 
 

@@ -419,6 +419,28 @@ def _group_norm(p: _Propagator, n: fx.Node) -> Any:
     return (lx, lx, lx)
 
 
+def _layer_norm_backward(p: _Propagator, n: fx.Node) -> Any:
+    grad, x, normalized_shape, mean, rstd, *affine = n.args[:7]
+    lx = p.lay(x)
+    if lx is None or lx is UNKNOWN or any(p.lay(a) != lx for a in (grad, mean, rstd)):
+        return UNKNOWN
+    if any(p.lay(a) is not None for a in affine) or lx.dim >= len(shape_of(x)) - len(normalized_shape):
+        return UNKNOWN
+    p.res.batch_reductions[n] = "norm_backward"  # the weight / bias gradients sum over the batch
+    return (lx, None, None)
+
+
+def _group_norm_backward(p: _Propagator, n: fx.Node) -> Any:
+    grad, x, mean, rstd, weight = n.args[:5]
+    lx = p.lay(x)
+    if lx is None or lx is UNKNOWN or lx.dim != 0 or not lx.plain:
+        return UNKNOWN
+    if any(p.lay(a) != lx for a in (grad, mean, rstd)) or p.lay(weight) is not None:
+        return UNKNOWN
+    p.res.batch_reductions[n] = "norm_backward"
+    return (lx, None, None)
+
+
 def _batch_norm(p: _Propagator, n: fx.Node) -> Any:
     training = n.args[5] if n.target.overloadpacket is not aten._native_batch_norm_legit_no_training else False
     lx = p.lay(n.args[0])
@@ -601,6 +623,8 @@ _register([aten.convolution_backward], _conv_backward)
 _register([aten.embedding_dense_backward], _embedding_backward)
 _register([aten.native_layer_norm], _layer_norm)
 _register([aten.native_group_norm], _group_norm)
+_register([aten.native_layer_norm_backward], _layer_norm_backward)
+_register([aten.native_group_norm_backward], _group_norm_backward)
 _register(
     [
         aten._native_batch_norm_legit_functional,

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
 
-from grapefx.analysis.grad_sites import ParamGrad, find_grad_sites, site_kind
+from grapefx.analysis.grad_sites import MULTI_OUTPUT_SITES, ParamGrad, find_grad_sites, site_kind
 from grapefx.analysis.layout import BatchLayout, LayoutResult, analyze_layouts
 from grapefx.config import PrivacyConfig
 from grapefx.distributed.ops import reduce_projected
@@ -152,7 +152,7 @@ def privatize_backward(
             if node.op == "get_attr":
                 env[node] = getattr(gm, node.target)
             elif node.op == "call_function" and node not in deferred and node not in env:
-                if layouts.batch_reductions.get(node) == "convolution_backward":
+                if layouts.batch_reductions.get(node) in MULTI_OUTPUT_SITES:
                     env[node] = _input_grad_only(node, lookup)
                 else:
                     env[node] = call_node(node, lookup)
@@ -194,7 +194,7 @@ def _ready_positions(gm: fx.GraphModule, grads: list[ParamGrad]) -> dict[int, li
     for g in grads:
         operands: list[fx.Node] = []
         for s in g.sites:
-            src = s.args[0] if s.target is operator.getitem else s  # convolution_backward outputs
+            src = s.args[0] if s.target is operator.getitem else s  # convolution / norm backward outputs
             operands.extend(src.all_input_nodes)
         last = max((position[o] for o in operands if o.op != "placeholder"), default=-1)
         ready.setdefault(last, []).append(g)
@@ -202,13 +202,14 @@ def _ready_positions(gm: fx.GraphModule, grads: list[ParamGrad]) -> dict[int, li
 
 
 def _input_grad_only(node: fx.Node, lookup: Any) -> Any:
-    """convolution_backward computing only grad_input: weight/bias are recomputed weighted later."""
+    """A convolution / norm backward computing only grad_input (its last argument is the output
+    mask): the weight and bias gradients are per-sample sites, recomputed weighted later."""
     args = list(fx.node.map_arg(node.args, lookup))
     mask = list(args[-1])
     if not mask[0] or not any(u.args[1] == 0 for u in node.users):
         return (None, None, None)
     args[-1] = [True, False, False]
-    return aten.convolution_backward(*args)
+    return node.target(*args)
 
 
 def evaluate_post(grad: ParamGrad, site_values: dict[fx.Node, Any], gm: fx.GraphModule, env: dict) -> Any:

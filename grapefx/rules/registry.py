@@ -144,7 +144,7 @@ def register_rule(kind: str) -> Callable[[type[SiteRule]], type[SiteRule]]:
 
 
 def rule_for(kind: str) -> SiteRule:
-    from grapefx.rules import conv, embedding, generic, mm, reduce  # noqa: F401 - registration
+    from grapefx.rules import conv, embedding, generic, mm, norm, reduce  # noqa: F401 - registration
 
     return _RULES[kind]
 
