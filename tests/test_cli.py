@@ -221,7 +221,9 @@ def _tiny_backward(batch: int = 4) -> grapefx.PrivateModule:
     return pm
 
 
-def test_onnx_noise_is_an_explicit_input(tmp_path: Path) -> None:
+def _onnx_matches_torch(pm: grapefx.PrivateModule, tmp_path: Path, denom: int) -> None:
+    """Export the private backward, check it with onnx.checker, run it with onnxruntime against
+    torch on fresh random inputs, and check that the noise input enters as sigma * C * z / denom."""
     import onnx
     import onnxruntime as ort
     import onnxscript  # noqa: F401
@@ -229,7 +231,6 @@ def test_onnx_noise_is_an_explicit_input(tmp_path: Path) -> None:
     from grapefx.inspect.graphs import current_plan
     from grapefx.inspect.onnx_export import concrete_backward, export_onnx
 
-    pm = _tiny_backward(batch=4)
     g = pm.grapefx_backend.graphs
     grads = current_plan(pm.grapefx_backend).grads
     res = export_onnx(g["backward"], g["backward_original"], grads, str(tmp_path / "b.onnx"))
@@ -249,11 +250,38 @@ def test_onnx_noise_is_an_explicit_input(tmp_path: Path) -> None:
     got = run(fresh)
     for a, b in zip(got, want):
         torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-4, atol=1e-5)
-    # Gradient with noise z minus gradient without: sigma * C * z / B (mean reduction, B = 4).
+    # Gradient with noise z minus gradient without: sigma * C * z / denom (sigma = C = 1).
     zero = [torch.zeros_like(x) if n.startswith("noise.") else x for n, x in zip(names, fresh)]
     noise = [x for n, x in zip(names, fresh) if n.startswith("noise.")]
+    assert len(noise) == len(grads)
     for a, b, z in zip(got, run(zero), noise):
-        torch.testing.assert_close(torch.from_numpy(a - b), z / 4, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(a - b), z / denom, rtol=1e-4, atol=1e-5)
+
+
+def test_onnx_noise_is_an_explicit_input(tmp_path: Path) -> None:
+    _onnx_matches_torch(_tiny_backward(batch=4), tmp_path, denom=4)  # mean reduction, B = 4
+
+
+class _Norms(torch.nn.Module):
+    """GroupNorm and LayerNorm without convolutions (ONNX has no convolution_backward)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.gn = torch.nn.Linear(6, 12), torch.nn.GroupNorm(2, 4)
+        self.ln, self.fc2 = torch.nn.LayerNorm(12), torch.nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.gn(self.fc1(x).view(x.shape[0], 4, 3)).flatten(1)
+        return self.fc2(F.gelu(self.ln(h)))
+
+
+def test_onnx_export_of_the_fused_norm_backwards(tmp_path: Path) -> None:
+    """The per-sample GroupNorm op is written as the folded native_group_norm_backward it runs."""
+    pm = grapefx.compile(_Norms(), seed=0, noise_multiplier=1.0, max_grad_norm=1.0, loss_reduction="sum")
+    F.cross_entropy(pm(torch.randn(5, 6)), torch.randint(0, 3, (5,)), reduction="sum").backward()
+    ops = {str(n.target) for n in pm.grapefx_backend.graphs["backward"].graph.nodes}
+    assert {"grapefx.group_norm_per_sample_affine_grads.default", "aten.native_layer_norm_backward.default"} <= ops
+    _onnx_matches_torch(pm, tmp_path, denom=1)
 
 
 def test_dump_private_module_and_env_hook(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

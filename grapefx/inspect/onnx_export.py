@@ -102,6 +102,10 @@ def concrete_backward(
             env[n] = env[n.args[0]]
         elif is_grapefx_op(n) and n.target._opname == "conv_per_sample_weight_grad":
             env[n] = _conv_per_sample_replacement(g, n, env)
+        elif is_grapefx_op(n) and n.target._opname == "group_norm_per_sample_affine_grads":
+            env[n] = _group_norm_per_sample_replacement(g, n, env)
+        elif n.target is operator.getitem and isinstance(env.get(n.args[0]), tuple):
+            env[n] = env[n.args[0]][n.args[1]]
         else:
             env[n] = g.node_copy(n, lambda a: env[a])
     out_vals, out_names = [], []
@@ -147,6 +151,27 @@ def _conv_per_sample_replacement(g: fx.Graph, n: fx.Node, env: dict[fx.Node, Any
     )
     wg = g.call_function(operator.getitem, (conv, 1))
     return g.call_function(aten.reshape.default, (wg, [b, *w_shape]))
+
+
+def _group_norm_per_sample_replacement(g: fx.Graph, n: fx.Node, env: dict[fx.Node, Any]) -> tuple[fx.Node, fx.Node]:
+    """grapefx::group_norm_per_sample_affine_grads at the (now constant) batch size, as the one
+    native_group_norm_backward with the batch folded into the channels that it runs."""
+    aten = torch.ops.aten
+    grad, x, mean, rstd, groups = n.args
+    b, c = (concrete(s) for s in grad.meta["val"].shape[:2])
+    s = 1
+    for d in grad.meta["val"].shape[2:]:
+        s *= concrete(d)
+    folded = [g.call_function(aten.reshape.default, (env[t], [1, b * c, s])) for t in (grad, x)]
+    stats = [g.call_function(aten.reshape.default, (env[t], [1, b * groups])) for t in (mean, rstd)]
+    ones = g.call_function(aten.ones.default, ([b * c],), {"dtype": grad.meta["val"].dtype})
+    nb = g.call_function(
+        aten.native_group_norm_backward.default,
+        (*folded, *stats, ones, 1, b * c, s, b * groups, [False, True, True]),
+    )
+    return tuple(
+        g.call_function(aten.reshape.default, (g.call_function(operator.getitem, (nb, i)), [b, c])) for i in (1, 2)
+    )
 
 
 def _random_like(val: Any) -> torch.Tensor:

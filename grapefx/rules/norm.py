@@ -5,10 +5,12 @@ temporaries: a CNN's GroupNorm backwards cost 4x the fused kernel). Their output
 `g ⊙ x̂` and `g` over the batch and the positions; per sample they are [B, C] (group norm) or
 [B, *normalized_shape] (layer norm): small, so they are instantiated, and the weighted sum is a
 [B]·[B, numel] product. The input gradient comes from the same op with only output 0 asked for.
-x̂ = (x − mean)·rstd is rebuilt from the saved statistics:
-* group norm: Σ_s g·x̂ = rstd·(Σ_s g·x − mean·Σ_s g) per channel, the formula ATen's kernel uses;
-  Σ_s g·x is a batched dot product, so no full-size temporary is made;
-* layer norm: the statistics vary along the reduced positions, so x̂ is formed (one temporary).
+* group norm: one `native_group_norm_backward` with the batch folded into the channels
+  ([1, B*C, S], B*G groups: each sample's groups keep their own statistics) returns every sample's
+  weight and bias gradients (custom op `grapefx::group_norm_per_sample_affine_grads`, opaque so
+  the batch-dependent group count never becomes a shape guard); 5x faster than a batched dot;
+* layer norm: the statistics vary along the reduced positions, so x̂ = (x − mean)·rstd is formed
+  from the saved statistics (one temporary) and g ⊙ x̂ summed over the positions.
 """
 
 from __future__ import annotations
@@ -20,16 +22,40 @@ from grapefx.rules.registry import NormChoice, SiteContext, SiteRule, expose_bat
 aten = torch.ops.aten
 
 
+@torch.library.custom_op("grapefx::group_norm_per_sample_affine_grads", mutates_args=())
+def group_norm_per_sample_affine_grads(
+    g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, C], [B, C]): each sample's GroupNorm weight and bias gradient (g: the output gradient,
+    x: the input, mean / rstd: the forward's [B, groups] statistics)."""
+    b, c = g.shape[0], g.shape[1]
+    if b == 0:
+        return g.new_zeros([0, c]), g.new_zeros([0, c])
+    s = g[0, 0].numel()
+    _, weight, bias = aten.native_group_norm_backward(
+        g.reshape(1, b * c, s),
+        x.reshape(1, b * c, s),
+        mean.reshape(1, b * groups),
+        rstd.reshape(1, b * groups),
+        g.new_ones([b * c]),  # not read: only the affine gradients are asked for
+        1,
+        b * c,
+        s,
+        b * groups,
+        [False, True, True],
+    )
+    return weight.reshape(b, c), bias.reshape(b, c)
+
+
+@group_norm_per_sample_affine_grads.register_fake
+def _(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, groups: int):  # noqa: ANN202
+    return g.new_empty([g.shape[0], g.shape[1]]), g.new_empty([g.shape[0], g.shape[1]])
+
+
 def _group_norm_per_sample(site: SiteContext, nb) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    grad, x, mean, rstd, _weight, _n, channels, _hw, groups = nb.args[:9]
-    g, xv = site.value(grad), site.value(x)
-    b, c = g.shape[0], int(channels)
-    gs, xs = g.reshape(b * c, 1, -1), xv.reshape(b * c, -1, 1)
-    g_sum = gs.sum(-1).reshape(b, groups, c // groups)  # Σ_s g: the per-sample bias gradient
-    gx_sum = torch.bmm(gs, xs).reshape(b, groups, c // groups)  # Σ_s g·x
-    m, r = site.value(mean).reshape(b, groups, 1), site.value(rstd).reshape(b, groups, 1)
-    weight = (gx_sum - m.to(gx_sum.dtype) * g_sum) * r.to(gx_sum.dtype)
-    return weight.reshape(b, c), g_sum.reshape(b, c)
+    grad, x, mean, rstd, _weight, _n, _channels, _hw, groups = nb.args[:9]
+    values = (site.value(a) for a in (grad, x, mean, rstd))
+    return torch.ops.grapefx.group_norm_per_sample_affine_grads(*values, int(groups))
 
 
 def _layer_norm_per_sample(site: SiteContext, nb) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
