@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tools.models import Block  # the benchmarks' pre-LN decoder block (causal SDPA, GELU MLP)
+
 Tensor = torch.Tensor
 
 
@@ -232,37 +234,6 @@ class MHANet(nn.Module):
         return self.fc((h + a).mean(dim=1))
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).split(D, dim=-1)
-        q = q.view(B, T, self.heads, D // self.heads).transpose(1, 2)
-        k = k.view(B, T, self.heads, D // self.heads).transpose(1, 2)
-        v = v.view(B, T, self.heads, D // self.heads).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
-
-
-class GPTBlock(nn.Module):
-    def __init__(self, d: int, heads: int) -> None:
-        super().__init__()
-        self.ln1 = nn.LayerNorm(d)
-        self.attn = CausalSelfAttention(d, heads)
-        self.ln2 = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, 4 * d)
-        self.fc_out = nn.Linear(4 * d, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
-        return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
-
-
 class TinyGPT(nn.Module):
     """Token embedding + learned positional parameter (broadcast over the batch) + pre-LN blocks +
     final LN + head; `tied=True` computes logits = h @ emb.weight.T."""
@@ -274,7 +245,7 @@ class TinyGPT(nn.Module):
         self.tied = tied
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.randn(1, max_t, d) * 0.1)
-        self.blocks = nn.ModuleList(GPTBlock(d, heads) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d)
         if not tied:
             self.head = nn.Linear(d, vocab, bias=False)

@@ -67,12 +67,17 @@ def _role(node: fx.Node) -> tuple[str, str]:
     return info.get("role", ""), info.get("param", "")
 
 
+# grapefx ops that are plain functions of their inputs; every other grapefx op draws noise, reads or
+# writes the privacy state, or communicates, so the scheduler keeps those in their traced order.
+PURE_GRAPEFX_OPS = frozenset({"conv_per_sample_weight_grad", "group_norm_per_sample_affine_grads"})
+
+
 def _has_side_effects(node: fx.Node) -> bool:
     if node.op != "call_function":
         return False
     target = node.target
     if isinstance(target, torch._ops.OpOverload) and target.namespace == "grapefx":
-        return True
+        return target._opname not in PURE_GRAPEFX_OPS
     return node.is_impure()
 
 
@@ -198,6 +203,39 @@ def sink_allocations(model: MemoryModel, dag: nx.DiGraph, order: list[fx.Node], 
     return order
 
 
+# Outputs up to this size may be computed early (`hoist_frees`): they cost next to nothing to keep.
+SMALL_OUTPUT_BYTES = 64 * 1024
+
+
+def hoist_frees(model: MemoryModel, dag: nx.DiGraph, order: list[fx.Node], sizes: list[int]) -> list[fx.Node]:
+    """Move nodes to just after their last predecessor when that cannot raise any position's live
+    bytes (the mirror of `sink_allocations`): the node stays the last reader of inputs that together
+    are at least as large as its output, so they are freed earlier by as much as it allocates early.
+    Nodes with a small output move too (a per-sample norm statistic read from an activation and its
+    gradient: greedy list scheduling leaves them late, and moved up they let the buffers' other
+    readers be the last); the caller keeps the order only if its simulated peak is lower."""
+    order = list(order)
+    readers = model.readers()
+    for n in list(order):
+        if _is_input(n) or _has_side_effects(n):
+            continue
+        position = {m: k for k, m in enumerate(order)}
+        i = position[n]
+        j = max((position[p] for p in dag.predecessors(n)), default=-1) + 1
+        j = max([j] + [k + 1 for k, m in enumerate(order[:i]) if _is_input(m)])  # never above an input
+        if j >= i:
+            continue
+        freed = sum(
+            sizes[s]
+            for s in model.reads[n]
+            if s not in model.pinned and all(position[r] < j for r in readers[s] if r is not n)
+        )
+        allocated = sum(sizes[s] for s in model.allocates[n])
+        if freed >= allocated or allocated <= SMALL_OUTPUT_BYTES:
+            order.insert(j, order.pop(i))
+    return order
+
+
 def exact_order(
     model: MemoryModel, dag: nx.DiGraph, sizes: list[int], bound: int | None = None, max_states: int = 200_000
 ) -> list[fx.Node] | None:
@@ -283,6 +321,10 @@ def best_order(model: MemoryModel, batch: int | None = None, max_states: int = 2
         peak = simulate(model, order, sizes).peak_bytes
         if peak < best.peak_bytes:
             best = OrderResult(order, peak, received, method)
+        hoisted = sink_allocations(model, dag, hoist_frees(model, dag, order, sizes), sizes)
+        peak = simulate(model, hoisted, sizes).peak_bytes
+        if peak < best.peak_bytes:
+            best = OrderResult(hoisted, peak, received, f"{method}+hoist")
     if max_states > 0 and len(model.nodes) <= EXACT_MAX_NODES:
         exact = exact_order(model, dag, sizes, bound=best.peak_bytes, max_states=max_states)
         if exact is not None:
