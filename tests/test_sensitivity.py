@@ -57,6 +57,8 @@ SENS = [
     ("layernorm", "flat"),
     ("gpt", "flat"),
     ("resnet_gn", "flat"),
+    ("norm_layouts", "flat"),
+    ("norm_layouts", "per_layer"),
     ("mlp", "per_layer"),
     pytest.param("gpt", "per_layer", marks=pytest.mark.slow),
     ("mlp", "automatic"),

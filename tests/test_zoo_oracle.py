@@ -168,7 +168,9 @@ def test_loss_inside(name: str, reduction: str) -> None:
 # other clipping modes
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("zc", _cases(["mlp", "conv2d", "embedding_bag", "gpt"], marks={"gpt": [pytest.mark.slow]}))
+@pytest.mark.parametrize(
+    "zc", _cases(["mlp", "conv2d", "embedding_bag", "norm_layouts", "gpt"], marks={"gpt": [pytest.mark.slow]})
+)
 def test_per_layer_clipping(zc: ZooCase, reduction: str) -> None:
     run_against_oracle(zc, reduction=reduction, clipping="per_layer")
 

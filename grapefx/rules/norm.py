@@ -17,7 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from grapefx.rules.registry import NormChoice, SiteContext, SiteRule, expose_batch, register_rule
+from grapefx.rules.registry import (
+    NormChoice,
+    SiteContext,
+    SiteRule,
+    combine_per_sample,
+    expose_batch,
+    register_rule,
+)
 
 aten = torch.ops.aten
 
@@ -85,7 +92,4 @@ class NormBackwardRule(SiteRule):
         return NormChoice("instantiate", float("inf"), 0.0, "norm affine gradients are [B, C]: instantiated")
 
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
-        per_sample = self.per_sample(site)
-        flat = per_sample.reshape(per_sample.shape[0], -1)
-        out = torch.mm(weights.to(flat.dtype)[None, :], flat)
-        return out.reshape(site.node.meta["val"].shape).to(site.node.meta["val"].dtype)
+        return combine_per_sample(site, self.per_sample(site), weights)

@@ -75,11 +75,15 @@ class SiteRule:
         kept = site.env.pop(("per_sample", site.node), None)
         if kept is None:
             return self.weighted(site, weights)
-        shape = list(site.node.meta["val"].shape)
-        numel = math.prod(int(s) for s in shape)
-        flat = kept.reshape(kept.shape[0], numel)
-        out = torch.mm(weights.to(flat.dtype)[None, :], flat).reshape(shape)
-        return out.to(site.node.meta["val"].dtype)
+        return combine_per_sample(site, kept, weights)
+
+
+def combine_per_sample(site: SiteContext, per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i weights[i] · per_sample[i], shaped and typed like the site: one [1, B]·[B, numel] product."""
+    shape = list(site.node.meta["val"].shape)
+    flat = per_sample.reshape(per_sample.shape[0], math.prod(int(s) for s in shape))
+    out = torch.mm(weights.to(flat.dtype)[None, :], flat).reshape(shape)
+    return out.to(site.node.meta["val"].dtype)
 
 
 def keep_and_norm(site: SiteContext, per_sample: torch.Tensor) -> torch.Tensor:
