@@ -194,14 +194,17 @@ def test_automatic_clipping(zc: ZooCase, reduction: str) -> None:
 @pytest.mark.parametrize(
     "zc",
     _cases(
-        ["mlp", "linear3d", "matmul_bmm", "embedding_bag", "gpt", "gpt_tied"], marks={"gpt_tied": [pytest.mark.slow]}
+        ["mlp", "linear3d", "matmul_bmm", "embedding_bag", "long_tokens", "gpt", "gpt_tied"],
+        marks={"gpt_tied": [pytest.mark.slow]},
     ),
 )
 def test_strategy(zc: ZooCase, strategy: str) -> None:
     run_against_oracle(zc, reduction="sum", strategy=strategy)
 
 
-@pytest.mark.parametrize("zc", _cases(["linear3d", "embedding_bag", "gpt"], marks={"gpt": [pytest.mark.slow]}))
+@pytest.mark.parametrize(
+    "zc", _cases(["linear3d", "embedding_bag", "long_tokens", "gpt"], marks={"gpt": [pytest.mark.slow]})
+)
 def test_ghost_equals_instantiate(zc: ZooCase) -> None:
     """The two strategies compute the same clipped sum (to float32 rounding) on the same batch."""
     model = zc.make()

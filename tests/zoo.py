@@ -159,6 +159,22 @@ class EmbeddingBag(nn.Module):
         return self.fc(self.emb(ids).mean(dim=1))
 
 
+class LongTokens(nn.Module):
+    """70 tokens per sample, so ghost norms take the blocked symmetric Gram path (rules/gram.py) of
+    every kind: a Linear on tokens, an embedding with padding_idx, and a tied embedding / output
+    head (the factored cross-term norm)."""
+
+    def __init__(self, vocab: int = 20, d: int = 8) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d, padding_idx=0)  # tied to the output
+        self.tag = nn.Embedding(vocab, d, padding_idx=0)
+        self.mix = nn.Linear(d, d)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        h = torch.tanh(self.mix(self.tok(ids) + self.tag(ids)))
+        return h @ self.tok.weight.T
+
+
 class LayerNormNet(nn.Module):
     def __init__(self, d: int = 8, h: int = 12, n_out: int = 4) -> None:
         super().__init__()
@@ -472,6 +488,7 @@ ZOO: list[ZooCase] = [
     ZooCase("conv2d", lambda: Conv2dNet(), _dense((3, 9, 8), 5), tags={"conv"}),
     ZooCase("conv3d", lambda: Conv3dNet(), _dense((2, 4, 6, 6), 4), tags={"conv"}),
     ZooCase("embedding_bag", lambda: EmbeddingBag(), _ids(7, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),
+    ZooCase("long_tokens", lambda: LongTokens(), _ids(70, 20, pad_frac=0.25), token_loss, tags={"embedding"}),
     ZooCase("layernorm", lambda: LayerNormNet(), _dense_tokens(4, 8, 4), token_loss),
     ZooCase("groupnorm", lambda: GroupNormNet(), _dense((3, 6, 6), 4)),
     ZooCase("rmsnorm", lambda: RMSNormNet(), _dense_tokens(4, 8, 4), token_loss),

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from grapefx.analysis.grad_sites import ParamGrad
 from grapefx.rules import embedding, mm
+from grapefx.rules.gram import BlockGram, dense_blocks, same_id_blocks, symmetric_gram_dot
 from grapefx.rules.registry import SiteContext
 
 aten = torch.ops.aten
@@ -53,6 +54,10 @@ def gram(x: Factor, y: Factor) -> torch.Tensor:
     if y.keep is not None:
         g = g * y.keep[:, None, :].float()
     return g
+
+
+def _self_blocks(x: Factor) -> BlockGram:
+    return dense_blocks(x.dense.float()) if x.dense is not None else same_id_blocks(x.ids, x.keep)
 
 
 def _site_factors(site: SiteContext) -> tuple[Factor, Factor] | None:
@@ -105,7 +110,9 @@ def factored_norm_sq(grad: ParamGrad, sites: list[SiteContext]) -> torch.Tensor 
     for a, (la, ra) in enumerate(terms):
         for b in range(a, len(terms)):
             lb, rb = terms[b]
-            part = (gram(la, lb) * gram(ra, rb)).sum(dim=(1, 2))
-            part = part if a == b else 2 * part
+            if a == b:  # symmetric Grams: half of them suffices
+                part = symmetric_gram_dot(_self_blocks(la), _self_blocks(ra), la.length)
+            else:
+                part = 2 * (gram(la, lb) * gram(ra, rb)).sum(dim=(1, 2))
             total = part if total is None else total + part
     return total

@@ -23,6 +23,7 @@ from grapefx.errors import GrapefxError
 from grapefx.passes.clip_factors import add_noise
 from grapefx.passes.factored_norms import _orientation
 from grapefx.rules import mm
+from grapefx.rules.gram import ghost_norm_sq, gram_fraction
 from grapefx.rules.registry import NormChoice, SiteContext, weights_like
 
 
@@ -78,7 +79,7 @@ def projected_factors(site: SiteContext, proj: Projection, P: torch.Tensor) -> t
 def projected_norm_sq(site: SiteContext, proj: Projection, P: torch.Tensor) -> tuple[torch.Tensor, NormChoice]:
     L, R = projected_factors(site, proj, P)
     T, M, N = L.shape[1], L.shape[2], R.shape[2]
-    ghost, inst = 2.0 * T * T * (M + N), 2.0 * T * M * N
+    ghost, inst = 2.0 * T * T * (M + N) * gram_fraction(int(T)), 2.0 * T * M * N
     method = (
         site.strategy if site.strategy in ("ghost", "instantiate") else ("ghost" if ghost < inst else "instantiate")
     )
@@ -87,7 +88,7 @@ def projected_norm_sq(site: SiteContext, proj: Projection, P: torch.Tensor) -> t
     choice = NormChoice(f"projected/{method}", ghost, inst, reason, int(T))
     L, R = L.float(), R.float()
     if method == "ghost":
-        return mm.ghost_norm_sq(L, R), choice
+        return ghost_norm_sq(L, R), choice
     return torch.bmm(L.transpose(1, 2), R).pow(2).sum(dim=(1, 2)), choice
 
 

@@ -12,6 +12,7 @@ import math
 import torch
 
 from grapefx.analysis.layout import shape_of
+from grapefx.rules.gram import dense_blocks, gram_fraction, same_id_blocks, symmetric_gram_dot
 from grapefx.rules.registry import (
     MEMORY_WEIGHT,
     NormChoice,
@@ -55,7 +56,7 @@ class EmbeddingRule(SiteRule):
         other_dims = [s for i, s in enumerate(shape_of(ids)) if i != lay.dim]
         T = int(math.prod(int(s) for s in other_dims) * lay.outer * lay.inner)  # tokens per sample
         d, V = int(shape_of(grad)[-1]), int(site.node.args[2])
-        ghost = 2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T
+        ghost = (2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T) * gram_fraction(T)
         inst = MEMORY_WEIGHT * (3 * V * d + T * d)  # zero-fill, scatter, square-and-sum of [V, d]
         reason = f"T={T} d={d} V={V}: ghost ~2T²d vs instantiate ~3Vd memory-bound per sample"
         return NormChoice(pick(site.strategy, ghost, inst), ghost, inst, reason, T)
@@ -65,13 +66,8 @@ class EmbeddingRule(SiteRule):
             return super().norm_sq(site, choice)
         ids, g = tokens(site)
         padding_idx = site.node.args[3]
-        same = ids[:, :, None] == ids[:, None, :]
-        if padding_idx is not None and padding_idx >= 0:
-            keep = ids != padding_idx
-            same = same & keep[:, :, None] & keep[:, None, :]
-        g = g.float()
-        gram = torch.bmm(g, g.transpose(1, 2))
-        return (gram * same.to(gram.dtype)).sum(dim=(1, 2))
+        keep = (ids != padding_idx) if padding_idx is not None and padding_idx >= 0 else None
+        return symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(g.float()), ids.shape[1])
 
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
         grad, ids, num_weights, padding_idx, scale = site.node.args

@@ -2,13 +2,15 @@
 
 Per sample i the contribution is G_i = L_iᵀ R_i with L_i = A[:, K_i]ᵀ ([T, M]) and R_i = B[K_i, :]
 ([T, N]), T = outer*inner. Its squared norm is either the ghost norm Σ_{t,s} (L_t·L_s)(R_t·R_s)
-(~2BT²(M+N) flops, BT² memory) or ‖L_iᵀR_i‖² after instantiation (~2BTMN flops, BMN memory).
+(~2BT²(M+N)·f flops, f ≈ 5/8 as rules/gram.py computes half of each symmetric Gram; BT² memory) or
+‖L_iᵀR_i‖² after instantiation (~2BTMN flops, BMN memory).
 """
 
 from __future__ import annotations
 
 import torch
 
+from grapefx.rules.gram import ghost_norm_sq
 from grapefx.rules.registry import (
     NormChoice,
     SiteContext,
@@ -37,12 +39,6 @@ def factors(site: SiteContext) -> tuple[torch.Tensor, torch.Tensor]:
     return L, R
 
 
-def ghost_norm_sq(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
-    gram_l = torch.bmm(L, L.transpose(1, 2))
-    gram_r = torch.bmm(R, R.transpose(1, 2))
-    return (gram_l * gram_r).sum(dim=(1, 2))
-
-
 @register_rule("mm")
 class MatmulRule(SiteRule):
     def per_sample(self, site: SiteContext) -> torch.Tensor:
@@ -63,7 +59,7 @@ class MatmulRule(SiteRule):
         else:
             method = "ghost"
             why = "ghost is cheaper" if fits else f"[B,{M},{N}] per-sample gradient too large to keep"
-        reason = f"T={T} M={M} N={N}: extra cost ghost ~2T²(M+N)={ghost:.3g} vs instantiate ~3MN={inst:.3g}; {why}"
+        reason = f"T={T} M={M} N={N}: extra cost ghost ~2T²(M+N)·f={ghost:.3g} vs instantiate ~3MN={inst:.3g}; {why}"
         return NormChoice(method, ghost, inst, reason, T)
 
     def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:

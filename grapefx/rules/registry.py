@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, shape_of
+from grapefx.rules.gram import gram_fraction
 
 
 @dataclass
@@ -106,7 +107,7 @@ MEMORY_WEIGHT = 8.0
 
 def mm_costs(T: int, M: int, N: int) -> tuple[float, float]:
     """(ghost, instantiate) cost of the norm of Σ_t L_t ⊗ R_t with L [T, M], R [T, N]."""
-    ghost = 2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T
+    ghost = (2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T) * gram_fraction(T)
     inst = 2.0 * T * M * N + MEMORY_WEIGHT * 2 * M * N
     return ghost, inst
 
@@ -120,7 +121,7 @@ def mm_extra_costs(T: int, M: int, N: int) -> tuple[float, float, bool]:
     """Costs *beyond* non-private training of the two methods for one mm site, per sample, and
     whether instantiation fits the memory rule. Ghost adds its Gram products; instantiation replaces
     the weight-gradient matmul by the per-sample bmm (same flops) and adds only memory traffic."""
-    ghost = 2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T
+    ghost = (2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T) * gram_fraction(T)
     inst = MEMORY_WEIGHT * 3 * M * N  # square-and-sum, weighted sum, write
     fits = M * N <= INSTANTIATE_MEMORY_FACTOR * T * (M + N)
     return ghost, inst, fits
