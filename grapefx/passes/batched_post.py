@@ -94,7 +94,7 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> torch
         if padding_idx is not None and padding_idx >= 0:
             g = g * (ids != padding_idx).to(g.dtype)[None, :, None]
         out = g.new_zeros(b, args[2], g.shape[-1])
-        return out.index_add(1, ids, g)
+        return out.index_add_(1, ids, g)  # in place: the out-of-place op would copy the zeros
     return None
 
 

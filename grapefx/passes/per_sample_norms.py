@@ -16,7 +16,15 @@ import torch.fx as fx
 from grapefx.analysis.grad_sites import ParamGrad
 from grapefx.passes.batched_post import apply_post_batched
 from grapefx.passes.factored_norms import factored_norm_sq
-from grapefx.rules.registry import MEMORY_WEIGHT, NormChoice, SiteContext, mm_costs, pick, rule_for
+from grapefx.rules.registry import (
+    MEMORY_WEIGHT,
+    NormChoice,
+    SiteContext,
+    mm_costs,
+    pick,
+    rule_for,
+    squared_norms,
+)
 
 
 def plan_norms(
@@ -87,5 +95,5 @@ def per_sample_norm_sq(
         if factored is not None:
             return factored
     per_sample = {c.node: rule_for(c.kind).per_sample(c) for c in sites}
-    full = apply_post_batched(grad.post_nodes, grad.out_node, per_sample, gm, env, sites[0].batch_size).float()
-    return full.reshape(full.shape[0], -1).pow(2).sum(1)
+    full = apply_post_batched(grad.post_nodes, grad.out_node, per_sample, gm, env, sites[0].batch_size)
+    return squared_norms(full)

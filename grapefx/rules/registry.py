@@ -90,6 +90,11 @@ def combine_per_sample(site: SiteContext, per_sample: torch.Tensor, weights: tor
 def keep_and_norm(site: SiteContext, per_sample: torch.Tensor) -> torch.Tensor:
     """Squared norms of instantiated per-sample values, which are kept for the weighted sum."""
     site.env[("per_sample", site.node)] = per_sample
+    return squared_norms(per_sample)
+
+
+def squared_norms(per_sample: torch.Tensor) -> torch.Tensor:
+    """[B] float32 squared norms of [B, ...] per-sample values."""
     ps = per_sample.float()
     if ps.dim() <= 1:
         return ps * ps
