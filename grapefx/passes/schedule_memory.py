@@ -14,7 +14,8 @@ non-private one's. This pass lowers it in two ways:
    (instantiating costs fewer flops) is instantiated if the peak stays under the same ceiling;
 2. store vs recompute: a saved activation live at the peak that the forward computed by a short
    elementwise chain from other saved tensors is replayed after the barrier instead of kept
-   (`recompute_operands.py`), when that lowers the peak (all policies but "min-time");
+   (`recompute_operands.py`), when that lowers the peak ("min-memory", `memory_budget`, and
+   "balanced" while the peak exceeds its ceiling);
 3. the order: `grapefx.schedule.reorder.best_order` (never worse than the traced order).
 
 Every decision is recorded in a `MemoryPlan` (the CLI's `inspect` prints it).
@@ -110,7 +111,9 @@ def schedule_memory(
         gm, result = built or build(swaps, inst)
         order, model = _order(gm)
         trial = _Trial(gm, result, order, model)
-        if planning and recipes:
+        # "balanced" replays activations only to get under its ceiling: under it, time comes first.
+        under_ceiling = balanced and order.peak_bytes <= BALANCED_PEAK_RATIO * original_peak
+        if planning and recipes and not under_ceiling:
             _recompute(trial, recipes, rename or _placeholder_names(original, gm, rename), config)
         return trial
 
