@@ -335,20 +335,21 @@ def test_per_layer_clipping_frees_buffers_without_a_barrier() -> None:
     assert plans["per_layer"].peak <= 1.05 * plans["per_layer"].original_peak, plans
 
 
+class GeluMLP(torch.nn.Module):
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, hidden), torch.nn.Linear(hidden, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
 def test_recipes_replay_the_forward_elementwise_chain() -> None:
     """A GELU output saved for the next Linear has a recipe from the saved pre-activation; a
     matmul output has none."""
     from grapefx.passes.recompute_operands import find_recipes
 
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
-
-    pm = grapefx.compile(Net(), noise_multiplier=0.0)
+    pm = grapefx.compile(GeluMLP(hidden=16), noise_multiplier=0.0)
     pm(torch.randn(5, 8)).sum().backward()
     fw = pm.grapefx_backend.graphs["forward"]
     saved = {n.name for n in fw.graph.output_node().all_input_nodes}
@@ -362,19 +363,10 @@ def test_recipes_replay_the_forward_elementwise_chain() -> None:
 def test_balanced_recomputes_only_above_its_ceiling() -> None:
     """Replaying costs time: under 1.05x the non-private peak "balanced" keeps the saved GELU output,
     while "min-memory" still replays it for a lower peak."""
-
-    class Net(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc1, self.fc2 = torch.nn.Linear(8, 64), torch.nn.Linear(64, 4)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
-
     plans = {}
     for policy in ("balanced", "min-memory"):
         torch.manual_seed(0)
-        pm = grapefx.compile(Net(), noise_multiplier=0.0, memory_policy=policy)
+        pm = grapefx.compile(GeluMLP(hidden=64), noise_multiplier=0.0, memory_policy=policy)
         pm(torch.randn(4, 32, 8)).sum().backward()
         plans[policy] = pm.grapefx_backend.plans[-1].memory
     assert plans["balanced"].peak <= 1.05 * plans["balanced"].original_peak, plans["balanced"].as_dict()
