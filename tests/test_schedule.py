@@ -288,17 +288,17 @@ def test_min_memory_swaps_instantiation_for_ghost_and_stays_exact() -> None:
 
 
 def test_balanced_instantiates_where_it_saves_flops_under_the_peak() -> None:
-    """A 128x128 layer on 32 tokens: its rule picks ghost norms to save memory (the [B, 128, 128]
-    per-sample gradient is larger than 1.5x its operands) though instantiating costs fewer flops, and
+    """A 512x512 layer on 160 tokens: its rule picks ghost norms to save memory (the [B, 512, 512]
+    per-sample gradient is larger than 1.5x its operands) though instantiating costs less, and
     the wide head's logits gradient sets the peak early, leaving room at the clip barrier. balanced
     instantiates fc.weight (peak unchanged); min-time and min-memory keep the rule's ghost norm. All
     match the oracle."""
     g = torch.Generator().manual_seed(3)
-    ids, y = torch.randint(0, 2048, (4, 32), generator=g), torch.randint(0, 2048, (4, 32), generator=g)
+    ids, y = torch.randint(0, 2048, (4, 160), generator=g), torch.randint(0, 2048, (4, 160), generator=g)
     plans, methods = {}, {}
     for policy in ("min-time", "balanced", "min-memory"):
         torch.manual_seed(0)
-        model = WideHead(vocab=2048, d=128)
+        model = WideHead(vocab=2048, d=512)
         pm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum", memory_policy=policy)
         _token_sum_loss(pm(ids), y).backward()
         plans[policy] = pm.grapefx_backend.plans[-1].memory
@@ -310,6 +310,23 @@ def test_balanced_instantiates_where_it_saves_flops_under_the_peak() -> None:
     assert methods["min-time"]["fc.weight"] == ["ghost"] and methods["min-memory"]["fc.weight"] == ["ghost"]
     assert plans["balanced"].peak <= max(plans["min-time"].peak, 1.05 * plans["balanced"].original_peak)
     assert any("fewer flops" in note for note in plans["balanced"].notes)
+
+
+def test_forced_ghost_strategy_is_kept() -> None:
+    """strategy="ghost" means ghost norms wherever a rule has them: the scheduler does not swap
+    layers to instantiation for flops (it would on strategy="auto" here)."""
+    zc = case("long_tokens")
+    x, y = zc.batch(5)
+    model = zc.make()
+    pm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum", strategy="ghost")
+    zc.loss(pm(x), y, "sum").backward()
+    plan = pm.grapefx_backend.plans[-1]
+    methods = {k: {c.method for _, c in v} for k, v in plan.choices.items()}
+    assert plan.memory.instantiated == []
+    for name in ("mix.weight", "tag.weight", "tok.weight", "pos.weight"):
+        assert methods[name] == {"ghost"}, (name, methods)
+    ref, _ = oracle_grads(model, (x, y), lambda o, t: zc.loss(o, t, "sum"), 1.0, "sum")
+    assert_grads_match(model, ref)
 
 
 def test_memory_budget_out_of_reach_warns() -> None:

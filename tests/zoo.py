@@ -161,17 +161,20 @@ class EmbeddingBag(nn.Module):
 
 class LongTokens(nn.Module):
     """70 tokens per sample, so ghost norms take the blocked symmetric Gram path (rules/gram.py) of
-    every kind: a Linear on tokens, an embedding with padding_idx, and a tied embedding / output
-    head (the factored cross-term norm)."""
+    every kind: a Linear on tokens, an embedding with padding_idx, a tied embedding / output head
+    (the factored cross-term norm) and positions embedded once for the whole batch (the broadcast
+    lookup norm; its padding_idx zeroes one position's gradient)."""
 
-    def __init__(self, vocab: int = 20, d: int = 8) -> None:
+    def __init__(self, vocab: int = 20, d: int = 8, max_t: int = 80) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, d, padding_idx=0)  # tied to the output
         self.tag = nn.Embedding(vocab, d, padding_idx=0)
+        self.pos = nn.Embedding(max_t, d, padding_idx=3)
         self.mix = nn.Linear(d, d)
 
     def forward(self, ids: Tensor) -> Tensor:
-        h = torch.tanh(self.mix(self.tok(ids) + self.tag(ids)))
+        positions = self.pos(torch.arange(ids.shape[1], device=ids.device))
+        h = torch.tanh(self.mix(self.tok(ids) + self.tag(ids) + positions))
         return h @ self.tok.weight.T
 
 

@@ -8,6 +8,11 @@ reshape to the parameter's shape and add, the squared norm of the summed gradien
 
 which needs [B, T_a, T_b] Gram matrices only — never the [B, V, d] per-sample gradient of a tied
 embedding. Returns None (caller instantiates) when a site or post node does not fit this form.
+
+The same form covers a broadcast lookup (`lookup_norm_sq`): positions embedded once, nn.Embedding(
+arange(T)), and added to every sample. The backward sums the positions' gradient over the batch (a
+reduce site) and scatters it with batch-free ids, so sample i's gradient is Σ_t onehot(id_t) ⊗ x_i,t:
+an embedding ghost norm, without the [B, max_positions, d] per-sample gradient.
 """
 
 from __future__ import annotations
@@ -96,6 +101,43 @@ def _orientation(site: fx.Node, grad: ParamGrad) -> bool | None:
         else:
             return None
     return swapped
+
+
+_RESHAPES = {aten.view, aten._unsafe_view, aten.reshape, aten.alias, aten.clone, aten.contiguous, aten.detach}
+_RESHAPES |= {aten.squeeze, aten.unsqueeze}
+
+
+def broadcast_lookup(grad: ParamGrad, sites: list[SiteContext]) -> fx.Node | None:
+    """The `embedding_dense_backward` node when the gradient is one reduce site's per-sample values
+    scattered by batch-free ids, reached through reshapes only (no transposes: the per-sample rows
+    must stay in token order); None otherwise."""
+    if len(sites) != 1 or sites[0].kind != "reduce":
+        return None
+    lookups = [n for n in grad.post_nodes if getattr(n.target, "overloadpacket", None) is aten.embedding_dense_backward]
+    if len(lookups) != 1:
+        return None
+    (lookup,) = lookups
+    grad_in, ids, _, _, scale_by_freq = lookup.args
+    if scale_by_freq or not isinstance(ids, fx.Node) or sites[0].layout(ids) is not None:
+        return None
+    if any(getattr(n.target, "overloadpacket", None) not in _RESHAPES for n in grad.post_nodes - {lookup}):
+        return None
+    # Every post node depends on the site, and only reshapes are not the lookup: its gradient input
+    # is the site's value, reshaped.
+    if grad_in is not sites[0].node and grad_in not in grad.post_nodes:
+        return None
+    return lookup
+
+
+def lookup_norm_sq(site: SiteContext, lookup: fx.Node, per_sample: torch.Tensor) -> torch.Tensor:
+    """[B] squared norms of the scattered per-sample values ([B, *site shape]) of `broadcast_lookup`."""
+    ids = site.value(lookup.args[1]).reshape(1, -1)
+    padding_idx = lookup.args[3]
+    b, n = per_sample.shape[0], ids.shape[1]
+    rows = per_sample.reshape(b, n, -1).float()
+    ids = ids.expand(b, n)
+    keep = (ids != padding_idx) if padding_idx is not None and padding_idx >= 0 else None
+    return symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(rows), n)
 
 
 def factored_norm_sq(grad: ParamGrad, sites: list[SiteContext]) -> torch.Tensor | None:

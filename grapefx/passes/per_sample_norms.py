@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from grapefx.analysis.grad_sites import ParamGrad
 from grapefx.passes.batched_post import apply_post_batched
-from grapefx.passes.factored_norms import factored_norm_sq
+from grapefx.passes.factored_norms import broadcast_lookup, factored_norm_sq, lookup_norm_sq
+from grapefx.rules.gram import gram_fraction
 from grapefx.rules.registry import (
     MEMORY_WEIGHT,
     NormChoice,
@@ -71,6 +72,15 @@ def _as_ghost(choice: NormChoice) -> NormChoice:
 def _shared_choice(g: ParamGrad, sites: list[SiteContext], choices: list[NormChoice]) -> list[NormChoice]:
     """Ghost with cross terms (Σ_ab T_a T_b (m+n)) vs instantiating every site (Σ_a T_a m n)."""
     shape = list(g.out_node.meta["val"].shape)
+    lookup = broadcast_lookup(g, sites)
+    if lookup is not None:  # positions: an embedding of batch-free ids, summed over the batch
+        T, d, V = lookup.args[1].meta["val"].numel(), int(shape[-1]), int(lookup.args[2])
+        T = int(T)
+        ghost = (2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T) * gram_fraction(T)
+        inst = MEMORY_WEIGHT * (3 * V * d + T * d)
+        method = pick(sites[0].strategy if sites[0].strategy in ("ghost", "instantiate") else "auto", ghost, inst)
+        reason = f"embedding of batch-free ids (positions), T={T} d={d} V={V}: ghost ~2T²d vs instantiate ~3Vd"
+        return [NormChoice(method, ghost, inst, reason, T)]
     factorable = len(shape) == 2 and all(c.tokens > 0 for c in choices)
     strategy = sites[0].strategy
     if factorable:
@@ -91,6 +101,9 @@ def per_sample_norm_sq(
     if grad.isometric:
         return rule_for(sites[0].kind).norm_sq(sites[0], choices[0]).float()
     if choices[0].method == "ghost":
+        lookup = broadcast_lookup(grad, sites)
+        if lookup is not None:
+            return lookup_norm_sq(sites[0], lookup, rule_for(sites[0].kind).per_sample(sites[0]))
         factored = factored_norm_sq(grad, sites)
         if factored is not None:
             return factored

@@ -151,7 +151,7 @@ def schedule_memory(
         best, swaps = trial, swaps | candidates
         plan.extra_flops = extra
     instantiated: frozenset[str] = frozenset()
-    if balanced and not swaps:
+    if balanced and not swaps and config.strategy != "ghost":  # a forced "ghost" stays ghost
         best, instantiated = _instantiate_under_the_peak(best, evaluate, BALANCED_PEAK_RATIO * original_peak, plan)
     if config.memory_budget is not None and best.order.peak_bytes > config.memory_budget:
         msg = (

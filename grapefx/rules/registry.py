@@ -105,9 +105,11 @@ def squared_norms(per_sample: torch.Tensor) -> torch.Tensor:
 
 # -- cost model (per sample, flop-equivalents) -----------------------------------------------------
 # Memory-bound element traffic (zero-fill, scatter, square-and-sum of an instantiated gradient) costs
-# several times a flop of a matmul on CPU; weighting it keeps e.g. a [B, V, d] embedding gradient
-# from looking cheap just because it needs few flops.
-MEMORY_WEIGHT = 8.0
+# many times a flop of a matmul on CPU; weighting it keeps e.g. a [B, V, d] embedding gradient from
+# looking cheap just because it needs few flops. Measured (session 5, M3's positions at B=16, one
+# thread): zero-fill + scatter + norm + weighted sum of a [16, 512, 256] gradient took ~4 ns per
+# element, ~400 flops of a ~100 GFLOP/s matmul; 32 per pass stays on the conservative side.
+MEMORY_WEIGHT = 32.0
 
 
 def mm_costs(T: int, M: int, N: int) -> tuple[float, float]:
