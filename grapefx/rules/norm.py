@@ -9,8 +9,8 @@ temporaries: a CNN's GroupNorm backwards cost 4x the fused kernel). Their output
   ([1, B*C, S], B*G groups: each sample's groups keep their own statistics) returns every sample's
   weight and bias gradients (custom op `grapefx::group_norm_per_sample_affine_grads`, opaque so
   the batch-dependent group count never becomes a shape guard); 5x faster than a batched dot;
-* layer norm: the statistics vary along the reduced positions, so x̂ = (x − mean)·rstd is formed
-  from the saved statistics (one temporary) and g ⊙ x̂ summed over the positions.
+* layer norm: the statistics vary along the reduced positions, so g ⊙ x̂, x̂ = (x − mean)·rstd, is
+  formed from the saved statistics in one temporary and summed over the positions.
 """
 
 from __future__ import annotations
@@ -70,8 +70,11 @@ def _layer_norm_per_sample(site: SiteContext, nb) -> tuple[torch.Tensor, torch.T
     lay, b = site.layout(x), site.batch_size
     g, xv, m, r = (expose_batch(site.value(a), lay, b) for a in (grad, x, mean, rstd))
     positions = list(range(1, g.dim() - len(normalized_shape)))  # every dim but B and the normalized
-    x_hat = (xv - m) * r
-    weight = (g * x_hat.to(g.dtype)).sum(positions) if positions else g * x_hat.to(g.dtype)
+    # g ⊙ x̂ with x̂ = (x − mean)·rstd, in one temporary: the in-place steps act on the fresh
+    # difference only (its sole reader is the next step), saving two [B, T, d] buffers per norm.
+    prod = (xv - m).mul_(r)
+    prod = prod.to(g.dtype).mul_(g) if prod.dtype != g.dtype else prod.mul_(g)
+    weight = prod.sum(positions) if positions else prod
     bias = g.sum(positions) if positions else g
     return weight, bias
 
