@@ -103,8 +103,7 @@ def _orientation(site: fx.Node, grad: ParamGrad) -> bool | None:
     return swapped
 
 
-_RESHAPES = {aten.view, aten._unsafe_view, aten.reshape, aten.alias, aten.clone, aten.contiguous, aten.detach}
-_RESHAPES |= {aten.squeeze, aten.unsqueeze}
+_RESHAPES = _IDENTITY | {aten.squeeze, aten.unsqueeze}  # element order kept: no transposes
 
 
 def broadcast_lookup(grad: ParamGrad, sites: list[SiteContext]) -> fx.Node | None:

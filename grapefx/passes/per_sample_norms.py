@@ -74,11 +74,10 @@ def _shared_choice(g: ParamGrad, sites: list[SiteContext], choices: list[NormCho
     shape = list(g.out_node.meta["val"].shape)
     lookup = broadcast_lookup(g, sites)
     if lookup is not None:  # positions: an embedding of batch-free ids, summed over the batch
-        T, d, V = lookup.args[1].meta["val"].numel(), int(shape[-1]), int(lookup.args[2])
-        T = int(T)
+        T, d, V = int(lookup.args[1].meta["val"].numel()), int(shape[-1]), int(lookup.args[2])
         ghost = (2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T) * gram_fraction(T)
         inst = MEMORY_WEIGHT * (3 * V * d + T * d)
-        method = pick(sites[0].strategy if sites[0].strategy in ("ghost", "instantiate") else "auto", ghost, inst)
+        method = pick(sites[0].strategy, ghost, inst)
         reason = f"embedding of batch-free ids (positions), T={T} d={d} V={V}: ghost ~2T²d vs instantiate ~3Vd"
         return [NormChoice(method, ghost, inst, reason, T)]
     factorable = len(shape) == 2 and all(c.tokens > 0 for c in choices)
