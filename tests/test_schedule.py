@@ -313,8 +313,8 @@ def test_balanced_instantiates_where_it_saves_flops_under_the_peak() -> None:
 
 
 def test_forced_ghost_strategy_is_kept() -> None:
-    """strategy="ghost" means ghost norms wherever a rule has them: the scheduler does not swap
-    layers to instantiation for flops (it would on strategy="auto" here)."""
+    """strategy="ghost" means ghost norms wherever a rule has them: "balanced" does not instantiate
+    layers to save flops (it used to, here mix.weight and tag.weight, whose instantiation is cheaper)."""
     zc = case("long_tokens")
     x, y = zc.batch(5)
     model = zc.make()
