@@ -175,6 +175,11 @@ def test_per_layer_clipping(zc: ZooCase, reduction: str) -> None:
     run_against_oracle(zc, reduction=reduction, clipping="per_layer")
 
 
+def test_per_layer_clipping_of_ghost_norms() -> None:
+    """Per-layer clip factors from ghost norms: blocked Grams, tied cross terms, positions' lookup."""
+    run_against_oracle(case("long_tokens"), reduction="sum", clipping="per_layer", strategy="ghost")
+
+
 @pytest.mark.parametrize(
     "zc,reduction",
     [
