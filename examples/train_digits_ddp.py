@@ -105,6 +105,10 @@ def main() -> None:
             f"final: test accuracy {acc:.3f}  (epsilon={engine.epsilon():.2f}, delta={args.delta})  "
             f"{time.time() - start:.1f}s"
         )
+    # Every rank waits here (GIL released) before the process group goes: a gloo worker thread that
+    # still owns a finished collective must release it under the GIL, and the group's destructor
+    # joins those threads while holding the GIL (a teardown deadlock seen under torchrun).
+    dist.barrier()
     dist.destroy_process_group()
 
 

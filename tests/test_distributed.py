@@ -6,6 +6,7 @@ its results. Single-rank tests (wrapping-order refusals, FSDP) run in this proce
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -265,6 +266,15 @@ def test_single_rank_ddp_equals_plain_grapefx(tmp_path: Path, device: str) -> No
         dist.destroy_process_group()
 
 
+def _descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (Linux /proc; empty elsewhere)."""
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
 def test_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
     """examples/train_digits_ddp.py, short form, 2 processes under torchrun (what CI runs)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -275,15 +285,23 @@ def test_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     cmd += [str(ROOT / "examples" / "train_digits_ddp.py"), "--quick"]
-    # Own process group: on a timeout the workers are killed with torchrun, not left running.
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"timed out:\n{stdout[-3000:]}\n{stderr[-3000:]}") from None
+    # Output to files, not pipes: a worker that outlives torchrun would hold a pipe open and block
+    # the read. On a timeout torchrun's process group and its workers (in sessions of their own) die.
+    out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env, cwd=ROOT, start_new_session=True)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            workers = _descendants(proc.pid)
+            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(
+                f"timed out:\n{out_path.read_text()[-3000:]}\n{err_path.read_text()[-3000:]}"
+            ) from None
+    stdout, stderr = out_path.read_text(), err_path.read_text()
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert "test accuracy" in stdout and "bytes/step" in stdout, stdout[-2000:]

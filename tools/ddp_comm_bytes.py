@@ -92,6 +92,7 @@ def main() -> None:
         if args.out:
             Path(f"{args.out}.json").write_text(json.dumps(rows, indent=1))
             Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
+    dist.barrier()  # before teardown: see the end of examples/train_digits_ddp.py
     dist.destroy_process_group()
 
 

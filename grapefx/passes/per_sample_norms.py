@@ -76,7 +76,7 @@ def _shared_choice(g: ParamGrad, sites: list[SiteContext], choices: list[NormCho
     if lookup is not None:  # positions: an embedding of batch-free ids, summed over the batch
         T, d, V = int(lookup.args[1].meta["val"].numel()), int(shape[-1]), int(lookup.args[2])
         ghost = (2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T) * gram_fraction(T)
-        inst = MEMORY_WEIGHT * (3 * V * d + T * d)
+        inst = MEMORY_WEIGHT * (3 * V * d + T * d) + sites[0].fresh_weight * V * d
         method = pick(sites[0].strategy, ghost, inst)
         reason = f"embedding of batch-free ids (positions), T={T} d={d} V={V}: ghost ~2T²d vs instantiate ~3Vd"
         return [NormChoice(method, ghost, inst, reason, T)]
@@ -86,7 +86,7 @@ def _shared_choice(g: ParamGrad, sites: list[SiteContext], choices: list[NormCho
         m, n = int(shape[0]), int(shape[1])
         ts = [c.tokens for c in choices]
         ghost = sum(mm_costs(1, m, n)[0] * ta * tb for ta in ts for tb in ts)
-        inst = sum(ts) * 2.0 * m * n + MEMORY_WEIGHT * 2 * m * n
+        inst = sum(ts) * 2.0 * m * n + (MEMORY_WEIGHT * 2 + sites[0].fresh_weight) * m * n
         method = pick(strategy if strategy in ("ghost", "instantiate") else "auto", ghost, inst)
         reason = f"shared by {len(sites)} sites, T={ts} m={m} n={n}: cross-term ghost vs instantiation"
         return [NormChoice(method, ghost, inst, reason, c.tokens) for c in choices]

@@ -57,7 +57,8 @@ class EmbeddingRule(SiteRule):
         T = int(math.prod(int(s) for s in other_dims) * lay.outer * lay.inner)  # tokens per sample
         d, V = int(shape_of(grad)[-1]), int(site.node.args[2])
         ghost = (2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T) * gram_fraction(T)
-        inst = MEMORY_WEIGHT * (3 * V * d + T * d)  # zero-fill, scatter, square-and-sum of [V, d]
+        # zero-fill, scatter, square-and-sum of a fresh [V, d]
+        inst = MEMORY_WEIGHT * (3 * V * d + T * d) + site.fresh_weight * V * d
         reason = f"T={T} d={d} V={V}: ghost ~2T²d vs instantiate ~3Vd memory-bound per sample"
         return NormChoice(pick(site.strategy, ghost, inst), ghost, inst, reason, T)
 

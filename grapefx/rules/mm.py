@@ -51,7 +51,7 @@ class MatmulRule(SiteRule):
         T = int(lk.outer * lk.inner)
         M = int(a.meta["val"].shape[0])
         N = int(b.meta["val"].shape[1])
-        ghost, inst, fits = mm_extra_costs(T, M, N)
+        ghost, inst, fits = mm_extra_costs(T, M, N, site.fresh_weight)
         if site.strategy in ("ghost", "instantiate"):
             method, why = site.strategy, f"strategy={site.strategy}"
         elif fits and inst <= ghost:

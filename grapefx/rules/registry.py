@@ -33,6 +33,12 @@ class SiteContext:
     def value(self, arg: Any) -> Any:
         return self.env[arg] if isinstance(arg, fx.Node) else arg
 
+    @property
+    def fresh_weight(self) -> float:
+        """Flop-equivalents per element of a fresh per-sample buffer on this site's device."""
+        val = self.node.meta.get("val")
+        return fresh_memory_weight(val.device if isinstance(val, torch.Tensor) else "cpu")
+
     def layout(self, arg: Any) -> BatchLayout | None:
         lay = self.layouts.layouts.get(arg) if isinstance(arg, fx.Node) else None
         if lay is UNKNOWN:
@@ -112,11 +118,25 @@ def squared_norms(per_sample: torch.Tensor) -> torch.Tensor:
 # three; zero-fill + scatter + norm + weighted sum of the positions' [16, 512, 256] gradient ~4 ns.
 MEMORY_WEIGHT = 32.0
 
+# An instantiated per-sample gradient is a fresh multi-MB buffer every step. On CPU, glibc serves
+# blocks that large with mmap and returns them on free, so the first touch of each page faults:
+# ~1.6 ns per float32 element on this project's CPU (a 64 MB fill: 28 ms fresh vs 1.8 ms reused),
+# ~160 flop-equivalents. On M3 (B=16) instantiating qkv/proj/fc1 measured ~40 ms slower per step than
+# ghost norms, and equal once page faults were switched off (MALLOC_MMAP_THRESHOLD_), so the cost is
+# the faults. CUDA's caching allocator reuses its blocks: no such cost there. The Gram blocks of ghost
+# norms are small ([B, T/k, T/k]) and come from the reused heap.
+FRESH_MEMORY_WEIGHT = {"cpu": 160.0}
 
-def mm_costs(T: int, M: int, N: int) -> tuple[float, float]:
-    """(ghost, instantiate) cost of the norm of Σ_t L_t ⊗ R_t with L [T, M], R [T, N]."""
+
+def fresh_memory_weight(device: torch.device | str) -> float:
+    return FRESH_MEMORY_WEIGHT.get(torch.device(device).type, 0.0)
+
+
+def mm_costs(T: int, M: int, N: int, fresh: float = 0.0) -> tuple[float, float]:
+    """(ghost, instantiate) cost of the norm of Σ_t L_t ⊗ R_t with L [T, M], R [T, N]; `fresh`: the
+    device's cost per element of a newly allocated buffer (`fresh_memory_weight`)."""
     ghost = (2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T) * gram_fraction(T)
-    inst = 2.0 * T * M * N + MEMORY_WEIGHT * 2 * M * N
+    inst = 2.0 * T * M * N + (MEMORY_WEIGHT * 2 + fresh) * M * N
     return ghost, inst
 
 
@@ -125,12 +145,12 @@ def mm_costs(T: int, M: int, N: int) -> tuple[float, float]:
 INSTANTIATE_MEMORY_FACTOR = 1.5
 
 
-def mm_extra_costs(T: int, M: int, N: int) -> tuple[float, float, bool]:
+def mm_extra_costs(T: int, M: int, N: int, fresh: float = 0.0) -> tuple[float, float, bool]:
     """Costs *beyond* non-private training of the two methods for one mm site, per sample, and
     whether instantiation fits the memory rule. Ghost adds its Gram products; instantiation replaces
     the weight-gradient matmul by the per-sample bmm (same flops) and adds only memory traffic."""
     ghost = (2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T) * gram_fraction(T)
-    inst = MEMORY_WEIGHT * 3 * M * N  # square-and-sum, weighted sum, write
+    inst = (MEMORY_WEIGHT * 3 + fresh) * M * N  # square-and-sum, weighted sum, write; fresh pages
     fits = M * N <= INSTANTIATE_MEMORY_FACTOR * T * (M + N)
     return ghost, inst, fits
 
