@@ -59,7 +59,10 @@ class MatmulRule(SiteRule):
         else:
             method = "ghost"
             why = "ghost is cheaper" if fits else f"[B,{M},{N}] per-sample gradient too large to keep"
-        reason = f"T={T} M={M} N={N}: extra cost ghost ~2T²(M+N)·f={ghost:.3g} vs instantiate ~3MN={inst:.3g}; {why}"
+        reason = (
+            f"T={T} M={M} N={N}: extra cost ghost ~2T²(M+N)·f={ghost:.3g} vs instantiate ~3MN traffic + "
+            f"fresh pages={inst:.3g}; {why}"
+        )
         return NormChoice(method, ghost, inst, reason, T)
 
     def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:

@@ -132,11 +132,10 @@ def fresh_memory_weight(device: torch.device | str) -> float:
     return FRESH_MEMORY_WEIGHT.get(torch.device(device).type, 0.0)
 
 
-def mm_costs(T: int, M: int, N: int, fresh: float = 0.0) -> tuple[float, float]:
-    """(ghost, instantiate) cost of the norm of Σ_t L_t ⊗ R_t with L [T, M], R [T, N]; `fresh`: the
-    device's cost per element of a newly allocated buffer (`fresh_memory_weight`)."""
+def mm_costs(T: int, M: int, N: int) -> tuple[float, float]:
+    """(ghost, instantiate) cost of the norm of Σ_t L_t ⊗ R_t with L [T, M], R [T, N]."""
     ghost = (2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T) * gram_fraction(T)
-    inst = 2.0 * T * M * N + (MEMORY_WEIGHT * 2 + fresh) * M * N
+    inst = 2.0 * T * M * N + MEMORY_WEIGHT * 2 * M * N
     return ghost, inst
 
 
@@ -148,7 +147,8 @@ INSTANTIATE_MEMORY_FACTOR = 1.5
 def mm_extra_costs(T: int, M: int, N: int, fresh: float = 0.0) -> tuple[float, float, bool]:
     """Costs *beyond* non-private training of the two methods for one mm site, per sample, and
     whether instantiation fits the memory rule. Ghost adds its Gram products; instantiation replaces
-    the weight-gradient matmul by the per-sample bmm (same flops) and adds only memory traffic."""
+    the weight-gradient matmul by the per-sample bmm (same flops) and adds only memory traffic and,
+    `fresh` per element, the device's cost of a newly allocated buffer (`fresh_memory_weight`)."""
     ghost = (2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T) * gram_fraction(T)
     inst = (MEMORY_WEIGHT * 3 + fresh) * M * N  # square-and-sum, weighted sum, write; fresh pages
     fits = M * N <= INSTANTIATE_MEMORY_FACTOR * T * (M + N)
