@@ -72,8 +72,7 @@ def _layer_norm_per_sample(site: SiteContext, nb) -> tuple[torch.Tensor, torch.T
     positions = list(range(1, g.dim() - len(normalized_shape)))  # every dim but B and the normalized
     # g ⊙ x̂ with x̂ = (x − mean)·rstd, in one temporary: the in-place steps act on the fresh
     # difference only (its sole reader is the next step), saving two [B, T, d] buffers per norm.
-    prod = (xv - m).mul_(r)
-    prod = prod.to(g.dtype).mul_(g) if prod.dtype != g.dtype else prod.mul_(g)
+    prod = (xv - m).mul_(r).to(g.dtype).mul_(g)  # .to: a no-op at equal dtypes, else a fresh cast
     weight = prod.sum(positions) if positions else prod
     bias = g.sum(positions) if positions else g
     return weight, bias
