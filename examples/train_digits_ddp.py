@@ -10,7 +10,7 @@ order that is exact —, rank 0 alone adds the noise, and the accountant counts 
 global q. After each backward every rank holds the same private gradient a single process would
 compute on the global batch. With --strategy grape, ranks all-reduce the rank-r projected gradients
 instead of the full weight gradients; the bytes all-reduced per step are printed at the end.
-Uses NCCL and one GPU per rank when CUDA is available, else gloo on CPU.
+Uses NCCL and one GPU per rank when there are at least as many GPUs as local ranks, else gloo on CPU.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def main() -> None:
     if args.quick:
         args.epochs = 2
 
-    cuda = torch.cuda.is_available()
+    # one GPU per rank (NCCL cannot share a device between ranks): fewer GPUs than local ranks -> CPU
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available() and torch.cuda.device_count() >= local_world
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")

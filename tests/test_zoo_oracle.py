@@ -113,7 +113,8 @@ def run_against_oracle(
         try:
             assert_grads_match(model, ref, rtol=RTOL)
         except AssertionError as e:
-            raise AssertionError(f"[{zc.name} B={B} {reduction} {clipping} {strategy} {codegen} {device}] {e}") from None
+            where = f"{zc.name} B={B} {reduction} {clipping} {strategy} {codegen} {device}"
+            raise AssertionError(f"[{where}] {e}") from None
         got = cm.per_sample_norms()
         assert got is not None and got.shape == (B,), f"B={B}: per_sample_norms() = {got!r}"
         torch.testing.assert_close(got.double(), norms, rtol=NORM_RTOL, atol=1e-6, msg=lambda m: f"B={B}: {m}")
