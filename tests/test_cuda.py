@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_grape import check_projected_gradients
 from test_sensitivity import flat_grad, median_norm
 from test_zoo_oracle import run_against_oracle
 from zoo import ZOO, case
@@ -54,6 +55,13 @@ def test_clipping_modes_on_cuda(name: str, clipping: str) -> None:
 
 def test_loss_inside_on_cuda() -> None:
     run_against_oracle(case("gpt"), reduction="mean", loss_inside=True, codegen="inductor", device=DEV)
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+@pytest.mark.parametrize("factory", ["mlp", "lm"])
+def test_grape_on_cuda(factory: str, codegen: str) -> None:
+    """DP-GRAPE: projected gradients and their back-projection against the dense reference."""
+    check_projected_gradients(factory, "mean", device=DEV, codegen=codegen)
 
 
 @pytest.mark.parametrize("codegen", ["eager", "inductor"])

@@ -53,7 +53,7 @@ def _reference(model, cm, x, y, C, reduction):
     B = x.shape[0]
     projections = {}
     for name in cm.privacy_config.grape_params:
-        P = current_projection(cm, name).double()
+        P = current_projection(cm, name).double().to(ps[name].device)
         rows = ps[name].shape[1] <= ps[name].shape[2]
         projections[name] = (P, rows)
         ps[name] = P @ ps[name] if rows else ps[name] @ P.T
@@ -71,10 +71,22 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("factory", ["mlp", "lm"])
 def test_projected_gradients_match_dense_reference(factory: str, reduction: str) -> None:
+    check_projected_gradients(factory, reduction)
+
+
+def check_projected_gradients(factory: str, reduction: str, device: str = "cpu", codegen: str = "eager") -> None:
+    """Ĝ and p.grad against the dense reference, batch sizes 6, 3, 1 through one compiled model."""
     torch.manual_seed(0)
-    model = _mlp() if factory == "mlp" else TinyLM()
+    model = (_mlp() if factory == "mlp" else TinyLM()).to(device)
     cm = grapefx.compile(
-        model, max_grad_norm=0.5, noise_multiplier=0.0, strategy="grape", rank=4, loss_reduction=reduction, seed=3
+        model,
+        max_grad_norm=0.5,
+        noise_multiplier=0.0,
+        strategy="grape",
+        rank=4,
+        loss_reduction=reduction,
+        seed=3,
+        codegen=codegen,
     )
     expected = {"mlp": ("0.weight", "2.weight"), "lm": ("up.weight", "down.weight")}[factory]
     assert cm.privacy_config.grape_params == expected  # default policy: Linear weights, not head/embedding
@@ -83,6 +95,7 @@ def test_projected_gradients_match_dense_reference(factory: str, reduction: str)
             x, y = torch.randn(B, 40), torch.randint(0, 5, (B,))
         else:
             x, y = torch.randint(0, 30, (B, 7)), torch.randint(0, 30, (B, 7))
+        x, y = x.to(device), y.to(device)
         model.zero_grad(set_to_none=True)
         _loss(cm(x), y, reduction).backward()
         ref, projections, norms = _reference(model, cm, x, y, 0.5, reduction)
@@ -92,6 +105,7 @@ def test_projected_gradients_match_dense_reference(factory: str, reduction: str)
             if name in projections:
                 ghat = cm.privacy_state.projected_grads[name]
                 assert ghat.shape == ref[name].shape and 4 in ghat.shape
+                assert ghat.device == p.device
                 assert _rel(ghat, ref[name]) < 1e-5, name
                 P, rows = projections[name]
                 dense = P.T @ ref[name] if rows else ref[name] @ P
