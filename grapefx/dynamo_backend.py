@@ -25,7 +25,7 @@ from grapefx.analysis.forward_checks import check_forward
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, analyze_layouts
 from grapefx.config import PrivacyConfig
 from grapefx.distributed.wrap import check_backend_call
-from grapefx.errors import GrapefxError, GraphBreakError
+from grapefx.errors import GrapefxError, GraphBreakError, describe_node
 from grapefx.grape import registry as grape_registry
 from grapefx.inspect.dumps import dump_from_env
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
@@ -162,6 +162,7 @@ class GrapefxBackend:
             return
         layouts = analyze_layouts(fw_gm, capture.batch_size, seeds)
         check_forward(fw_gm, layouts)
+        shared["forward_culprits"] = tuple(describe_node(n) for n in layouts.unknown_ops)
         outputs = list(fw_gm.graph.output_node().args[0])
         shared["saved"] = {n.name: layouts.layouts.get(n) for n in outputs if isinstance(n, fx.Node)}
         shared["tangent_layouts"] = _tangent_layouts(outputs, layouts.layouts)
@@ -196,7 +197,16 @@ class GrapefxBackend:
             ghost: frozenset[str], instantiate: frozenset[str] = frozenset()
         ) -> tuple[fx.GraphModule, BackwardPlan]:
             return privatize_backward(
-                bw_gm, bw_inputs, seeds, shared["batch"], params, self.config, self.state.id, ghost, instantiate
+                bw_gm,
+                bw_inputs,
+                seeds,
+                shared["batch"],
+                params,
+                self.config,
+                self.state.id,
+                ghost,
+                instantiate,
+                shared.get("forward_culprits", ()),
             )
 
         new_gm, plan, memory_plan = schedule_memory(build, bw_gm, self.config, shared.get("recipes"))

@@ -137,3 +137,22 @@ def test_nonlinear_reduction_over_the_batch_is_refused() -> None:
     cm = grapefx.compile(_MaxOverBatchLoss(), noise_multiplier=0.0)
     with pytest.raises(grapefx.BatchMixingError, match="nonlinear reduction"):
         cm(torch.randn(4, 5)).backward()
+
+
+class _ScanOverBatch(nn.Module):
+    """A cumsum / flip along the batch dim mixes samples; along tokens it is per-sample (RoBERTa)."""
+
+    def __init__(self, op: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.op = op
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h.cumsum(0) if self.op == "cumsum" else h.flip(0)
+
+
+@pytest.mark.parametrize("op", ["cumsum", "flip"])
+def test_scan_over_the_batch_is_refused_naming_the_op(op: str) -> None:
+    with pytest.raises(grapefx.UnsupportedOpError, match=rf"`fc.weight`.*{op}"):
+        _run(_ScanOverBatch(op), torch.randn(4, 5))

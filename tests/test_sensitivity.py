@@ -64,6 +64,7 @@ SENS = [
     ("mlp", "automatic", "auto"),
     ("embedding_bag", "automatic", "auto"),
     ("long_tokens", "flat", "ghost"),  # blocked Grams, tied cross terms, positions' lookup norm
+    ("encoder_ids", "flat", "auto"),  # ids shared by all samples, cumsum position ids
 ]
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from oracle import assert_grads_match, oracle_grads
 from torch.func import functional_call, grad, vmap
-from zoo import ZOO, LossInside, ZooCase, case, dynamo_graph_count
+from zoo import HF_MORE, ZOO, LossInside, ZooCase, case, dynamo_graph_count
 
 import grapefx
 
@@ -128,6 +128,9 @@ def run_against_oracle(
 # the mean-reduction variants of the heaviest models run with -m slow only (the sum variants and the
 # lighter models already cover their graphs in the default suite)
 HEAVY = ("gpt_tied", "resnet_gn", "vit", "hf_gpt2", "mha_tmajor")
+# transformers models beyond GPT-2 run with -m slow in both reductions (~10 s each); the patterns
+# they exercise (shared ids, cumsum positions, tensor constants) are in `encoder_ids` by default
+SLOW_ALWAYS = ("hf_bert", "hf_roberta", "hf_llama", "hf_opt")
 
 
 def _flat_params():
@@ -136,7 +139,7 @@ def _flat_params():
         for p in _cases():
             zc = p.values[0]
             marks = list(p.marks)
-            if reduction == "mean" and zc.name in HEAVY:
+            if (reduction == "mean" and zc.name in HEAVY) or zc.name in SLOW_ALWAYS:
                 marks.append(pytest.mark.slow)
             out.append(pytest.param(zc, reduction, id=f"{zc.name}-{reduction}", marks=marks))
     return out
@@ -145,6 +148,13 @@ def _flat_params():
 @pytest.mark.parametrize("zc,reduction", _flat_params())
 def test_zoo_flat(zc: ZooCase, reduction: str) -> None:
     run_against_oracle(zc, reduction=reduction)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zc", [pytest.param(c, id=c.name) for c in HF_MORE])
+def test_more_transformers_families(zc: ZooCase) -> None:
+    """ALBERT, ELECTRA, DistilBERT, Mistral, Phi, GPT-NeoX, the T5 encoder and ViT from transformers."""
+    run_against_oracle(zc, reduction="sum")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -424,6 +425,111 @@ class HFGPT2(nn.Module):
         return self.m(input_ids=ids, use_cache=False).logits
 
 
+class EncoderIds(nn.Module):
+    """The id plumbing of BERT-family encoders, without transformers: RoBERTa's position ids (a
+    cumsum over non-pad tokens), BERT's default token types (a [1, max_T] buffer sliced and expanded
+    over the batch: every sample looks up the same ids), a padding_idx, and classification from the
+    first token, through a tensor constant (graph constants are batch-free)."""
+
+    def __init__(self, vocab: int = 20, d: int = 8, max_t: int = 16, n_cls: int = 4, pad: int = 0) -> None:
+        super().__init__()
+        self.pad = pad
+        self.word = nn.Embedding(vocab, d, padding_idx=pad)
+        self.pos = nn.Embedding(max_t + 1, d, padding_idx=pad)
+        self.types = nn.Embedding(2, d)
+        self.register_buffer("type_ids", torch.zeros(1, max_t, dtype=torch.long), persistent=False)
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(d, n_cls)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        B, T = ids.shape
+        mask = ids.ne(self.pad).int()
+        pos = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + self.pad
+        types = self.type_ids[:, :T].expand(B, T)
+        h = self.ln(self.word(ids) + self.pos(pos) + self.types(types))
+        gate = torch.tensor([1.0, 0.5] * (h.shape[-1] // 2))  # a tensor constant in the graph (as OPT has)
+        return self.head(torch.tanh(self.fc(h[:, 0] * gate)))
+
+
+_NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+_BERTISH = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+_DECODER = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+# name -> (config class, model class, config fields): tiny, no dropout, random weights, no download
+HF_TEXT: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "bert": ("BertConfig", "BertForSequenceClassification", {**_BERTISH, **_NO_DROPOUT}),
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification", {**_BERTISH, **_NO_DROPOUT, "pad_token_id": 0}),
+    "albert": (
+        "AlbertConfig",
+        "AlbertForSequenceClassification",
+        {**_BERTISH, **_NO_DROPOUT, "embedding_size": 16, "classifier_dropout_prob": 0.0},
+    ),
+    "electra": ("ElectraConfig", "ElectraForSequenceClassification", {**_BERTISH, **_NO_DROPOUT, "embedding_size": 16}),
+    "distilbert": (
+        "DistilBertConfig",
+        "DistilBertForSequenceClassification",
+        dict(vocab_size=64, dim=32, n_layers=2, n_heads=2, hidden_dim=64, dropout=0.0, attention_dropout=0.0)
+        | {"seq_classif_dropout": 0.0},
+    ),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {**_DECODER, "num_key_value_heads": 2}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER, "num_key_value_heads": 2}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {**_DECODER, "resid_pdrop": 0.0, "embd_pdrop": 0.0}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**_DECODER, "hidden_dropout": 0.0}),
+    "opt": (
+        "OPTConfig",
+        "OPTForCausalLM",
+        dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64)
+        | {"dropout": 0.0, "word_embed_proj_dim": 32},
+    ),
+}
+
+
+class HFText(nn.Module):
+    """A transformers text model of `HF_TEXT` returning logits: sequence classification for the
+    encoders (BERT's token-type buffer, RoBERTa's cumsum position ids, ALBERT's shared layers and
+    factorized embedding, the pooler) or a causal LM for the decoders (Llama / Mistral: RMSNorm,
+    rotary embeddings, grouped-query attention, SiLU-gated MLP, untied head; OPT: positions from a
+    cumsum over the attention mask, tensor constants in the graph; Phi, GPT-NeoX: partial rotary,
+    parallel blocks)."""
+
+    def __init__(self, name: str, n_cls: int = 3) -> None:
+        super().__init__()
+        import transformers as tf
+
+        cfg_name, model_name, fields = HF_TEXT[name]
+        common = {"max_position_embeddings": 40, "use_cache": False, "attention_dropout": 0.0}
+        cfg = getattr(tf, cfg_name)(**{**common, **fields})
+        if model_name.endswith("SequenceClassification"):
+            cfg.num_labels = n_cls
+        self.m = getattr(tf, model_name)(cfg)
+        self.m.train()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.m(input_ids=ids).logits
+
+
+class HFEncoderHead(nn.Module):
+    """transformers' T5 encoder (relative position buckets, T5's RMS-style norm) or ViT (patch conv,
+    cls token, position embeddings) with a linear head on the first position."""
+
+    def __init__(self, name: str, n_cls: int) -> None:
+        super().__init__()
+        import transformers as tf
+
+        if name == "t5":
+            cfg = tf.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
+            self.m, self.key = tf.T5EncoderModel(cfg), "input_ids"
+        else:
+            cfg = tf.ViTConfig(image_size=8, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+            cfg.intermediate_size, cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob = 64, 0.0, 0.0
+            self.m, self.key = tf.ViTModel(cfg, add_pooling_layer=False), "pixel_values"
+        self.m.train()
+        self.head = nn.Linear(32, n_cls)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.m(**{self.key: x}).last_hidden_state[:, 0])
+
+
 # ----------------------------------------------------------------------------------------------
 # the zoo
 # ----------------------------------------------------------------------------------------------
@@ -505,9 +611,30 @@ ZOO: list[ZooCase] = [
     ZooCase("vit", lambda: TinyViT(), _dense((3, 8, 8), 5), tags={"attention", "conv"}),
     ZooCase("resnet_gn", lambda: ResNetGN(), _dense((3, 8, 8), 5), tags={"conv"}),
     ZooCase("hf_gpt2", lambda: HFGPT2(), _ids(8, 64), token_loss, tags={"gpt", "hf"}, available=has_transformers),
+    ZooCase("encoder_ids", lambda: EncoderIds(), _ids(9, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),
+    ZooCase("hf_bert", lambda: HFText("bert"), _ids(8, 64, n_cls=3), tags={"hf"}, available=has_transformers),
+    ZooCase("hf_roberta", lambda: HFText("roberta"), _ids(8, 64, 3, 0.2), tags={"hf"}, available=has_transformers),
+    ZooCase("hf_llama", lambda: HFText("llama"), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers),
+    ZooCase("hf_opt", lambda: HFText("opt"), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers),
 ]
 
-BY_NAME: dict[str, ZooCase] = {c.name: c for c in ZOO}
+# More transformers families, checked with -m slow only (each is another ~10 s compile).
+HF_MORE: list[ZooCase] = (
+    [
+        ZooCase(f"hf_{n}", lambda n=n: HFText(n), _ids(8, 64, n_cls=3), tags={"hf"}, available=has_transformers)
+        for n in ("albert", "electra", "distilbert")
+    ]
+    + [
+        ZooCase(f"hf_{n}", lambda n=n: HFText(n), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers)
+        for n in ("mistral", "phi", "gpt_neox")
+    ]
+    + [
+        ZooCase("hf_t5_encoder", lambda: HFEncoderHead("t5", 3), _ids(8, 64, n_cls=3), available=has_transformers),
+        ZooCase("hf_vit", lambda: HFEncoderHead("vit", 5), _dense((3, 8, 8), 5), available=has_transformers),
+    ]
+)
+
+BY_NAME: dict[str, ZooCase] = {c.name: c for c in ZOO + HF_MORE}
 
 
 def case(name: str) -> ZooCase:

@@ -56,7 +56,11 @@ def site_kind(node: fx.Node, layouts: LayoutResult) -> str | None:
     return None
 
 
-def find_grad_sites(gm: fx.GraphModule, layouts: LayoutResult, params: list[tuple[int, str]]) -> list[ParamGrad]:
+def find_grad_sites(
+    gm: fx.GraphModule, layouts: LayoutResult, params: list[tuple[int, str]], forward_culprits: tuple[str, ...] = ()
+) -> list[ParamGrad]:
+    """`forward_culprits`: the forward graph's ops without a batch-layout rule (described), named
+    when a backward failure traces back to a forward output of unknown layout."""
     outputs = gm.graph.output_node().args[0]
     placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
     tangents = {n for n in placeholders if n.name.startswith("tangents")}
@@ -85,7 +89,7 @@ def find_grad_sites(gm: fx.GraphModule, layouts: LayoutResult, params: list[tupl
                 continue
             lay = layouts.layouts.get(n)
             if lay is UNKNOWN or lay is not None:
-                raise _unknown_error(name, n, layouts)
+                raise _unknown_error(name, n, layouts, forward_culprits)
             if n in tangents:
                 raise UnsupportedOpError(
                     f"Part of the gradient of parameter `{name}` does not depend on any sample "
@@ -150,8 +154,10 @@ def _check_site_users(grads: list[ParamGrad], layouts: LayoutResult) -> None:
                 )
 
 
-def _unknown_error(name: str, node: fx.Node, layouts: LayoutResult) -> UnsupportedOpError:
-    culprit = node
+def _unknown_error(
+    name: str, node: fx.Node, layouts: LayoutResult, forward_culprits: tuple[str, ...] = ()
+) -> UnsupportedOpError:
+    culprit: str | None = None
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
@@ -159,11 +165,13 @@ def _unknown_error(name: str, node: fx.Node, layouts: LayoutResult) -> Unsupport
             continue
         seen.add(n)
         if n in layouts.unknown_ops:
-            culprit = n
+            culprit = describe_node(n)
             break
         stack.extend(a for a in n.all_input_nodes if layouts.layouts.get(a) is UNKNOWN)
+    if culprit is None:  # the unknown layout came in through a saved activation or a tangent
+        culprit = f"{forward_culprits[0]} (forward pass)" if forward_culprits else describe_node(node)
     return UnsupportedOpError(
-        f"Cannot derive per-sample gradients for parameter `{name}`: {describe_node(culprit)} "
+        f"Cannot derive per-sample gradients for parameter `{name}`: {culprit} "
         "has no batch-layout rule (it may mix samples, e.g. indexing or reshaping across the batch "
         "dimension). Rewrite that step so each sample is processed independently, or freeze the "
         "parameter."

@@ -191,7 +191,7 @@ class _Propagator:
                 self.res.layouts[node] = lay
                 if lay is UNKNOWN and not any(self.lay(a) is UNKNOWN for a in self.tensor_args(node)):
                     self.res.unknown_ops[node] = str(node.target)
-            elif node.op == "output":
+            elif node.op in ("output", "get_attr"):  # get_attr: a tensor constant, batch-free
                 self.res.layouts[node] = None
             else:
                 self.res.layouts[node] = UNKNOWN
@@ -395,6 +395,10 @@ def _conv_backward(p: _Propagator, n: fx.Node) -> Any:
 def _embedding_backward(p: _Propagator, n: fx.Node) -> Any:
     grad, idx = n.args[:2]
     lg, li = p.lay(grad), p.lay(idx)
+    # ids without a batch layout are the same for every sample (BERT's default token_type_ids: a
+    # buffer expanded to [B, T]); they have the grad's leading shape, so the grad's layout fits them
+    if li is None and isinstance(lg, BatchLayout):
+        li = lg
     if UNKNOWN in (lg, li) or li is None or (lg is not None and lg != li):
         return UNKNOWN
     p.res.batch_reductions[n] = "embedding_dense_backward"
@@ -565,6 +569,30 @@ def _pointwise_with_dim(p: _Propagator, n: fx.Node) -> Any:
     return p.broadcast(n, p.tensor_args(n))
 
 
+def _along_dims(p: _Propagator, n: fx.Node) -> Any:
+    """Scans and flips along given dims (cumsum, cumprod, logcumsumexp, cummax/cummin, flip, roll):
+    per-sample unless a dim is the batch dim. RoBERTa's position ids are a cumsum over tokens."""
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN:
+        return UNKNOWN
+    ndim = len(shape_of(n.args[0]))
+    packet = n.target.overloadpacket
+    if packet is aten.flip:
+        dims = list(n.args[1])
+    elif packet is aten.roll:
+        dims = n.args[2] if len(n.args) > 2 else n.kwargs.get("dims", [])
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if not dims:
+            return UNKNOWN  # roll of the flattened tensor moves elements across samples
+    else:
+        dims = [n.args[1]]
+    if any(_norm_dim(d, ndim) == lx.dim for d in dims):
+        return UNKNOWN
+    if packet in (aten.cummax, aten.cummin):
+        return (lx, lx)
+    return lx
+
+
 _RULES: dict[Any, Any] = {}
 
 
@@ -702,6 +730,7 @@ _register(
     _data_free,
 )
 _register([aten.where, aten.masked_fill, aten.clamp, aten.native_dropout_backward], _pointwise_with_dim)
+_register([aten.cumsum, aten.cumprod, aten.logcumsumexp, aten.cummax, aten.cummin, aten.flip, aten.roll], _along_dims)
 
 
 def analyze_layouts(gm: fx.GraphModule, batch: Any, seeds: dict[str, Any]) -> LayoutResult:

@@ -82,10 +82,12 @@ def privatize_backward(
     state_id: int,
     ghost: frozenset[str] = frozenset(),
     instantiate: frozenset[str] = frozenset(),
+    forward_culprits: tuple[str, ...] = (),
 ) -> tuple[fx.GraphModule, BackwardPlan]:
-    """`ghost` / `instantiate`: parameters whose norm method the memory scheduler overrides."""
+    """`ghost` / `instantiate`: parameters whose norm method the memory scheduler overrides;
+    `forward_culprits`: forward ops without a batch-layout rule, for error messages."""
     layouts = analyze_layouts(gm, batch, seeds)
-    grads = find_grad_sites(gm, layouts, params)
+    grads = find_grad_sites(gm, layouts, params, forward_culprits)
     plan = BackwardPlan(grads, layouts=layouts)
     if config.strategy == "grape":
         wanted = set(config.grape_params or ())
@@ -116,7 +118,9 @@ def privatize_backward(
                 state["b"] = _batch_size_value(gm, layouts, env, batch)
                 like = next(v for v in env.values() if isinstance(v, torch.Tensor))
                 state["scale"], state["denom"] = loss_scale_and_denom(state["b"], config, state_id, like)
-            sites = [SiteContext(s, site_kind(s, layouts), layouts, env, state["b"], config.strategy) for s in g.sites]
+            sites = [
+                SiteContext(s, site_kind(s, layouts), layouts, env, state["b"], config.strategy, gm) for s in g.sites
+            ]
             site_ctx[g.name] = sites
             proj = plan.projections.get(g.name)
             with provenance("per_sample_norms", "norm", g.name):

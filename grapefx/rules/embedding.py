@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from grapefx.analysis.layout import shape_of
+from grapefx.analysis.layout import BatchLayout, shape_of
 from grapefx.rules.gram import dense_blocks, gram_fraction, same_id_blocks, symmetric_gram_dot
 from grapefx.rules.registry import (
     MEMORY_WEIGHT,
@@ -27,10 +27,19 @@ from grapefx.rules.registry import (
 aten = torch.ops.aten
 
 
+def token_layout(site: SiteContext) -> BatchLayout:
+    """The batch layout of a site's ids, which have its grad's leading shape. Ids shared by every
+    sample (a buffer expanded over the batch) have none of their own: the grad's layout is theirs."""
+    grad, ids = site.node.args[:2]
+    lay = site.layout(ids) or site.layout(grad)
+    assert lay is not None, "embedding site without a batched operand"
+    return lay
+
+
 def tokens(site: SiteContext) -> tuple[torch.Tensor, torch.Tensor]:
     """ids [B, T] and grads [B, T, d] of one site."""
     grad, ids = site.node.args[:2]
-    lay = site.layout(ids)
+    lay = token_layout(site)
     ids_b = expose_batch(site.value(ids), lay, site.batch_size)
     b = site.batch_size
     ids_b = ids_b.reshape(b, -1) if ids_b.dim() != 2 else ids_b
@@ -52,7 +61,7 @@ class EmbeddingRule(SiteRule):
 
     def choose(self, site: SiteContext) -> NormChoice:
         grad, ids = site.node.args[:2]
-        lay = site.layout(ids)
+        lay = token_layout(site)
         other_dims = [s for i, s in enumerate(shape_of(ids)) if i != lay.dim]
         T = int(math.prod(int(s) for s in other_dims) * lay.outer * lay.inner)  # tokens per sample
         d, V = int(shape_of(grad)[-1]), int(site.node.args[2])
@@ -73,5 +82,5 @@ class EmbeddingRule(SiteRule):
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
         grad, ids, num_weights, padding_idx, scale = site.node.args
         g = site.value(grad)
-        g = g * weights_like(weights, g, site.layout(ids))
+        g = g * weights_like(weights, g, token_layout(site))
         return aten.embedding_dense_backward(g, site.value(ids), num_weights, padding_idx, scale)

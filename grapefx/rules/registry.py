@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, shape_of
+from grapefx.passes.interp import make_lookup
 from grapefx.rules.gram import gram_fraction
 
 
@@ -29,9 +30,17 @@ class SiteContext:
     env: dict[fx.Node, Any]
     batch_size: Any  # traced SymInt / int
     strategy: str  # auto / ghost / instantiate
+    gm: fx.GraphModule | None = None  # the backward graph: batch-free operands computed on demand
 
     def value(self, arg: Any) -> Any:
-        return self.env[arg] if isinstance(arg, fx.Node) else arg
+        """The traced value of a site operand. A batch-free one the backward computes later than
+        this site's norm is needed (ids sliced from a buffer, recomputed next to their lookup) is
+        computed now; batched values must already exist."""
+        if not isinstance(arg, fx.Node):
+            return arg
+        if arg not in self.env and self.gm is not None and self.layouts.layouts.get(arg) is None:
+            return make_lookup(self.gm, self.env)(arg)
+        return self.env[arg]
 
     @property
     def fresh_weight(self) -> float:
