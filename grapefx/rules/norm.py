@@ -34,29 +34,38 @@ def group_norm_per_sample_affine_grads(
     g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, groups: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([B, C], [B, C]): each sample's GroupNorm weight and bias gradient (g: the output gradient,
-    x: the input, mean / rstd: the forward's [B, groups] statistics)."""
+    x: the input, mean / rstd: the forward's [B, groups] statistics), in float32 at least. The
+    statistics' dtype may differ from the input's (bfloat16 input under autocast: float32 mean /
+    rstd); the unread gamma takes theirs, as the kernel wants."""
     b, c = g.shape[0], g.shape[1]
+    acc = _accumulation_dtype(g)
     if b == 0:
-        return g.new_zeros([0, c]), g.new_zeros([0, c])
+        return g.new_zeros([0, c], dtype=acc), g.new_zeros([0, c], dtype=acc)
     s = g[0, 0].numel()
     _, weight, bias = aten.native_group_norm_backward(
         g.reshape(1, b * c, s),
         x.reshape(1, b * c, s),
         mean.reshape(1, b * groups),
         rstd.reshape(1, b * groups),
-        g.new_ones([b * c]),  # not read: only the affine gradients are asked for
+        mean.new_ones([b * c]),  # not read: only the affine gradients are asked for
         1,
         b * c,
         s,
         b * groups,
         [False, True, True],
     )
-    return weight.reshape(b, c), bias.reshape(b, c)
+    return weight.reshape(b, c).to(acc), bias.reshape(b, c).to(acc)
 
 
 @group_norm_per_sample_affine_grads.register_fake
 def _(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, groups: int):  # noqa: ANN202
-    return g.new_empty([g.shape[0], g.shape[1]]), g.new_empty([g.shape[0], g.shape[1]])
+    acc = _accumulation_dtype(g)
+    return g.new_empty([g.shape[0], g.shape[1]], dtype=acc), g.new_empty([g.shape[0], g.shape[1]], dtype=acc)
+
+
+def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for half-precision gradients, else their own dtype (float32 / float64)."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def _group_norm_per_sample(site: SiteContext, nb) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
@@ -70,11 +79,17 @@ def _layer_norm_per_sample(site: SiteContext, nb) -> tuple[torch.Tensor, torch.T
     lay, b = site.layout(x), site.batch_size
     g, xv, m, r = (expose_batch(site.value(a), lay, b) for a in (grad, x, mean, rstd))
     positions = list(range(1, g.dim() - len(normalized_shape)))  # every dim but B and the normalized
+    # Accumulate in float32 at least, as the fused backward does. The statistics are cast by an
+    # explicit copy: with a bfloat16 input and float32 weight (autocast) the CPU kernel returns
+    # float32 mean / rstd where the traced (meta) ones are bfloat16, and a `.to` that is a no-op in
+    # the trace would leave the runtime dtypes different from the traced graph's.
+    acc = _accumulation_dtype(xv)
+    m, r = (aten._to_copy.default(t, dtype=acc) for t in (m, r))
     # g ⊙ x̂ with x̂ = (x − mean)·rstd, in one temporary: the in-place steps act on the fresh
     # difference only (its sole reader is the next step), saving two [B, T, d] buffers per norm.
-    prod = (xv - m).mul_(r).to(g.dtype).mul_(g)  # .to: a no-op at equal dtypes, else a fresh cast
+    prod = (xv - m).mul_(r).mul_(g)
     weight = prod.sum(positions) if positions else prod
-    bias = g.sum(positions) if positions else g
+    bias = g.sum(positions, dtype=acc) if positions else g.to(acc)
     return weight, bias
 
 
