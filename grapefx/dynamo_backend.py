@@ -259,8 +259,13 @@ class GrapefxBackend:
             from torch._inductor.decomposition import select_decomp_table
 
             # Inductor lowers its own decomposition set (e.g. native_group_norm must be decomposed).
-            gm = retrace(fx.Interpreter(gm).run, inputs, decompositions=select_decomp_table())
-            return compile_fx_inner(gm, inputs, is_backward=is_backward)
+            # Random ops (dropout) stay whole and run as eager ATen calls: Inductor rewrites them
+            # into its own RNG only inside compile_fx (replace_random), which this path does not
+            # take, and the fallback draws the very masks eager PyTorch draws for the same seed.
+            table = {k: v for k, v in select_decomp_table().items() if not _is_random(k)}
+            gm = retrace(fx.Interpreter(gm).run, inputs, decompositions=table)
+            with torch._inductor.config.patch(fallback_random=True):
+                return compile_fx_inner(gm, inputs, is_backward=is_backward)
         return _boxed(gm)
 
 
@@ -280,6 +285,10 @@ _INDUCTOR_TRAPS = (
     aten.max_pool2d_with_indices_backward,
     aten.max_pool3d_with_indices_backward,
 )
+
+
+def _is_random(op: Any) -> bool:
+    return torch.Tag.nondeterministic_seeded in getattr(op, "tags", ())
 
 
 def _has_inductor_trap(gm: fx.GraphModule) -> bool:
