@@ -156,3 +156,26 @@ class _ScanOverBatch(nn.Module):
 def test_scan_over_the_batch_is_refused_naming_the_op(op: str) -> None:
     with pytest.raises(grapefx.UnsupportedOpError, match=rf"`fc.weight`.*{op}"):
         _run(_ScanOverBatch(op), torch.randn(4, 5))
+
+
+class _WeightedCE(nn.Module):
+    """Cross-entropy with class weights inside the compiled module."""
+
+    def __init__(self, reduction: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.reduction = reduction
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.fc(x), y, weight=torch.tensor([1.0, 2.0, 0.5]), reduction=self.reduction)
+
+
+def test_class_weighted_mean_loss_is_refused_and_sum_accepted() -> None:
+    """A weighted mean divides by the batch's summed target weights: not a mean of per-sample terms."""
+    x, y = torch.randn(4, 5), torch.tensor([0, 1, 2, 1])
+    cm = grapefx.compile(_WeightedCE("mean"), noise_multiplier=0.0)
+    with pytest.raises(grapefx.BatchMixingError, match=r"not a sum or mean of per-sample terms.*class weights"):
+        cm(x, y).backward()
+    model = _WeightedCE("sum")
+    grapefx.compile(model, noise_multiplier=0.0, loss_reduction="sum")(x, y).backward()
+    assert model.fc.weight.grad is not None

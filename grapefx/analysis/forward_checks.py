@@ -109,7 +109,9 @@ def _check_linear_use(node: fx.Node, parents: list[fx.Node], layouts: LayoutResu
             f"The loss is not a sum or mean of per-sample terms: {describe_node(node)} applies a "
             f"nonlinear function to a reduction over the batch ({describe_node(parents[0])}). "
             "Compute a per-sample loss and reduce it with .sum() or .mean() over the batch "
-            "(e.g. F.cross_entropy(..., reduction='mean'))."
+            "(e.g. F.cross_entropy(..., reduction='mean') without class weights). A mean weighted by "
+            "class weights divides by the batch's summed target weights: use reduction='sum' with "
+            "loss_reduction='sum' instead (divide by a constant for a mean's scale)."
         )
 
 
