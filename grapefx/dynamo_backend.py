@@ -30,6 +30,7 @@ from grapefx.grape import registry as grape_registry
 from grapefx.inspect.dumps import dump_from_env
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
 from grapefx.passes.grape_project import projection_index
+from grapefx.passes.loss_checks import guard_mean_losses
 from grapefx.passes.noise_in_place import lower_for_execution
 from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.recompute_operands import find_recipes
@@ -127,6 +128,7 @@ class GrapefxBackend:
 
         def fw_compiler(fw_gm: fx.GraphModule, fw_inputs: list[Any]) -> Callable[..., Any]:
             self._analyze_forward(fw_gm, capture, shared)
+            guard_mean_losses(fw_gm)  # a mean over ignore_index-padded targets raises at run time
             self.graphs["forward"] = fw_gm
             return self._codegen(fw_gm, fw_inputs, is_backward=False)
 

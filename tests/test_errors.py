@@ -179,3 +179,31 @@ def test_class_weighted_mean_loss_is_refused_and_sum_accepted() -> None:
     model = _WeightedCE("sum")
     grapefx.compile(model, noise_multiplier=0.0, loss_reduction="sum")(x, y).backward()
     assert model.fc.weight.grad is not None
+
+
+class _TokenLM(nn.Module):
+    """Loss inside, as Hugging Face LMs compute it from labels: mean cross-entropy, ignore_index=-100."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.head = nn.Linear(6, 11)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.emb(ids))
+        return F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1), ignore_index=-100)
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+def test_mean_over_padded_targets_raises_on_the_padded_step(codegen: str) -> None:
+    """Without padding the mean is per-sample (accepted); a step with ignored targets divides by a
+    batch-wide count and raises instead of clipping a rescaled gradient."""
+    model = _TokenLM()
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, codegen=codegen)
+    ids, labels = torch.randint(0, 11, (4, 5)), torch.randint(0, 11, (4, 5))
+    cm(ids, labels).backward()
+    assert model.head.weight.grad is not None
+    padded = labels.clone()
+    padded[0, 3:] = -100
+    with pytest.raises(grapefx.BatchMixingError, match=r"mean over 18 of 20 targets.*reduction='sum'"):
+        cm(ids, padded)
