@@ -10,9 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # ~30 s of subprocesses: CI runs it with the slow tests
 def test_bench_quick_smallest(tmp_path: Path) -> None:
     """GPT-S, one round: non-private, grapefx (BK), Opacus ghost clipping, torch.func (~40 s)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))

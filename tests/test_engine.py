@@ -430,6 +430,7 @@ def test_example_plot_accuracy_vs_epsilon_quick(tmp_path):
     assert (tmp_path / "accuracy_vs_epsilon_quick.png").stat().st_size > 5000
 
 
+@pytest.mark.slow  # ~20 s: CI runs it with the slow tests
 def test_example_train_lm_quick(tmp_path):
     """20 steps of a tiny GPT on stdlib source at epsilon=8: both runs must beat the unigram model
     (measured: unigram 22.6, non-private 16.0, DP 22.2 per-character perplexity)."""
