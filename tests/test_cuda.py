@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_dropout import check_dropout_against_oracle
 from test_grape import check_projected_gradients
 from test_sensitivity import flat_grad, median_norm
 from test_zoo_oracle import run_against_oracle
@@ -62,6 +63,12 @@ def test_loss_inside_on_cuda() -> None:
 def test_grape_on_cuda(factory: str, codegen: str) -> None:
     """DP-GRAPE: projected gradients and their back-projection against the dense reference."""
     check_projected_gradients(factory, "mean", device=DEV, codegen=codegen)
+
+
+@pytest.mark.parametrize("codegen", ["eager", "inductor"])
+def test_dropout_on_cuda(codegen: str) -> None:
+    """Dropout masks drawn on the device, the clipped sum against the oracle given those masks."""
+    check_dropout_against_oracle(codegen, device=DEV)
 
 
 @pytest.mark.parametrize("codegen", ["eager", "inductor"])

@@ -62,10 +62,15 @@ class _WithMask(nn.Module):
 
 @pytest.mark.parametrize("codegen", ["eager", "inductor"])
 def test_dropout_matches_oracle_with_the_drawn_masks(codegen: str) -> None:
+    check_dropout_against_oracle(codegen)
+
+
+def check_dropout_against_oracle(codegen: str, device: str = "cpu") -> None:
     torch.manual_seed(0)
-    model = DropNet()
+    model = DropNet().to(device)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(6, 4, 8, generator=g) * 2, torch.randint(0, 5, (6,), generator=g)
+    x, y = x.to(device), y.to(device)
     mask = _recorded_mask(copy.deepcopy(model), x)
     assert (mask == 0).any() and (mask > 1).any(), "the dropout must drop and scale"
 
