@@ -128,7 +128,8 @@ class GrapefxBackend:
 
         def fw_compiler(fw_gm: fx.GraphModule, fw_inputs: list[Any]) -> Callable[..., Any]:
             self._analyze_forward(fw_gm, capture, shared)
-            guard_mean_losses(fw_gm)  # a mean over ignore_index-padded targets raises at run time
+            # a mean over ignore_index-padded targets raises at run time
+            guard_mean_losses(fw_gm, shared.get("forward_layouts", {}))
             self.graphs["forward"] = fw_gm
             return self._codegen(fw_gm, fw_inputs, is_backward=False)
 
@@ -165,6 +166,7 @@ class GrapefxBackend:
         layouts = analyze_layouts(fw_gm, capture.batch_size, seeds)
         check_forward(fw_gm, layouts)
         shared["forward_culprits"] = tuple(describe_node(n) for n in layouts.unknown_ops)
+        shared["forward_layouts"] = layouts.layouts
         outputs = list(fw_gm.graph.output_node().args[0])
         shared["saved"] = {n.name: layouts.layouts.get(n) for n in outputs if isinstance(n, fx.Node)}
         shared["tangent_layouts"] = _tangent_layouts(outputs, layouts.layouts)

@@ -207,3 +207,22 @@ def test_mean_over_padded_targets_raises_on_the_padded_step(codegen: str) -> Non
     padded[0, 3:] = -100
     with pytest.raises(grapefx.BatchMixingError, match=r"mean over 18 of 20 targets.*reduction='sum'"):
         cm(ids, padded)
+
+
+class _ConstantMaskMean(nn.Module):
+    """Divides by the count of a fixed (batch-free) mask: a constant, not a batch-wide count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.register_buffer("keep", torch.tensor([True, True, False, True]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fc(x) * self.keep).sum(1) / self.keep.sum()
+
+
+def test_count_of_a_batch_free_mask_is_not_guarded() -> None:
+    model = _ConstantMaskMean()
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
+    cm(torch.randn(4, 5)).sum().backward()
+    assert model.fc.weight.grad is not None

@@ -15,9 +15,12 @@ loss through a check op that raises on the step where targets are ignored.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
+from grapefx.analysis.layout import BatchLayout
 from grapefx.errors import BatchMixingError
 
 aten = torch.ops.aten
@@ -58,14 +61,16 @@ def _counted_mask(divisor: object) -> tuple[fx.Node, fx.Node] | None:
     return node, mask
 
 
-def guard_mean_losses(gm: fx.GraphModule) -> int:
-    """Route every `loss / sum(bool mask)` through `require_full_count`; returns how many."""
+def guard_mean_losses(gm: fx.GraphModule, layouts: dict[fx.Node, Any]) -> int:
+    """Route every `x / sum(bool mask)` whose mask holds the batch (`layouts`: the forward's batch
+    layouts) through `require_full_count`; returns how many. A count over a batch-free mask is a
+    constant of the model, not of the data, and is left alone."""
     guarded = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not aten.div.Tensor:
             continue
         found = _counted_mask(node.args[1])
-        if found is None:
+        if found is None or not isinstance(layouts.get(found[1]), BatchLayout):
             continue
         count, mask = found
         with gm.graph.inserting_after(node):
