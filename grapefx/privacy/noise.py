@@ -4,10 +4,13 @@ The graph cannot hold Python state, so each compiled model owns a `PrivacyState`
 integer id; the ops look it up at run time. Noise comes from the state's own source, never from
 torch's global RNG, so the user's dropout / data order are unaffected:
 
-* default: one seeded `torch.Generator` per device. Draws follow the graph's fixed order, so the same
-  seed gives the same noise, consecutive steps get fresh, independent noise, and
-  `rng_state_dict()` / `load_rng_state_dict()` let a checkpointed run continue with the exact noise
-  an uninterrupted run would have drawn;
+* default, CPU: the Philox kernel (`grapefx.privacy.native_noise`), keyed by the seed, one fresh
+  counter stream per draw, added into the gradient in the same pass; without a C compiler, torch's
+  seeded generator as on other devices;
+* default, other devices: one seeded `torch.Generator` per device.
+  Either way draws follow the graph's fixed order, so the same seed gives the same noise,
+  consecutive steps get fresh, independent noise, and `rng_state_dict()` / `load_rng_state_dict()`
+  let a checkpointed run continue with the exact noise an uninterrupted run would have drawn;
 * secure (`secure=True`, `PrivacyConfig(secure_noise=True)`): every sample from the OS CSPRNG
   (`os.urandom`) through float64 Box–Muller (`grapefx.privacy.secure_rng`); not reproducible, no
   state to save.
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 
+from grapefx.privacy import native_noise
 from grapefx.privacy.secure_rng import secure_standard_normal
 
 _STATES: weakref.WeakValueDictionary[int, PrivacyState] = weakref.WeakValueDictionary()
@@ -54,6 +58,8 @@ class PrivacyState:
     projected_partial: dict[str, bool] = field(default_factory=dict)  # Ĝ of an unfinished virtual batch
     backward_calls: int = 0
     noise_draws: int = 0  # noise tensors drawn so far (one per noised parameter per backward)
+    philox_key: int | None = None  # CPU Philox kernel: the key (from the seed) and the streams drawn
+    philox_streams: int = 0
     id: int = field(default_factory=lambda: next(_ids))
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
 
@@ -82,9 +88,17 @@ class PrivacyState:
             return buf.copy_(secure_standard_normal(buf.shape, dtype=buf.dtype, device=buf.device))
         return buf.normal_(generator=self.generator(buf.device))
 
+    def next_philox_draw(self) -> tuple[int, int]:
+        """(key, stream) of the next CPU kernel draw: the key from the seed, a fresh stream each draw."""
+        if self.philox_key is None:
+            self.philox_key = self.seed if self.seed is not None else secrets.randbits(63)
+        self.philox_streams += 1
+        return self.philox_key, self.philox_streams - 1
+
     def reseed(self, seed: int) -> None:
         self.seed = seed
         self._generators.clear()
+        self.philox_key, self.philox_streams = None, 0
 
     def rng_state_dict(self) -> dict[str, Any]:
         """The noise RNG's state (seed and every device generator's `get_state()`), for checkpoints."""
@@ -92,6 +106,7 @@ class PrivacyState:
             "seed": self.seed,
             "secure": self.secure,
             "generators": {str(dev): gen.get_state() for dev, gen in self._generators.items()},
+            "philox": {"key": self.philox_key, "streams": self.philox_streams},
         }
 
     def load_rng_state_dict(self, state: dict[str, Any]) -> None:
@@ -103,6 +118,8 @@ class PrivacyState:
             )
         self.seed = state["seed"]
         self._generators.clear()
+        philox = state.get("philox", {"key": None, "streams": 0})  # absent: saved before the kernel
+        self.philox_key, self.philox_streams = philox["key"], philox["streams"]
         if self.secure:
             return
         for dev, gen_state in state["generators"].items():
@@ -118,17 +135,28 @@ def get_state(state_id: int) -> PrivacyState:
     return state
 
 
-# Noise is drawn into one small scratch chunk at a time and added in place, so the only temporary is
-# that chunk: a full-size draw would be a second gradient-sized buffer at the end of the backward,
-# where the clipped sums are alive (it was M1's peak). Chunks are multiples of 16 elements and the
-# last is at least 16, so on CPU the stream is the one a single full-size `normal_` gives (it draws
-# 16 at a time, with a different path for fewer; tested).
+# On CPU the kernel adds the noise into the gradient in place: no temporary at all. Elsewhere (and in
+# secure mode, or without the kernel) noise is drawn into one small scratch chunk at a time and added
+# in place, so the only temporary is that chunk: a full-size draw would be a second gradient-sized
+# buffer at the end of the backward, where the clipped sums are alive (it was M1's peak). Chunks are
+# multiples of 16 elements and the last is at least 16, so on CPU the stream is the one a single
+# full-size `normal_` gives (it draws 16 at a time, with a different path for fewer; tested).
 _NOISE_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}  # elements: L2-sized on CPU; few launches on GPU
 
 
-def noise_scratch_numel(numel: int, device_type: str) -> int:
-    """Elements of the scratch chunk the noise of a `numel`-element gradient is drawn into."""
-    return min(_NOISE_CHUNK.get(device_type, _NOISE_CHUNK["cuda"]) + 16, numel)
+def _native_kernel(device: torch.device, state: PrivacyState) -> native_noise.NativeNoise | None:
+    if device.type != "cpu" or state.secure:
+        return None
+    return native_noise.kernel()
+
+
+def noise_scratch_bytes(numel: int, dtype: torch.dtype, device: torch.device, state_id: int) -> int:
+    """Bytes of temporary the noise of a (contiguous) gradient takes: 0 on the kernel's in-place
+    float32/float64 path, else the scratch chunk (or, for another dtype, a float32 draw of it)."""
+    state = _STATES.get(state_id) or PrivacyState()
+    if _native_kernel(device, state) is not None:
+        return 0 if dtype in native_noise.KERNEL_DTYPES else numel * 4
+    return min(_NOISE_CHUNK.get(device.type, _NOISE_CHUNK["cuda"]) + 16, numel) * dtype.itemsize
 
 
 def _add_noise_(grad: torch.Tensor, std: torch.Tensor, state: PrivacyState) -> None:
@@ -138,13 +166,21 @@ def _add_noise_(grad: torch.Tensor, std: torch.Tensor, state: PrivacyState) -> N
     state.noise_draws += 1
     if not state.noise_local:  # distributed: rank 0 draws this step's noise, once for all ranks
         return
+    native = _native_kernel(grad.device, state)
+    if native is not None:
+        key, stream = state.next_philox_draw()
+        if grad.dtype in native_noise.KERNEL_DTYPES and grad.is_contiguous():
+            native.normal_(grad, key, stream, float(std), accumulate=True)
+        else:  # bf16 / fp16, or a tensor the graph did not produce: draw in float32, then add
+            grad.add_(native.normal_(torch.empty(grad.shape), key, stream, float(std), accumulate=False))
+        return
     std = std.to(device=grad.device, dtype=grad.dtype)
     if not grad.is_contiguous():  # not produced by the graph (it hands the op contiguous tensors)
         grad.add_(state.fill_standard_normal_(torch.empty_like(grad)).mul_(std))
         return
     flat, n = grad.view(-1), grad.numel()
     step = _NOISE_CHUNK.get(grad.device.type, _NOISE_CHUNK["cuda"])
-    scratch = torch.empty(noise_scratch_numel(n, grad.device.type), device=grad.device, dtype=grad.dtype)
+    scratch = torch.empty(min(step + 16, n), device=grad.device, dtype=grad.dtype)
     start = 0
     while start < n:
         end = start + step if n - start - step >= 16 else n  # no tail under 16: another code path

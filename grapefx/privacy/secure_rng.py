@@ -1,9 +1,11 @@
 """Randomness from the operating system's CSPRNG, for DP noise and Poisson sampling in secure mode.
 
-A seeded ``torch.Generator`` (Mersenne Twister on CPU, Philox on CUDA) is reproducible but *not*
-cryptographically secure: its output is predictable from a few observed values, so an adversary who
-sees enough of it (or guesses the seed) can subtract the noise. Re-seeding such a generator from
-``secrets`` for every draw does not fix that (it is still an MT stream per draw, and a 63-bit seed).
+The seeded default (Philox: grapefx's kernel on CPU, a ``torch.Generator`` on CUDA; Mersenne Twister
+on a CPU without a C compiler) is reproducible but *not* cryptographically secure: its output is
+predictable from the seed (and, for Mersenne Twister, from a few observed values), so an adversary
+who guesses the seed or sees enough of the stream can subtract the noise. Re-seeding such a generator
+from ``secrets`` for every draw does not fix that (it is still a PRNG stream per draw, and a 63-bit
+seed).
 
 Here every uniform comes from ``os.urandom`` (``getrandom(2)`` on Linux: the kernel ChaCha20 CSPRNG),
 64 bits at a time, turned into a float64 in (0, 1] with 53 random mantissa bits; Gaussians come from
@@ -17,8 +19,9 @@ sampler) and timing side channels. Reproducibility is gone by design: there is n
 
 Cost (``from grapefx.privacy.secure_rng import benchmark; benchmark()``: CPU time of one thread per
 1e6 float32 samples, median of 30; x86-64 cloud VM, torch 2.13, Python 3.11): ``torch.randn`` with
-the seeded generator 2.8 ms; here 38-43 ms, of which ``os.urandom`` (8 MB) is 15-17 ms, making the
-53-bit uniforms 4 ms and Box–Muller's log/sqrt/cos/sin the rest: ~15x the seeded generator. Per
+the seeded generator 2.8 ms (grapefx's CPU Philox kernel, added in place: ~1.2 ms); here 38-43 ms,
+of which ``os.urandom`` (8 MB) is 15-17 ms, making the 53-bit uniforms 4 ms and Box–Muller's
+log/sqrt/cos/sin the rest: ~15x the seeded generator. Per
 optimizer step that is ~40 ms per million trainable parameters (5 ms for a 117k-parameter model,
 ~5 s for GPT-2's 124M), on the CPU whatever the model's device, plus the host-to-device copy.
 """
@@ -81,18 +84,25 @@ def secure_bernoulli_mask(n: int, p: float) -> torch.Tensor:
 
 
 def benchmark(n: int = 10**6, reps: int = 30) -> None:
-    """Print the CPU time per ``n`` float32 samples: seeded ``torch.randn`` vs this module."""
+    """Print the CPU time per ``n`` float32 samples: the seeded sources vs this module."""
+    import itertools
     import statistics
     import time
 
+    from grapefx.privacy.native_noise import kernel
+
     torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
+    gen, grad, streams = torch.Generator().manual_seed(0), torch.zeros(n), itertools.count()
     cases = {
         "torch.randn, seeded generator": lambda: torch.randn(n, generator=gen),
+        "torch.randn + add into a gradient": lambda: grad.add_(torch.randn(n, generator=gen), alpha=0.1),
         "os.urandom alone (8 bytes/sample)": lambda: os.urandom(8 * n),
         "secure 53-bit uniforms": lambda: secure_uniform(n),
         "secure normals (Box-Muller)": lambda: secure_standard_normal((n,)),
     }
+    native = kernel()
+    if native is not None:
+        cases["Philox kernel, added in place"] = lambda: native.normal_(grad, 0, next(streams), 0.1, True)
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(reps):
         for k, f in cases.items():

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from grapefx.analysis.aliasing import is_alias, is_noise, reuses_input_storage
 from grapefx.inspect.graphs import batch_symbols, concrete, tensor_vals
-from grapefx.privacy.noise import noise_scratch_numel
+from grapefx.privacy.noise import noise_scratch_bytes
 from grapefx.schedule.workspace import Workspace, workspace_of
 
 
@@ -99,8 +99,8 @@ class MemoryModel:
                 owner.append(n)
                 allocates[n].append(len(size_expr) - 1)
                 workspaces[len(size_expr) - 1] = ws
-            elif is_noise(n) and isinstance(val, torch.Tensor):  # the chunk the noise is drawn into
-                scratch = noise_scratch_numel(concrete(val.numel()), val.device.type) * val.element_size()
+            elif is_noise(n) and isinstance(val, torch.Tensor):  # the temporary the noise is drawn into
+                scratch = noise_scratch_bytes(concrete(val.numel()), val.dtype, val.device, n.args[2])
                 size_expr.append(sympy.Integer(scratch))
                 owner.append(n)
                 allocates[n].append(len(size_expr) - 1)
