@@ -10,6 +10,7 @@ from grapefx.errors import (
     GraphBreakError,
     UnsupportedOpError,
 )
+from grapefx.losses import per_sample_token_mean, sequence_cross_entropy
 from grapefx.privacy.engine import DPOptimizer, PrivacyEngine, make_private
 
 __all__ = [
@@ -26,5 +27,7 @@ __all__ = [
     "backend",
     "compile",
     "make_private",
+    "per_sample_token_mean",
+    "sequence_cross_entropy",
 ]
 __version__ = "0.1.0"

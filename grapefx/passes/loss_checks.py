@@ -35,8 +35,9 @@ def require_full_count(loss: torch.Tensor, count: torch.Tensor, mask: torch.Tens
         raise BatchMixingError(
             f"The loss is a mean over {counted:g} of {targets} targets: some targets equal ignore_index "
             "(padding labels), so it divides by a count that depends on the whole batch and is not a "
-            "mean of per-sample terms. Use reduction='sum' with loss_reduction='sum' (divide by a "
-            "constant, such as the expected number of tokens, for a mean's scale)."
+            "mean of per-sample terms. Compute the loss with grapefx.losses.sequence_cross_entropy "
+            "(each sequence's mean over its own targets), or use reduction='sum' with "
+            "loss_reduction='sum' (divide by a constant, such as the expected number of tokens)."
         )
     return loss.clone()
 
