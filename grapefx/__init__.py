@@ -11,6 +11,7 @@ from grapefx.errors import (
     UnsupportedOpError,
 )
 from grapefx.losses import per_sample_token_mean, sequence_cross_entropy
+from grapefx.model_fixes import replace_batch_norm
 from grapefx.privacy.engine import DPOptimizer, PrivacyEngine, make_private
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "compile",
     "make_private",
     "per_sample_token_mean",
+    "replace_batch_norm",
     "sequence_cross_entropy",
 ]
 __version__ = "0.1.0"

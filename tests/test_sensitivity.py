@@ -65,6 +65,8 @@ SENS = [
     ("embedding_bag", "automatic", "auto"),
     ("long_tokens", "flat", "ghost"),  # blocked Grams, tied cross terms, positions' lookup norm
     ("encoder_ids", "flat", "auto"),  # ids shared by all samples, cumsum position ids
+    ("vit_qkv_unbind", "flat", "auto"),  # q/k/v gradients concatenated along the batch dim
+    ("two_views", "flat", "auto"),  # two rows per sample, side by side in one 2B batch
 ]
 
 

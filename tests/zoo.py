@@ -355,6 +355,47 @@ class TinyViT(nn.Module):
         return self.head(self.norm(h[:, 0]))
 
 
+class QkvUnbindViT(nn.Module):
+    """timm's ViT attention: one qkv Linear, reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0),
+    SDPA. Its backward stacks the q/k/v gradients as cat([gq, gk, gv], 0) along the *batch* dim, then
+    views [3B, ...] as [3, B, ...] (found on timm 1.0's vit_tiny)."""
+
+    def __init__(self, img: int = 8, patch: int = 4, d: int = 16, heads: int = 2, n_out: int = 5) -> None:
+        super().__init__()
+        self.heads = heads
+        self.patch = nn.Conv2d(3, d, kernel_size=patch, stride=patch)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.1)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.patch(x).flatten(2).transpose(1, 2)
+        h = torch.cat([self.cls.expand(h.shape[0], -1, -1), h], dim=1)
+        B, N, C = h.shape
+        qkv = self.qkv(self.ln1(h)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        h = h + self.proj(a)
+        h = h + self.mlp(self.ln2(h))
+        return self.head(h[:, 0])
+
+
+class TwoViews(nn.Module):
+    """Both views of every sample in one batch of 2B rows (cat along the batch dim), one shared
+    encoder, the rows of a sample summed back: rows b and B + b belong to sample b."""
+
+    def __init__(self, d: int = 10, h: int = 12, n_out: int = 5) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.Linear(h, h))
+        self.head = nn.Linear(h, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = self.enc(torch.cat([x, x.flip(-1)], dim=0))  # [2B, h]
+        return self.head(rows.view(2, x.shape[0], -1).sum(0))
+
+
 class BasicBlockGN(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
@@ -609,6 +650,8 @@ ZOO: list[ZooCase] = [
     ZooCase("cls_scale", lambda: ClsScaleNet(), _dense((4, 8), 4)),
     ZooCase("frozen", lambda: FrozenMLP(), _dense((10,), 5)),
     ZooCase("vit", lambda: TinyViT(), _dense((3, 8, 8), 5), tags={"attention", "conv"}),
+    ZooCase("vit_qkv_unbind", lambda: QkvUnbindViT(), _dense((3, 8, 8), 5), tags={"attention", "conv"}),
+    ZooCase("two_views", lambda: TwoViews(), _dense((10,), 5)),
     ZooCase("resnet_gn", lambda: ResNetGN(), _dense((3, 8, 8), 5), tags={"conv"}),
     ZooCase("hf_gpt2", lambda: HFGPT2(), _ids(8, 64), token_loss, tags={"gpt", "hf"}, available=has_transformers),
     ZooCase("encoder_ids", lambda: EncoderIds(), _ids(9, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),

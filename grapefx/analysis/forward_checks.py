@@ -48,7 +48,8 @@ def check_forward(gm: fx.GraphModule, layouts: LayoutResult) -> None:
             raise BatchMixingError(
                 f"{describe_node(node)} is BatchNorm in training mode: its statistics mix the samples "
                 "of a batch, so per-sample gradients do not exist. Replace it with GroupNorm or "
-                "LayerNorm (or freeze it with module.eval() and requires_grad_(False))."
+                "LayerNorm (grapefx.replace_batch_norm(model) swaps every BatchNorm for a GroupNorm), "
+                "or freeze it with module.eval() and requires_grad_(False)."
             )
     tainted: set[fx.Node] = set()
     for node in gm.graph.nodes:  # topological order

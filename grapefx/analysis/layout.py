@@ -81,14 +81,19 @@ def reshape_layout(lay: BatchLayout, in_shape: list[Any], out_shape: list[Any], 
     """Where the batch lands after a row-major reshape (view, squeeze, unsqueeze, flatten)."""
     pre = _prod(in_shape[: lay.dim]) * lay.outer
     post = lay.inner * _prod(in_shape[lay.dim + 1 :])
+    found = []
     for j in range(len(out_shape)):
         o = sympy.simplify(pre / _prod(out_shape[:j]))
         i = sympy.simplify(post / _prod(out_shape[j + 1 :]))
         if not (_pos_int(o, batch) and _pos_int(i, batch)):
             continue
         if sympy.expand(out_shape[j] - o * batch * i) == 0:
-            return BatchLayout(j, o, i)
-    return UNKNOWN
+            found.append(BatchLayout(j, o, i))
+    if not found:
+        return UNKNOWN
+    # Several fit only when B is 1 (a graph specialised to one sample): then the view that splits a
+    # [k·B] dim as [k, B] is read as such (plain), not as the batch staying inside the first dim.
+    return min(found, key=lambda lay: 0 if lay.plain else 1)
 
 
 def _norm_dim(d: int, ndim: int) -> int:
@@ -269,15 +274,22 @@ def _cat(p: _Propagator, n: fx.Node) -> Any:
     tensors = n.args[0]
     out_shape = shape_of(n)
     d = _norm_dim(n.args[1] if len(n.args) > 1 else 0, len(out_shape))
-    result = None
-    for t in tensors:
-        lt = p.lay(t)
-        if lt is None:
-            continue
-        if lt is UNKNOWN or lt.dim == d or (result is not None and lt != result):
+    layouts = [p.lay(t) for t in tensors]
+    if any(lt is UNKNOWN for lt in layouts):
+        return UNKNOWN
+    batched = [lt for lt in layouts if lt is not None]
+    if not batched:
+        return None
+    if any(lt.dim == d for lt in batched):
+        # Along the batch dim: whole batches side by side (a decomposed `stack` of q/k/v gradients
+        # is cat([gq, gk, gv], 0) then a view to [3, B, ...]). Dim d is then (Σ outer, B, inner);
+        # a batch-free piece, or pieces that split the batch differently, would mix samples.
+        if len(batched) < len(layouts) or any(lt.dim != d or lt.inner != batched[0].inner for lt in batched):
             return UNKNOWN
-        result = lt
-    return result
+        return BatchLayout(d, sympy.expand(sum(lt.outer for lt in batched)), batched[0].inner)
+    if any(lt != batched[0] for lt in batched):
+        return UNKNOWN
+    return batched[0]
 
 
 def _split(p: _Propagator, n: fx.Node) -> Any:

@@ -64,4 +64,6 @@ def symmetric_gram_dot(left: BlockGram, right: BlockGram, T: int) -> torch.Tenso
 
 def ghost_norm_sq(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """[B] ‖Σ_t L_t ⊗ R_t‖² = Σ_{t,s} (L_t·L_s)(R_t·R_s) for L [B, T, M], R [B, T, N]."""
+    if L.shape[1] == 1:  # one row per sample (a 2-D linear): ‖L‖²‖R‖², no [B, 1, 1] batched products
+        return L.square().sum(dim=(1, 2)) * R.square().sum(dim=(1, 2))
     return symmetric_gram_dot(dense_blocks(L), dense_blocks(R), L.shape[1])

@@ -1,0 +1,45 @@
+"""Make a model DP-compatible before compiling it: BatchNorm → GroupNorm.
+
+BatchNorm in training mode normalizes each sample with statistics of the whole batch, so one sample
+changes every other sample's output and per-sample gradients do not exist: grapefx refuses it
+(`BatchMixingError`). The usual fix in DP training (Opacus' `ModuleValidator.fix` does the same) is
+GroupNorm, which normalizes each sample on its own. This replaces the modules; the model must then
+be trained (or fine-tuned) with GroupNorm: BatchNorm's running statistics are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def replace_batch_norm(model: nn.Module, max_groups: int = 32) -> list[str]:
+    """Replace every BatchNorm{1,2,3}d / SyncBatchNorm in `model` (in place) by a GroupNorm over the
+    same channels with gcd(max_groups, C) groups, keeping `eps`, `affine` and the parameter's device
+    and dtype. Returns the names of the replaced modules (empty if there were none).
+
+    Frozen BatchNorm in eval mode (`bn.eval()` with its parameters' `requires_grad` off) does not mix
+    samples; replace it anyway only if you mean to train the model with GroupNorm.
+    """
+    if max_groups < 1:
+        raise ValueError(f"max_groups must be at least 1, got {max_groups}")
+    replaced = []
+    for name, child in list(model.named_modules()):  # model order
+        if not isinstance(child, _BATCH_NORMS):
+            continue
+        if not name:
+            raise ValueError("the model itself is a BatchNorm: build a GroupNorm instead")
+        parent_name, _, attr = name.rpartition(".")
+        channels = child.num_features
+        gn = nn.GroupNorm(math.gcd(max_groups, channels), channels, eps=child.eps, affine=child.affine)
+        if child.affine:
+            gn.to(device=child.weight.device, dtype=child.weight.dtype)
+            gn.weight.requires_grad_(child.weight.requires_grad)
+            gn.bias.requires_grad_(child.bias.requires_grad)
+        gn.train(child.training)
+        setattr(model.get_submodule(parent_name), attr, gn)
+        replaced.append(name)
+    return replaced

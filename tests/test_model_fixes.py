@@ -1,0 +1,78 @@
+"""grapefx.replace_batch_norm: a BatchNorm model is refused, fixed, then matches the oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import grapefx
+from tests.oracle import assert_grads_match, oracle_grads
+
+
+class _BasicBlockBN(nn.Module):
+    """A torchvision-style residual block with BatchNorm (as `torchvision.models.resnet18` has)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.down = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(h)) + self.down(x))
+
+
+def _resnet_bn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        _BasicBlockBN(8, 12, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 6),
+        nn.BatchNorm1d(6, eps=1e-3),
+        nn.Linear(6, 4),
+    )
+
+
+def test_replaced_model_compiles_and_matches_the_oracle() -> None:
+    torch.manual_seed(0)
+    model = _resnet_bn()
+    x, y = torch.randn(5, 3, 8, 8), torch.randint(0, 4, (5,))
+    with pytest.raises(grapefx.BatchMixingError, match=r"replace_batch_norm"):
+        F.cross_entropy(grapefx.compile(model, noise_multiplier=0.0)(x), y).backward()
+
+    names = grapefx.replace_batch_norm(model)
+    assert names == ["1", "3.bn1", "3.bn2", "3.down.1", "7"]
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    gn = model[3].bn2
+    assert isinstance(gn, nn.GroupNorm) and (gn.num_groups, gn.num_channels) == (4, 12)  # gcd(32, 12)
+    assert model[7].eps == 1e-3 and model[7].num_groups == 2
+
+    ref_model = _resnet_bn()
+    grapefx.replace_batch_norm(ref_model)
+    ref_model.load_state_dict(model.state_dict())
+    model.zero_grad()
+    pm = grapefx.compile(model, max_grad_norm=0.5, noise_multiplier=0.0, loss_reduction="mean")
+    F.cross_entropy(pm(x), y).backward()
+    ref, _ = oracle_grads(ref_model, (x, y), lambda out, yy: F.cross_entropy(out, yy), 0.5, "mean")
+    assert_grads_match(model, ref)
+
+
+def test_keeps_frozen_parameters_dtype_and_mode() -> None:
+    bn = nn.BatchNorm2d(16).double()
+    bn.weight.requires_grad_(False)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1).double(), bn).eval()
+    assert grapefx.replace_batch_norm(model, max_groups=8) == ["1"]
+    gn = model[1]
+    assert gn.num_groups == 8 and gn.weight.dtype == torch.float64 and not gn.training
+    assert not gn.weight.requires_grad and gn.bias.requires_grad
+    assert grapefx.replace_batch_norm(nn.Linear(2, 2)) == []
+    with pytest.raises(ValueError, match="max_groups"):
+        grapefx.replace_batch_norm(model, max_groups=0)
