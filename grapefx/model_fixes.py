@@ -19,7 +19,8 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
 def replace_batch_norm(model: nn.Module, max_groups: int = 32) -> list[str]:
     """Replace every BatchNorm{1,2,3}d / SyncBatchNorm in `model` (in place) by a GroupNorm over the
     same channels with gcd(max_groups, C) groups, keeping `eps`, `affine` and the parameter's device
-    and dtype. Returns the names of the replaced modules (empty if there were none).
+    and dtype. Returns the names of the replaced modules (empty if there were none). Subclasses of
+    BatchNorm (timm's BatchNormAct2d) are refused, naming the module: they may do more than normalize.
 
     Frozen BatchNorm in eval mode (`bn.eval()` with its parameters' `requires_grad` off) does not mix
     samples; replace it anyway only if you mean to train the model with GroupNorm.
@@ -30,6 +31,12 @@ def replace_batch_norm(model: nn.Module, max_groups: int = 32) -> list[str]:
     for name, child in list(model.named_modules()):  # model order
         if not isinstance(child, _BATCH_NORMS):
             continue
+        if type(child) not in _BATCH_NORMS:  # e.g. timm's BatchNormAct2d: normalization + activation
+            raise ValueError(
+                f"`{name}` is a {type(child).__name__}, a BatchNorm subclass that may do more than "
+                "normalize (an activation, a drop layer): a plain GroupNorm would change the model. Build "
+                "the model with a GroupNorm norm layer instead (timm: norm_layer=GroupNormAct)."
+            )
         if not name:
             raise ValueError("the model itself is a BatchNorm: build a GroupNorm instead")
         parent_name, _, attr = name.rpartition(".")

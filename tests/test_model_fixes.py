@@ -76,3 +76,13 @@ def test_keeps_frozen_parameters_dtype_and_mode() -> None:
     assert grapefx.replace_batch_norm(nn.Linear(2, 2)) == []
     with pytest.raises(ValueError, match="max_groups"):
         grapefx.replace_batch_norm(model, max_groups=0)
+
+
+def test_batch_norm_subclass_is_refused_by_name() -> None:
+    class BatchNormAct(nn.BatchNorm2d):  # timm's BatchNormAct2d: normalization, then an activation
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.silu(super().forward(x))
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), BatchNormAct(8))
+    with pytest.raises(ValueError, match=r"`1` is a BatchNormAct.*GroupNorm"):
+        grapefx.replace_batch_norm(model)

@@ -67,6 +67,7 @@ SENS = [
     ("encoder_ids", "flat", "auto"),  # ids shared by all samples, cumsum position ids
     ("vit_qkv_unbind", "flat", "auto"),  # q/k/v gradients concatenated along the batch dim
     ("two_views", "flat", "auto"),  # two rows per sample, side by side in one 2B batch
+    ("swin", "flat", "auto"),  # pad, roll, windows folded into the batch dim, gathered bias table
 ]
 
 

@@ -396,6 +396,76 @@ class TwoViews(nn.Module):
         return self.head(rows.view(2, x.shape[0], -1).sum(0))
 
 
+class ConvNeXtBlock(nn.Module):
+    """torchvision's / timm's ConvNeXt block: depthwise 7x7 conv, channels-last LayerNorm and MLP
+    (permute to [B, H, W, C]), layer scale, residual."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c, eps=1e-6)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.scale = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.dw(x).permute(0, 2, 3, 1)
+        h = self.fc2(F.gelu(self.fc1(self.norm(h)))) * self.scale
+        return x + h.permute(0, 3, 1, 2)
+
+
+class TinyConvNeXt(nn.Module):
+    """Patchify stem + LayerNorm2d (permute, LayerNorm, permute back) + two stages joined by a 2x2
+    stride-2 downsampling conv, as in ConvNeXt."""
+
+    def __init__(self, c: int = 8, n_out: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.stem_norm, self.down_norm = nn.LayerNorm(c, eps=1e-6), nn.LayerNorm(c, eps=1e-6)
+        self.stage1, self.stage2 = ConvNeXtBlock(c), ConvNeXtBlock(2 * c)
+        self.down = nn.Conv2d(c, 2 * c, 2, stride=2)
+        self.head = nn.Linear(2 * c, n_out)
+
+    @staticmethod
+    def _norm2d(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+        return norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.stage1(self._norm2d(self.stem_norm, self.stem(x)))
+        h = self.stage2(self.down(self._norm2d(self.down_norm, h)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class TinySwin(nn.Module):
+    """Swin's shifted-window attention: patch embedding, F.pad to whole windows, torch.roll, window
+    partition into the batch dim ([B·nW, ws², C]), a relative-position bias gathered from a parameter
+    table by a fixed index buffer, window merge, roll back, crop."""
+
+    def __init__(self, c: int = 8, ws: int = 2, heads: int = 2, n_out: int = 5) -> None:
+        super().__init__()
+        self.c, self.ws, self.heads = c, ws, heads
+        self.embed = nn.Conv2d(3, c, 2, stride=2)
+        self.norm = nn.LayerNorm(c)
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.rel_bias = nn.Parameter(torch.randn((2 * ws - 1) ** 2, heads) * 0.1)
+        coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
+        self.register_buffer("rel_index", rel[..., 0] * (2 * ws - 1) + rel[..., 1], persistent=False)
+        self.head = nn.Linear(c, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, 3, 6, 6] -> 3x3 tokens, padded to 2x2 windows of 2x2
+        B, c, ws, heads = x.shape[0], self.c, self.ws, self.heads
+        h = F.pad(self.norm(self.embed(x).permute(0, 2, 3, 1)), (0, 0, 0, 1, 0, 1))
+        h = torch.roll(h, shifts=(-1, -1), dims=(1, 2))
+        w = h.view(B, 2, ws, 2, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(B * 4, ws * ws, c)
+        q, k, v = self.qkv(w).reshape(B * 4, ws * ws, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.rel_bias[self.rel_index.view(-1)].view(ws * ws, ws * ws, heads).permute(2, 0, 1)
+        attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5 + bias).softmax(-1)
+        o = self.proj((attn @ v).transpose(1, 2).reshape(B * 4, ws * ws, c))
+        o = o.view(B, 2, 2, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(B, 4, 4, c)
+        o = torch.roll(o, shifts=(1, 1), dims=(1, 2))[:, :3, :3]
+        return self.head(o.mean(dim=(1, 2)))
+
+
 class BasicBlockGN(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
@@ -652,6 +722,8 @@ ZOO: list[ZooCase] = [
     ZooCase("vit", lambda: TinyViT(), _dense((3, 8, 8), 5), tags={"attention", "conv"}),
     ZooCase("vit_qkv_unbind", lambda: QkvUnbindViT(), _dense((3, 8, 8), 5), tags={"attention", "conv"}),
     ZooCase("two_views", lambda: TwoViews(), _dense((10,), 5)),
+    ZooCase("convnext", lambda: TinyConvNeXt(), _dense((3, 8, 8), 5), tags={"conv"}),
+    ZooCase("swin", lambda: TinySwin(), _dense((3, 6, 6), 5), tags={"attention", "conv"}),
     ZooCase("resnet_gn", lambda: ResNetGN(), _dense((3, 8, 8), 5), tags={"conv"}),
     ZooCase("hf_gpt2", lambda: HFGPT2(), _ids(8, 64), token_loss, tags={"gpt", "hf"}, available=has_transformers),
     ZooCase("encoder_ids", lambda: EncoderIds(), _ids(9, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),

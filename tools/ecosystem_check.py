@@ -1,6 +1,8 @@
 """Real torchvision / timm models, built from their own constructors with random weights, against the
 torch.func oracle (the same check as tests/test_zoo_oracle.py: float64 reference, noise off, some
-samples clipped, batch sizes 3, 1, 6 through one compiled module).
+samples clipped, batch sizes 3, 1, 6 through one compiled module). The tolerance is 1e-5, or twice
+the model's own float32 rounding where that is larger (`float32_floor`: plain PyTorch against
+float64, same codegen).
 
 Not part of the test suite: PyPI's torchvision does not import beside the CPU torch 2.13 that CI uses
 (README). Run it in an environment that has both, e.g. on this project's machine:
@@ -17,11 +19,13 @@ every sample the same norm, and the check needs some samples clipped and some no
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -84,6 +88,7 @@ def _torchvision_cases() -> list[Case]:
 
 def _timm_cases() -> list[Case]:
     import timm
+    from timm.layers import GroupNormAct
     from timm.models.mlp_mixer import MlpMixer
 
     img = _dense((3, 32, 32), 10)
@@ -103,8 +108,27 @@ def _timm_cases() -> list[Case]:
             img,
             False,
         ),
-        ("timm_efficientnet_b0", create("efficientnet_b0"), img, True),
+        # timm's BatchNormAct2d fuses the activation: build with its GroupNorm counterpart instead
+        ("timm_efficientnet_b0", create("efficientnet_b0", norm_layer=partial(GroupNormAct, num_groups=8)), img, False),
     ]
+
+
+def float32_floor(zc: ZooCase, codegen: str) -> float:
+    """The model's own float32 rounding: the worst per-parameter relative error of plain PyTorch's
+    mean-loss gradient (eager, or torch.compile with Inductor) against float64, batch of 3. Deep
+    CNNs exceed 1e-5 without any DP (MobileNetV3: 1.3e-5 eager, 2.5e-5 Inductor)."""
+    model = zc.make()
+    x, y = zc.batch(3)
+    ref_model = copy.deepcopy(model).double()
+    class_loss(ref_model(x.double()), y, "mean").backward()
+    run = model if codegen == "eager" else torch.compile(model)
+    class_loss(run(x), y, "mean").backward()
+    worst = 0.0
+    for p, r in zip(model.parameters(), ref_model.parameters()):
+        if r.grad is not None:
+            err = (p.grad.double() - r.grad).norm().item() / max(r.grad.norm().item(), 1e-3)
+            worst = max(worst, err)
+    return worst
 
 
 def _unfixed_is_refused(build: Callable[[], nn.Module], inputs: Callable) -> str:
@@ -146,8 +170,12 @@ def main() -> None:
         for codegen in args.codegens.split(","):
             start = time.time()
             try:
-                run_against_oracle(zc, reduction="mean", codegen=codegen)
-                row[codegen] = f"ok ({time.time() - start:.0f} s)"
+                floor = float32_floor(zc, codegen)
+                rtol = max(1e-5, 2 * floor)  # grapefx within twice the model's own float32 rounding
+                run_against_oracle(zc, reduction="mean", codegen=codegen, rtol=rtol)
+                row[codegen] = (
+                    f"ok at rtol {rtol:.1e} (non-private float32 error {floor:.1e}; {time.time() - start:.0f} s)"
+                )
             except Exception as e:  # report and go on: this is a survey
                 row[codegen] = f"FAIL {type(e).__name__}: {str(e)[:300]}"
                 traceback.print_exc()

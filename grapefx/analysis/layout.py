@@ -481,8 +481,8 @@ def _softmax(p: _Propagator, n: fx.Node) -> Any:
 
 
 def _index_along(p: _Propagator, n: fx.Node) -> Any:
-    # gather / scatter: per-sample when every batch operand shares the layout and the indexed
-    # dim is not the batch dim.
+    # gather / scatter / index_select / index_add (roll decomposes to index_select): per-sample when
+    # every batch operand shares the layout and the indexed dim is not the batch dim.
     x, d = n.args[0], n.args[1]
     res = p.broadcast(n, [a for a in p.tensor_args(n)])
     if res is None or res is UNKNOWN:
@@ -605,6 +605,19 @@ def _along_dims(p: _Propagator, n: fx.Node) -> Any:
     return lx
 
 
+def _pad(p: _Propagator, n: fx.Node) -> Any:
+    """constant_pad_nd (F.pad; Swin pads its windows): `pad` holds (before, after) pairs for the last
+    dims, last dim first. Per-sample unless the batch dim gets padding."""
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN:
+        return UNKNOWN
+    pad, ndim = list(n.args[1]), len(shape_of(n.args[0]))
+    for k in range(len(pad) // 2):
+        if ndim - 1 - k == lx.dim and (pad[2 * k] != 0 or pad[2 * k + 1] != 0):
+            return UNKNOWN
+    return lx
+
+
 _RULES: dict[Any, Any] = {}
 
 
@@ -638,6 +651,7 @@ _register([aten.expand], _expand)
 _register([aten.select], _select)
 _register([aten.slice], _slice)
 _register([aten.cat], _cat)
+_register([aten.constant_pad_nd], _pad)
 _register([aten.split, aten.split_with_sizes, aten.unbind, aten.chunk], _split)
 _register(
     [
@@ -678,7 +692,7 @@ _register(
     [aten._softmax, aten._log_softmax, aten._softmax_backward_data, aten._log_softmax_backward_data],
     _softmax,
 )
-_register([aten.gather, aten.scatter, aten.scatter_add], _index_along)
+_register([aten.gather, aten.scatter, aten.scatter_add, aten.index_select, aten.index_add], _index_along)
 _register([aten.slice_scatter, aten.select_scatter], _scatter_into)
 _register(
     [

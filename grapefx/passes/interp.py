@@ -5,12 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.fx as fx
+
+_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
 
 
 def call_node(node: fx.Node, lookup: Callable[[fx.Node], Any]) -> Any:
     args = fx.node.map_arg(node.args, lookup)
     kwargs = fx.node.map_arg(node.kwargs, lookup)
+    if node.target in _VIEWS and not kwargs:
+        # The backward graph was traced against the eager forward's strides; a forward compiled by
+        # Inductor can hand a saved activation back in another layout (ConvNeXt's channels-last
+        # permutes), which `view` cannot take. The graph is functional, so `reshape` (traced as the
+        # same view where one exists, else a copy) computes the same values.
+        return args[0].reshape(args[1])
     return node.target(*args, **kwargs)
 
 
