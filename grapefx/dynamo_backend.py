@@ -30,6 +30,7 @@ from grapefx.grape import registry as grape_registry
 from grapefx.inspect.dumps import dump_from_env
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
 from grapefx.passes.grape_project import projection_index
+from grapefx.passes.interp import ViewTolerantInterpreter
 from grapefx.passes.loss_checks import guard_mean_losses
 from grapefx.passes.noise_in_place import lower_for_execution
 from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
@@ -46,6 +47,9 @@ aten = torch.ops.aten
 def _decompositions() -> dict[Any, Any]:
     table = dict(core_aten_decompositions())
     # Keep these whole: their rules (embedding ghost norm, per-sample conv) need the fused op.
+    # adaptive_avg_pool2d: its decomposition goes through as_strided on non-contiguous input
+    # (torchvision's Swin pools a permuted tensor), which no layout rule can follow.
+    table.pop(aten.adaptive_avg_pool2d.default, None)
     table.pop(aten.embedding_dense_backward.default, None)
     table.pop(aten.convolution_backward.default, None)
     # The fused norm backwards too (rules/norm.py): decomposed, a CNN's GroupNorm backwards cost 4x.
@@ -267,7 +271,7 @@ class GrapefxBackend:
             # into its own RNG only inside compile_fx (replace_random), which this path does not
             # take, and the fallback draws the very masks eager PyTorch draws for the same seed.
             table = {k: v for k, v in select_decomp_table().items() if not _is_random(k)}
-            gm = retrace(fx.Interpreter(gm).run, inputs, decompositions=table)
+            gm = retrace(ViewTolerantInterpreter(gm).run, inputs, decompositions=table)
             with torch._inductor.config.patch(fallback_random=True):
                 return compile_fx_inner(gm, inputs, is_backward=is_backward)
         return _boxed(gm)

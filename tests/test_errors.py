@@ -226,3 +226,19 @@ def test_count_of_a_batch_free_mask_is_not_guarded() -> None:
     cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
     cm(torch.randn(4, 5)).sum().backward()
     assert model.fc.weight.grad is not None
+
+
+class _StridedAcrossSamples(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        return h.as_strided(h.shape, (1, 1))  # row i starts at element i: rows overlap across samples
+
+
+def test_as_strided_that_reads_across_samples_is_refused_naming_the_op() -> None:
+    """as_strided is followed only where it is a view in disguise (tests/zoo.py: swin)."""
+    with pytest.raises(grapefx.UnsupportedOpError, match="as_strided"):
+        _run(_StridedAcrossSamples(), torch.randn(4, 4))

@@ -65,9 +65,11 @@ SENS = [
     ("embedding_bag", "automatic", "auto"),
     ("long_tokens", "flat", "ghost"),  # blocked Grams, tied cross terms, positions' lookup norm
     ("encoder_ids", "flat", "auto"),  # ids shared by all samples, cumsum position ids
-    ("vit_qkv_unbind", "flat", "auto"),  # q/k/v gradients concatenated along the batch dim
+    # q/k/v gradients concatenated along the batch dim
+    pytest.param("vit_qkv_unbind", "flat", "auto", marks=pytest.mark.slow),
     ("two_views", "flat", "auto"),  # two rows per sample, side by side in one 2B batch
-    ("swin", "flat", "auto"),  # pad, roll, windows folded into the batch dim, gathered bias table
+    # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
+    pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),
 ]
 
 

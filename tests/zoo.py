@@ -438,7 +438,7 @@ class TinyConvNeXt(nn.Module):
 class TinySwin(nn.Module):
     """Swin's shifted-window attention: patch embedding, F.pad to whole windows, torch.roll, window
     partition into the batch dim ([B·nW, ws², C]), a relative-position bias gathered from a parameter
-    table by a fixed index buffer, window merge, roll back, crop."""
+    table by a fixed index buffer, window merge, roll back, crop, channels-last adaptive pooling."""
 
     def __init__(self, c: int = 8, ws: int = 2, heads: int = 2, n_out: int = 5) -> None:
         super().__init__()
@@ -463,7 +463,9 @@ class TinySwin(nn.Module):
         o = self.proj((attn @ v).transpose(1, 2).reshape(B * 4, ws * ws, c))
         o = o.view(B, 2, 2, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(B, 4, 4, c)
         o = torch.roll(o, shifts=(1, 1), dims=(1, 2))[:, :3, :3]
-        return self.head(o.mean(dim=(1, 2)))
+        # torchvision's head: 1x1 adaptive pooling of the permuted (channels-last) map, which ATen
+        # computes as a mean plus an as_strided back to channels-last strides
+        return self.head(F.adaptive_avg_pool2d(o.permute(0, 3, 1, 2), 1).flatten(1))
 
 
 class BasicBlockGN(nn.Module):

@@ -618,6 +618,60 @@ def _pad(p: _Propagator, n: fx.Node) -> Any:
     return lx
 
 
+def _strided_as(x: Any, sizes: Any, strides: Any, offset: Any) -> str | None:
+    """How as_strided(x, sizes, strides, offset) relates to x: "same" (x itself, re-strided: same
+    sizes and strides on every dim of size > 1), "reshape" (x contiguous, read whole in row-major
+    order as `sizes`), or None (some other walk through the storage)."""
+    if not isinstance(x, torch.Tensor) or offset not in (None, 0) or x.storage_offset() != 0:
+        return None
+    sizes, strides = [_arg_sym(v) for v in sizes], [_arg_sym(v) for v in strides]
+    if len(sizes) != len(strides):
+        return None
+    in_sizes, in_strides = [to_sym(v) for v in x.shape], [to_sym(v) for v in x.stride()]
+
+    def same_where_not_1(a: list[Any], b: list[Any]) -> bool:
+        return all(size == 1 or sympy.expand(u - v) == 0 for size, u, v in zip(sizes, a, b))
+
+    if len(sizes) == x.dim() and all(sympy.expand(a - b) == 0 for a, b in zip(sizes, in_sizes)):
+        if same_where_not_1(strides, in_strides):
+            return "same"
+    row_major = [_prod(sizes[i + 1 :]) for i in range(len(sizes))]
+    contiguous = all(
+        size == 1 or sympy.expand(st - _prod(in_sizes[i + 1 :])) == 0
+        for i, (size, st) in enumerate(zip(in_sizes, in_strides))
+    )
+    if contiguous and same_where_not_1(strides, row_major) and sympy.expand(_prod(sizes) - _prod(in_sizes)) == 0:
+        return "reshape"
+    return None
+
+
+def _arg_sym(v: Any) -> Any:
+    return to_sym(v.meta["val"]) if isinstance(v, fx.Node) else to_sym(v)
+
+
+def _as_strided(p: _Propagator, n: fx.Node) -> Any:
+    """as_strided / as_strided_scatter only where they re-stride a tensor in place of itself or read /
+    write a contiguous one whole in row-major order, i.e. are a view / reshape in disguise (ATen's
+    adaptive_avg_pool2d to 1x1 restores a channels-last input's strides so, and its backward
+    scatters the gradient into a flat buffer; torchvision's Swin pools a permuted tensor). Any other
+    walks the storage in an order no layout rule can follow."""
+    scatter = n.target.overloadpacket is aten.as_strided_scatter
+    x = n.args[0]
+    sizes, strides = n.args[2:4] if scatter else n.args[1:3]
+    offset_at = 4 if scatter else 3
+    offset = n.args[offset_at] if len(n.args) > offset_at else n.kwargs.get("storage_offset")
+    kind = _strided_as(x.meta.get("val"), sizes, strides, offset)
+    if kind is None:
+        return UNKNOWN
+    if not scatter:
+        lx = p.lay(x)
+        return lx if kind == "same" or lx in (None, UNKNOWN) else reshape_layout(lx, shape_of(x), shape_of(n), p.batch)
+    src, ls = n.args[1], p.lay(n.args[1])  # src is written over all of x: x's values do not matter
+    if ls in (None, UNKNOWN):
+        return ls
+    return ls.moved(ls.dim) if kind == "same" else reshape_layout(ls, shape_of(src), shape_of(n), p.batch)
+
+
 _RULES: dict[Any, Any] = {}
 
 
@@ -652,6 +706,10 @@ _register([aten.select], _select)
 _register([aten.slice], _slice)
 _register([aten.cat], _cat)
 _register([aten.constant_pad_nd], _pad)
+_register([aten.as_strided, aten.as_strided_scatter], _as_strided)
+# functional copy(self, src): src's values in self's shape (src broadcast), as the backward of the
+# re-striding as_strided above writes them into a fresh buffer
+_register([aten.copy], lambda p, n: p.broadcast(n, [n.args[0], n.args[1]]))
 _register([aten.split, aten.split_with_sizes, aten.unbind, aten.chunk], _split)
 _register(
     [

@@ -17,7 +17,9 @@ from grapefx.config import PrivacyConfig
 from grapefx.distributed.ops import reduce_projected
 from grapefx.passes.clip_factors import add_noise, clip_weights, loss_scale_and_denom, recorded_norms
 from grapefx.passes.grape_project import projection_index
+from grapefx.passes.interp import ViewTolerantInterpreter
 from grapefx.passes.tracing import retrace
+from grapefx.rules.registry import accumulated
 
 
 def _projected(names: set[str], params: list[tuple[int, str]]) -> dict[int, str]:
@@ -63,7 +65,7 @@ def empty_batch_backward(
     projected = _projected(set(config.grape_params or ()), params)
 
     def fn(*args: Any) -> Any:
-        outs = list(torch.fx.Interpreter(gm).run(*args))
+        outs = list(ViewTolerantInterpreter(gm).run(*args))
         present = [i for i, _ in params if outs[i] is not None]
         denom: Any = 1.0
         if config.distributed and present:  # run-time global denominator (other ranks may hold samples)
@@ -93,13 +95,13 @@ def single_sample_backward(
     projected = _projected(set(config.grape_params or ()), params)
 
     def fn(*args: Any) -> Any:
-        outs = list(torch.fx.Interpreter(gm).run(*args))
+        outs = list(ViewTolerantInterpreter(gm).run(*args))
         present = [i for i, _ in params if outs[i] is not None]
         projections = {}
         for i in present:
             if i in projected:
                 outs[i], projections[i] = _project(outs[i], projected[i], config, state_id)
-        norm_sq = [outs[i].float().pow(2).sum().reshape(1) for i in present]
+        norm_sq = [accumulated(outs[i]).pow(2).sum().reshape(1) for i in present]
         weights, denom = clip_weights(norm_sq, 1, config, state_id)
         ghats = {}
         for i, w in zip(present, weights):

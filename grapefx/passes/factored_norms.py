@@ -25,7 +25,7 @@ import torch.fx as fx
 from grapefx.analysis.grad_sites import ParamGrad
 from grapefx.rules import embedding, mm
 from grapefx.rules.gram import BlockGram, dense_blocks, same_id_blocks, symmetric_gram_dot
-from grapefx.rules.registry import SiteContext
+from grapefx.rules.registry import SiteContext, accumulated
 
 aten = torch.ops.aten
 _IDENTITY = {aten.view, aten._unsafe_view, aten.reshape, aten.alias, aten.clone, aten.contiguous, aten.detach}
@@ -47,13 +47,13 @@ class Factor:
 def gram(x: Factor, y: Factor) -> torch.Tensor:
     """[B, Tx, Ty] inner products of every row of x with every row of y."""
     if x.dense is not None and y.dense is not None:
-        return torch.bmm(x.dense.float(), y.dense.float().transpose(1, 2))
+        return torch.bmm(accumulated(x.dense), accumulated(y.dense).transpose(1, 2))
     if x.dense is None and y.dense is None:
         g = (x.ids[:, :, None] == y.ids[:, None, :]).float()
     elif x.dense is None:  # onehot(ids_t) · y_s = y_s[ids_t]
-        g = torch.gather(y.dense.float(), 2, x.ids[:, None, :].expand(-1, y.length, -1)).transpose(1, 2)
+        g = torch.gather(accumulated(y.dense), 2, x.ids[:, None, :].expand(-1, y.length, -1)).transpose(1, 2)
     else:
-        g = torch.gather(x.dense.float(), 2, y.ids[:, None, :].expand(-1, x.length, -1))
+        g = torch.gather(accumulated(x.dense), 2, y.ids[:, None, :].expand(-1, x.length, -1))
     if x.keep is not None:
         g = g * x.keep[:, :, None].float()
     if y.keep is not None:
@@ -62,7 +62,7 @@ def gram(x: Factor, y: Factor) -> torch.Tensor:
 
 
 def _self_blocks(x: Factor) -> BlockGram:
-    return dense_blocks(x.dense.float()) if x.dense is not None else same_id_blocks(x.ids, x.keep)
+    return dense_blocks(accumulated(x.dense)) if x.dense is not None else same_id_blocks(x.ids, x.keep)
 
 
 def _site_factors(site: SiteContext) -> tuple[Factor, Factor] | None:
@@ -133,7 +133,7 @@ def lookup_norm_sq(site: SiteContext, lookup: fx.Node, per_sample: torch.Tensor)
     ids = site.value(lookup.args[1]).reshape(1, -1)
     padding_idx = lookup.args[3]
     b, n = per_sample.shape[0], ids.shape[1]
-    rows = per_sample.reshape(b, n, -1).float()
+    rows = accumulated(per_sample.reshape(b, n, -1))
     ids = ids.expand(b, n)
     keep = (ids != padding_idx) if padding_idx is not None and padding_idx >= 0 else None
     return symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(rows), n)

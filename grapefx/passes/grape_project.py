@@ -24,7 +24,7 @@ from grapefx.passes.clip_factors import add_noise
 from grapefx.passes.factored_norms import _orientation
 from grapefx.rules import mm
 from grapefx.rules.gram import ghost_norm_sq, gram_fraction
-from grapefx.rules.registry import NormChoice, SiteContext, weights_like
+from grapefx.rules.registry import NormChoice, SiteContext, accumulated, weights_like
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def projected_norm_sq(site: SiteContext, proj: Projection, P: torch.Tensor) -> t
     side = "P·G" if proj.rows else "G·Pᵀ"
     reason = f"DP-GRAPE rank {proj.rank} ({side}), norm by {method} in the projected space: T={T} M={M} N={N}"
     choice = NormChoice(f"projected/{method}", ghost, inst, reason, int(T))
-    L, R = L.float(), R.float()
+    L, R = accumulated(L), accumulated(R)
     if method == "ghost":
         return ghost_norm_sq(L, R), choice
     return torch.bmm(L.transpose(1, 2), R).pow(2).sum(dim=(1, 2)), choice

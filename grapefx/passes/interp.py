@@ -23,6 +23,16 @@ def call_node(node: fx.Node, lookup: Callable[[fx.Node], Any]) -> Any:
     return node.target(*args, **kwargs)
 
 
+class ViewTolerantInterpreter(fx.Interpreter):
+    """Runs a graph, turning `view` into `reshape` where the input's strides need it (see `call_node`):
+    the codegen retrace hands the graph the Inductor forward's saved activations."""
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target in _VIEWS and not kwargs:
+            return args[0].reshape(args[1])
+        return super().call_function(target, args, kwargs)
+
+
 def make_lookup(gm: fx.GraphModule, env: dict, local: dict | None = None) -> Callable[[fx.Node], Any]:
     """Values from `local` first, then `env`; batch-free constants not computed yet (e.g. the zeros a
     slice_scatter writes into, when a parameter is finished early) are computed on demand."""

@@ -21,6 +21,7 @@ from grapefx.rules.registry import (
     MEMORY_WEIGHT,
     NormChoice,
     SiteContext,
+    accumulated,
     mm_costs,
     pick,
     rule_for,
@@ -98,7 +99,7 @@ def per_sample_norm_sq(
     grad: ParamGrad, sites: list[SiteContext], choices: list[NormChoice], gm: fx.GraphModule, env: dict
 ) -> torch.Tensor:
     if grad.isometric:
-        return rule_for(sites[0].kind).norm_sq(sites[0], choices[0]).float()
+        return accumulated(rule_for(sites[0].kind).norm_sq(sites[0], choices[0]))
     if choices[0].method == "ghost":
         lookup = broadcast_lookup(grad, sites)
         if lookup is not None:

@@ -18,6 +18,7 @@ from grapefx.rules.registry import (
     NormChoice,
     SiteContext,
     SiteRule,
+    accumulated,
     expose_batch,
     pick,
     register_rule,
@@ -77,7 +78,7 @@ class EmbeddingRule(SiteRule):
         ids, g = tokens(site)
         padding_idx = site.node.args[3]
         keep = (ids != padding_idx) if padding_idx is not None and padding_idx >= 0 else None
-        return symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(g.float()), ids.shape[1])
+        return symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(accumulated(g)), ids.shape[1])
 
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
         grad, ids, num_weights, padding_idx, scale = site.node.args

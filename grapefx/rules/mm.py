@@ -15,6 +15,7 @@ from grapefx.rules.registry import (
     NormChoice,
     SiteContext,
     SiteRule,
+    accumulated,
     expose_batch,
     keep_and_norm,
     mm_extra_costs,
@@ -67,7 +68,7 @@ class MatmulRule(SiteRule):
 
     def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
         L, R = factors(site)
-        L, R = L.float(), R.float()
+        L, R = accumulated(L), accumulated(R)
         if choice.method == "ghost":
             return ghost_norm_sq(L, R)
         return keep_and_norm(site, torch.bmm(L.transpose(1, 2), R))

@@ -108,9 +108,15 @@ def keep_and_norm(site: SiteContext, per_sample: torch.Tensor) -> torch.Tensor:
     return squared_norms(per_sample)
 
 
+def accumulated(t: torch.Tensor) -> torch.Tensor:
+    """`t` in the dtype per-sample norms accumulate in: float32 (from bf16 / fp16 / float32), or
+    float64 for a float64 model, whose clipping is then exact to float64 rounding."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def squared_norms(per_sample: torch.Tensor) -> torch.Tensor:
-    """[B] float32 squared norms of [B, ...] per-sample values."""
-    ps = per_sample.float()
+    """[B] squared norms of [B, ...] per-sample values (float32, or float64 for float64 values)."""
+    ps = accumulated(per_sample)
     if ps.dim() <= 1:
         return ps * ps
     # A batched dot product of each sample with itself: no squared copy of the per-sample tensor.
