@@ -9,6 +9,8 @@ M4  the same decoder, T=512, B=4
 H   parameter-heavy decoder (vocab 8192, d 512, 6 layers, 8 heads), T=64, B=4, trained with Adam
 ViT ViT-tiny-like encoder (4x4 patches of 32x32x3, d 192, 3 heads, 6 layers), B=32
 GPT-S  a small decoder (vocab 512, d 64, 2 layers, T=32, B=8) for `--quick` smoke runs
+L   Llama-style decoder at M3's size (vocab 8192, d 256, 4 layers, 4 heads, T=128, B=16): RMSNorm,
+    rotary positions, separate q / k / v / o projections, SwiGLU MLP (gate, up, down; 688 wide)
 
 Every case is `make_case(name, batch=None, seq=None) -> Case(model, x, y, loss_fn)`; the loss is cross entropy with mean
 reduction (token-level for the decoders: mean over all B*T tokens).
@@ -162,6 +164,63 @@ class GPT(nn.Module):
         return self.head(self.ln_f(h))
 
 
+class LlamaBlock(nn.Module):
+    """Pre-RMSNorm block: attention with separate q, k, v, o projections (no bias) and rotary
+    positions, then a SwiGLU MLP. q, k and v read the same normalized hidden state, as gate and up
+    do: ghost norms share those inputs' Gram products (grapefx/passes/common_subexpressions.py)."""
+
+    def __init__(self, d: int, heads: int, d_ff: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate, self.up = nn.Linear(d, d_ff, bias=False), nn.Linear(d, d_ff, bias=False)
+        self.down = nn.Linear(d_ff, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, D = x.shape
+        h = self.norm1(x)
+        q, k, v = (p(h).view(B, T, self.heads, -1).transpose(1, 2) for p in (self.q, self.k, self.v))
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(y.transpose(1, 2).reshape(B, T, D))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding (the rotate-half form) of [B, heads, T, hd]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class Llama(nn.Module):
+    def __init__(
+        self, vocab: int = 8192, d: int = 256, n_layer: int = 4, heads: int = 4, d_ff: int = 688, max_t: int = 512
+    ) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(LlamaBlock(d, heads, d_ff) for _ in range(n_layer))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        hd = d // heads
+        inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+        ang = torch.outer(torch.arange(max_t).float(), inv)
+        self.register_buffer("cos", torch.cat([ang, ang], dim=-1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat([ang, ang], dim=-1).sin(), persistent=False)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
+
+    def forward(self, ids: Tensor) -> Tensor:  # [B, T] -> [B, T, V]
+        T = ids.shape[1]
+        cos, sin = self.cos[:T], self.sin[:T]
+        h = self.tok(ids)
+        for blk in self.blocks:
+            h = blk(h, cos, sin)
+        return self.head(self.norm(h))
+
+
 class ViT(nn.Module):
     """ViT-tiny-like encoder: 4x4 patch conv on 32x32x3 (64 patches) + cls token + learned positions,
     pre-LN blocks (the decoder's Block, non-causal), final LN, linear head on the cls token."""
@@ -229,6 +288,12 @@ def _gpt(vocab: int = 8192, d: int = 256, n_layer: int = 4, heads: int = 4, max_
     return build
 
 
+def _llama(g: torch.Generator, B: int, T: int):
+    model = Llama(max_t=max(512, T))
+    ids = torch.randint(0, 8192, (B, T + 1), generator=g)
+    return model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), token_loss
+
+
 GPT_CASES = ("M3", "M4", "H", "GPT-S")
 
 CASES: dict[str, tuple[str, int, int | None, Callable]] = {
@@ -240,6 +305,7 @@ CASES: dict[str, tuple[str, int, int | None, Callable]] = {
     "H": ("GPT decoder V=8192 d=512 L=6 H=8 (parameter-heavy, Adam)", 4, 64, _gpt(d=512, n_layer=6, heads=8, max_t=64)),
     "ViT": ("ViT-tiny-like: 4x4 patches of 32x32x3, d=192, 3 heads, 6 layers", 32, None, _vit),
     "GPT-S": ("small GPT decoder V=512 d=64 L=2 H=2", 8, 32, _gpt(vocab=512, d=64, n_layer=2, heads=2, max_t=32)),
+    "L": ("Llama-style decoder V=8192 d=256 L=4 H=4 (RMSNorm, rotary, q/k/v/o, SwiGLU 688)", 16, 128, _llama),
 }
 ADAM_CASES = ("H",)  # trained with Adam (GRAPE configs: GrapeAdamW); the others with SGD
 

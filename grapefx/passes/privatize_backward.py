@@ -35,6 +35,7 @@ from grapefx.passes.clip_factors import (
     per_layer_weights,
     recorded_norms,
 )
+from grapefx.passes.common_subexpressions import merge_common_subexpressions
 from grapefx.passes.grape_project import (
     Projection,
     back_project,
@@ -184,6 +185,7 @@ def privatize_backward(
         # Provenance of every node: which pass inserted it, in what role, for which parameter;
         # nodes outside any annotation replay the original backward (input grads, site operands).
         node.meta["grapefx"] = dict(node.meta.get("custom") or {"pass": "replay", "role": "original"})
+    merge_common_subexpressions(new_gm)  # e.g. one Gram of the input that q, k and v share
     return new_gm, plan
 
 

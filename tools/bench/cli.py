@@ -31,8 +31,26 @@ CORE = [
 NO_GRAPE = ("M2",)  # no Linear-type weight with both sides > rank: GRAPE would be BK
 FULL_MODELS = ["M1", "M2", "M3", "M4", "H", "ViT"]
 QUICK_MODELS = ["M1", "GPT-S"]
-FULL_STEPS = {"M1": (3, 20), "M2": (3, 10), "M3": (2, 4), "M4": (2, 4), "H": (2, 4), "ViT": (2, 4), "GPT-S": (3, 20)}
-QUICK_STEPS = {"M1": (2, 3), "M2": (2, 2), "M3": (1, 2), "M4": (1, 2), "H": (1, 2), "ViT": (1, 2), "GPT-S": (2, 3)}
+FULL_STEPS = {
+    "M1": (3, 20),
+    "M2": (3, 10),
+    "M3": (2, 4),
+    "M4": (2, 4),
+    "H": (2, 4),
+    "ViT": (2, 4),
+    "GPT-S": (3, 20),
+    "L": (2, 4),
+}
+QUICK_STEPS = {
+    "M1": (2, 3),
+    "M2": (2, 2),
+    "M3": (1, 2),
+    "M4": (1, 2),
+    "H": (1, 2),
+    "ViT": (1, 2),
+    "GPT-S": (2, 3),
+    "L": (1, 2),
+}
 SCALING_CONFIGS = ["np-eager", "gx-eager", "opacus-ghost", "opacus-hooks"]
 
 
