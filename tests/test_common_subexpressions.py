@@ -102,3 +102,16 @@ def test_merges_pure_duplicates_only() -> None:
     torch.testing.assert_close(out[0], full * full)
     assert out[3] is not out[4] and torch.equal(out[3], out[4])
     assert not torch.equal(out[1], out[2])
+
+
+@pytest.mark.slow
+def test_shared_inputs_with_the_inductor_codegen() -> None:
+    torch.manual_seed(0)
+    model = SharedInputs()
+    cm = grapefx.compile(model, max_grad_norm=1.7, noise_multiplier=0.0, loss_reduction="sum", codegen="inductor")
+    for B in (5, 1, 3):
+        model.zero_grad(set_to_none=True)
+        x, y = torch.randn(B, 64, 64), torch.randint(0, 3, (B,))
+        _loss(cm(x), y).backward()
+        ref, _ = oracle_grads(model, (x, y), _loss, 1.7, "sum")
+        assert_grads_match(model, ref)
