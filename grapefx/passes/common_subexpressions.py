@@ -2,9 +2,10 @@
 
 The rules trace one grad site at a time, so layers that read the same tensor each build their own
 products of it: the q, k and v projections of one hidden state (Llama, BERT, Mistral) each compute
-the Gram blocks of that input for their ghost norms, gate and up of a SwiGLU MLP likewise, and each
-scales it by the clip factors for its weighted contraction. After the merge such a product is
-computed once per step; the value of every output is unchanged (same op on the same inputs).
+the Gram blocks of that input for their ghost norms, gate and up of a SwiGLU MLP likewise (and
+float copies of it for norms of low-precision models). After the merge such a product is computed
+once per step; the value of every output is unchanged (same op on the same inputs). A merged value
+lives until its last reader; the memory scheduler plans the merged graph.
 
 Only ops that cannot observe the difference are merged: aten operators whose schema writes nothing
 and that draw no random numbers. grapefx's own operators (noise, norm records, collectives) are
