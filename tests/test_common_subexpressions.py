@@ -115,3 +115,23 @@ def test_shared_inputs_with_the_inductor_codegen() -> None:
         _loss(cm(x), y).backward()
         ref, _ = oracle_grads(model, (x, y), _loss, 1.7, "sum")
         assert_grads_match(model, ref)
+
+
+def test_dropping_one_sample_moves_the_gradient_by_at_most_c() -> None:
+    """Sensitivity of the shared-input model with merged nodes: remove-one changes the pre-noise
+    sum (all parameters together) by at most C."""
+    torch.manual_seed(0)
+    model = SharedInputs()
+    C = 1.7
+    cm = grapefx.compile(model, max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum")
+    x, y = torch.randn(5, 64, 64), torch.randint(0, 3, (5,))
+
+    def grads(keep: list[int]) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        _loss(cm(x[keep]), y[keep]).backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    full = grads(list(range(5)))
+    for i in range(5):
+        moved = (full - grads([j for j in range(5) if j != i])).norm().item()
+        assert moved <= C * (1 + 1e-5), (i, moved)
