@@ -64,8 +64,8 @@ class PrivateModule(nn.Module):
         except torch._dynamo.exc.Unsupported as e:  # a graph break under fullgraph=True
             raise GraphBreakError(
                 "grapefx needs the model in one graph (per-sample clipping split over graphs would be "
-                f"wrong), but Dynamo could not trace it: {str(e).splitlines()[0]}. Remove the "
-                "data-dependent Python control flow / unsupported call named above."
+                f"wrong), but Dynamo could not trace it: {str(e).splitlines()[0]}{_user_location(e)}. "
+                "Remove the data-dependent Python control flow / unsupported call named above."
             ) from None
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = e.inner_exception if hasattr(e, "inner_exception") else e.__cause__
@@ -85,6 +85,16 @@ class PrivateModule(nn.Module):
     def set_noise_enabled(self, enabled: bool) -> None:
         """Turn noise off for all but the last micro-batch of a virtual (accumulated) batch."""
         self.privacy_state.noise_enabled = enabled
+
+
+def _user_location(e: Exception) -> str:
+    """' at file:line in function (`code`)' for the innermost user frame Dynamo stopped in."""
+    stack = getattr(e, "real_stack", None)
+    if not stack:
+        return ""
+    frame = stack[-1]
+    code = f" (`{frame.line.strip()}`)" if frame.line else ""
+    return f" at {frame.filename}:{frame.lineno} in {frame.name}{code}"
 
 
 def compile(  # noqa: A001 - mirrors torch.compile

@@ -22,7 +22,8 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from grapefx.analysis.capture import Capture, capture_inputs
 from grapefx.analysis.forward_checks import check_forward
-from grapefx.analysis.layout import UNKNOWN, BatchLayout, analyze_layouts
+from grapefx.analysis.indexing_layout import BatchIndex
+from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, analyze_layouts
 from grapefx.config import PrivacyConfig
 from grapefx.distributed.wrap import check_backend_call
 from grapefx.errors import GrapefxError, GraphBreakError, describe_node
@@ -172,7 +173,7 @@ class GrapefxBackend:
         shared["forward_culprits"] = tuple(describe_node(n) for n in layouts.unknown_ops)
         shared["forward_layouts"] = layouts.layouts
         outputs = list(fw_gm.graph.output_node().args[0])
-        shared["saved"] = {n.name: layouts.layouts.get(n) for n in outputs if isinstance(n, fx.Node)}
+        shared["saved"] = {n.name: _saved_seed(n, layouts) for n in outputs if isinstance(n, fx.Node)}
         shared["tangent_layouts"] = _tangent_layouts(outputs, layouts.layouts)
         available = {n.name for n in fw_gm.graph.nodes if n.op == "placeholder"} | set(shared["saved"])
         shared["recipes"] = find_recipes(fw_gm, available)  # for recompute-after-barrier
@@ -301,6 +302,14 @@ def _is_random(op: Any) -> bool:
 
 def _has_inductor_trap(gm: fx.GraphModule) -> bool:
     return any(getattr(n.target, "overloadpacket", None) in _INDUCTOR_TRAPS for n in gm.graph.nodes)
+
+
+def _saved_seed(node: fx.Node, layouts: LayoutResult) -> Any:
+    """The backward's seed for a saved forward value: its layout, or `BatchIndex` for an arange(B)
+    (batch-free, but it lets the backward's index_put keep row j with sample j)."""
+    if node in layouts.batch_index:
+        return BatchIndex(layouts.batch_index[node])
+    return layouts.layouts.get(node)
 
 
 def _tangent_layouts(outputs: list[Any], layouts: dict[fx.Node, Any]) -> list[Any]:

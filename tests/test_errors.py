@@ -89,7 +89,10 @@ class _GraphBreak(nn.Module):
 
 
 def test_graph_break_is_an_error_not_a_silent_split() -> None:
-    with pytest.raises(grapefx.GraphBreakError, match="one graph"):
+    """The message names the user's source line that broke the graph."""
+    with pytest.raises(
+        grapefx.GraphBreakError, match=r"one graph.*test_errors\.py:\d+ in forward \(`if h\.sum\(\) > 0:"
+    ):
         _run(_GraphBreak(), torch.randn(4, 5))
 
 
@@ -242,3 +245,98 @@ def test_as_strided_that_reads_across_samples_is_refused_naming_the_op() -> None
     """as_strided is followed only where it is a view in disguise (tests/zoo.py: swin)."""
     with pytest.raises(grapefx.UnsupportedOpError, match="as_strided"):
         _run(_StridedAcrossSamples(), torch.randn(4, 4))
+
+
+@torch.library.custom_op("grapefx_test::row_scale", mutates_args=())
+def _row_scale(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """w * s[:, None], as an opaque op with no vmap batching rule (its own backward)."""
+    return w * s[:, None]
+
+
+@_row_scale.register_fake
+def _(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(w)
+
+
+def _row_scale_backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN202
+    return _row_scale(grad, ctx.s), None
+
+
+def _row_scale_setup(ctx, inputs, output) -> None:  # noqa: ANN001
+    ctx.s = inputs[1]
+
+
+_row_scale.register_autograd(_row_scale_backward, setup_context=_row_scale_setup)
+
+
+class _ScaledWeight(nn.Module):
+    """A Linear whose weight is row-scaled by a custom op: the weight's gradient leaves the batch
+    contraction through that op."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 5))
+        self.register_buffer("s", torch.rand(3) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _row_scale(self.w, self.s))
+
+
+def test_post_op_without_batching_rule_is_refused_naming_op_and_parameter() -> None:
+    """Without the check, vmap would loop over the samples, fix the symbolic batch size and torch
+    would fail the compile with a shape-constraint error naming neither op nor parameter."""
+    with pytest.raises(grapefx.UnsupportedOpError, match=r"(?s)parameter `w`.*row_scale"):
+        _run(_ScaledWeight(), torch.randn(4, 5))
+
+
+class _IndexAcrossSamples(nn.Module):
+    """Advanced indexing that reads other samples' rows: refused (the per-sample forms, Falcon's
+    constant head index and h[arange(B), last], are in tests/zoo.py: last_token_pool)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, 4]
+        h = self.fc(x)
+        B, T = h.shape[:2]
+        pick = (x[:, 0, 0] > 0).long()  # a per-sample index in [0, T)
+        if self.how == "batch_by_data":  # row j of the output is sample pick[j]
+            return h[pick]
+        if self.how == "other_dim_by_data":  # [B, B, 4]: sample b at every sample's index
+            return h[:, pick]
+        return h[torch.arange(B).flip(0), pick]  # rows reversed: not the identity
+
+
+@pytest.mark.parametrize("how", ["batch_by_data", "other_dim_by_data", "reversed_arange"])
+def test_indexing_that_reads_across_samples_is_refused_naming_the_op(how: str) -> None:
+    with pytest.raises(grapefx.UnsupportedOpError, match=r"(?s)fc\.weight.*index"):
+        _run(_IndexAcrossSamples(how), torch.randn(5, 3, 4))
+
+
+_ACROSS_THE_BATCH = {
+    "sort": (lambda h: h.sort(dim=0).values, grapefx.UnsupportedOpError, "sort"),
+    "max": (lambda h: h.max(dim=0, keepdim=True).values * h, grapefx.UnsupportedOpError, "max"),
+    "unfold": (lambda h: h.unfold(0, 1, 1).squeeze(-1), grapefx.UnsupportedOpError, "unfold"),
+    "normalize": (lambda h: F.normalize(h, dim=0), grapefx.BatchMixingError, "linalg_vector_norm"),
+    "median": (lambda h: h - h.median(), grapefx.BatchMixingError, "median"),
+}
+
+
+class _AlongTheBatch(nn.Module):
+    def __init__(self, op) -> None:  # noqa: ANN001
+        super().__init__()
+        self.op = op
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(self.fc(x))
+
+
+@pytest.mark.parametrize("name", list(_ACROSS_THE_BATCH))
+def test_selecting_or_normalizing_along_the_batch_dim_is_refused(name: str) -> None:
+    """The same ops along a feature dim are per-sample (tests/zoo.py: along_dims)."""
+    op, error, culprit = _ACROSS_THE_BATCH[name]
+    with pytest.raises(error, match=culprit):
+        _run(_AlongTheBatch(op), torch.randn(5, 4))

@@ -68,6 +68,9 @@ SENS = [
     # q/k/v gradients concatenated along the batch dim
     pytest.param("vit_qkv_unbind", "flat", "auto", marks=pytest.mark.slow),
     ("two_views", "flat", "auto"),  # two rows per sample, side by side in one 2B batch
+    ("last_token_pool", "flat", "auto"),  # h[arange(B), last], a constant head index
+    ("weight_norm", "flat", "auto"),  # weight_norm's backward and a masked bias after the batch sum
+    ("along_dims", "flat", "auto"),  # sort, topk, max / median over a dim, normalize, unfold
     # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
     pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),
 ]

@@ -233,6 +233,70 @@ class RMSNormNet(nn.Module):
         return self.fc2(F.silu(self.norm(self.fc1(x))))  # x: [B, T, d] -> [B, T, n_out]
 
 
+class WeightNormNet(nn.Module):
+    """weight_norm (torch.nn.utils.parametrizations) on a Linear (dim 0) and on a Conv1d over the
+    kernel dim (dim 2, as Wav2Vec2's positional conv has it), and a learned [T, T] bias masked by a
+    batch-free causal `where` (T5's decoder masks its position bias so): the parameters' gradients
+    leave the batch contraction through _weight_norm_interface_backward and `where`."""
+
+    def __init__(self, c: int = 4, t: int = 6, n_out: int = 4) -> None:
+        super().__init__()
+        wn = nn.utils.parametrizations.weight_norm
+        self.conv = wn(nn.Conv1d(c, c, kernel_size=3, padding=1), dim=2)
+        self.fc = wn(nn.Linear(c * t, 8))
+        self.rel = nn.Parameter(torch.randn(t, t) * 0.5)
+        self.register_buffer("causal", torch.ones(t, t, dtype=torch.bool).tril(), persistent=False)
+        self.head = nn.Linear(8, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, c, t]
+        h = torch.tanh(self.conv(x))
+        h = h + h @ torch.where(self.causal, self.rel, 0.0)
+        return self.head(torch.tanh(self.fc(h.flatten(1))))
+
+
+class LastTokenPool(nn.Module):
+    """Advanced indexing that keeps samples apart: Falcon's constant head index
+    (`qkv.view(B, T, 3, d)[..., [-2], :]`, the batch dim not indexed) and the pooling of transformers'
+    decoder `*ForSequenceClassification` (`h[arange(B), last_non_pad]`, the batch dim indexed by
+    arange(B) next to a per-sample index); and an in-place update of a strided slice."""
+
+    def __init__(self, vocab: int = 20, d: int = 4, n_cls: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 2 * d, padding_idx=0)
+        self.qkv = nn.Linear(2 * d, 3 * d)
+        self.head = nn.Linear(d, n_cls)
+
+    def forward(self, ids: Tensor) -> Tensor:  # ids: [B, T], right-padded with 0
+        B, T = ids.shape
+        qkv = self.qkv(self.emb(ids)).view(B, T, 3, -1)
+        s = qkv[..., [-2], :].squeeze(2) + qkv[:, :, 0]
+        s[..., ::2] *= 0.5  # in place on a strided slice (Funnel): the backward has new_empty_strided
+        h = torch.tanh(s)
+        last = ids.ne(0).int().sum(-1).clamp(min=1) - 1
+        return self.head(h[torch.arange(B, device=ids.device), last])
+
+
+class AlongDims(nn.Module):
+    """Ops that select, order or summarize along a non-batch dim: F.normalize (vector norm), topk,
+    sort, max / median / kthvalue over a dim, amax, and unfold (sliding windows)."""
+
+    def __init__(self, d: int = 6, n_out: int = 4) -> None:
+        super().__init__()
+        self.fc = nn.Linear(d, 2 * d)
+        self.mix = nn.Linear(4 * d + 7, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, d]
+        h = torch.tanh(self.fc(x))
+        unit = F.normalize(h, dim=-1)
+        top = h.topk(3, dim=-1).values
+        ordered = h.sort(dim=-1, descending=True).values
+        peaks = torch.stack(
+            [h.max(dim=-1).values, h.median(dim=-1).values, h.kthvalue(2, dim=-1).values, h.amax(-1)], -1
+        )
+        windows = h.unfold(1, 4, 4).mean(-1)  # [B, 3]
+        return self.mix(torch.cat([unit, ordered, top, peaks[:, :3] * windows, peaks[:, 3:]], -1))
+
+
 class MHANet(nn.Module):
     """nn.MultiheadAttention; batch_first=False runs it t-major ([T, B, E] inside)."""
 
@@ -585,9 +649,20 @@ HF_TEXT: dict[str, tuple[str, str, dict[str, Any]]] = {
         | {"seq_classif_dropout": 0.0},
     ),
     "llama": ("LlamaConfig", "LlamaForCausalLM", {**_DECODER, "num_key_value_heads": 2}),
+    "llama_cls": (
+        "LlamaConfig",
+        "LlamaForSequenceClassification",
+        {**_DECODER, "num_key_value_heads": 2, "pad_token_id": 0},
+    ),
     "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER, "num_key_value_heads": 2}),
     "phi": ("PhiConfig", "PhiForCausalLM", {**_DECODER, "resid_pdrop": 0.0, "embd_pdrop": 0.0}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**_DECODER, "hidden_dropout": 0.0}),
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
+        | {"relative_attention_num_buckets": 8, "decoder_start_token_id": 0, "pad_token_id": 0},
+    ),
     "opt": (
         "OPTConfig",
         "OPTForCausalLM",
@@ -618,6 +693,8 @@ class HFText(nn.Module):
         self.m.train()
 
     def forward(self, ids: Tensor) -> Tensor:
+        if self.m.config.is_encoder_decoder:  # T5: the ids are also the decoder's (teacher-forced) input
+            return self.m(input_ids=ids, decoder_input_ids=ids).logits
         return self.m(input_ids=ids).logits
 
 
@@ -715,6 +792,9 @@ ZOO: list[ZooCase] = [
     ZooCase("groupnorm", lambda: GroupNormNet(), _dense((3, 6, 6), 4)),
     ZooCase("rmsnorm", lambda: RMSNormNet(), _dense_tokens(4, 8, 4), token_loss),
     ZooCase("norm_layouts", lambda: NormLayoutsNet(), _dense_tokens(4, 8, 4), token_loss),
+    ZooCase("weight_norm", lambda: WeightNormNet(), _dense((4, 6), 4)),
+    ZooCase("along_dims", lambda: AlongDims(), _dense((6,), 4)),
+    ZooCase("last_token_pool", lambda: LastTokenPool(), _ids(7, 20, n_cls=3, pad_frac=0.3), tags={"embedding"}),
     ZooCase("mha_tmajor", lambda: MHANet(batch_first=False), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("mha_batch_first", lambda: MHANet(batch_first=True), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("gpt", lambda: TinyGPT(), _ids(8, 32), token_loss, tags={"gpt", "embedding"}),
@@ -748,6 +828,11 @@ HF_MORE: list[ZooCase] = (
     + [
         ZooCase("hf_t5_encoder", lambda: HFEncoderHead("t5", 3), _ids(8, 64, n_cls=3), available=has_transformers),
         ZooCase("hf_vit", lambda: HFEncoderHead("vit", 5), _dense((3, 8, 8), 5), available=has_transformers),
+        ZooCase("hf_t5", lambda: HFText("t5"), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers),
+        # pools the last non-pad token: h[arange(B), last]
+        ZooCase(
+            "hf_llama_cls", lambda: HFText("llama_cls"), _ids(8, 64, 3, 0.2), tags={"hf"}, available=has_transformers
+        ),
     ]
 )
 

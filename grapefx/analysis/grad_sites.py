@@ -172,7 +172,8 @@ def _unknown_error(
         culprit = f"{forward_culprits[0]} (forward pass)" if forward_culprits else describe_node(node)
     return UnsupportedOpError(
         f"Cannot derive per-sample gradients for parameter `{name}`: {culprit} "
-        "has no batch-layout rule (it may mix samples, e.g. indexing or reshaping across the batch "
-        "dimension). Rewrite that step so each sample is processed independently, or freeze the "
-        "parameter."
+        "may mix samples (no batch-layout rule, or its rule found that an output reads several "
+        "samples, e.g. indexing or reshaping across the batch dimension). Rewrite that step so each "
+        "sample is processed independently (index the batch dim only with torch.arange(B)), or "
+        "freeze the parameter."
     )

@@ -51,6 +51,7 @@ class LayoutResult:
     layouts: dict[fx.Node, Any] = field(default_factory=dict)
     batch_reductions: dict[fx.Node, str] = field(default_factory=dict)  # node -> kind
     unknown_ops: dict[fx.Node, str] = field(default_factory=dict)  # first UNKNOWN producers
+    batch_index: dict[fx.Node, int] = field(default_factory=dict)  # arange(B)s: see indexing_layout
 
 
 def to_sym(x: Any) -> Any:
@@ -106,6 +107,7 @@ class _Propagator:
         self.batch = batch
         self.seeds = seeds
         self.res = LayoutResult()
+        self.batch_index: dict[fx.Node, int] = {}  # arange(B) and its reshapes: see indexing_layout
 
     # -- helpers -------------------------------------------------------------------------------
     def lay(self, arg: Any) -> Any:
@@ -175,6 +177,10 @@ class _Propagator:
         ins = self.tensor_args(node)
         if all(self.lay(a) is None for a in ins):
             # No batch input: batch-free (creation ops included, even when a size is B).
+            position = batch_index_position(node, self.batch, self.batch_index)
+            if position is not None:
+                self.batch_index[node] = position
+                self.res.batch_index[node] = position
             return None
         packet = t.overloadpacket
         handler = _RULES.get(packet)
@@ -187,7 +193,11 @@ class _Propagator:
     def run(self) -> LayoutResult:
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
-                self.res.layouts[node] = self.seeds.get(node.name)
+                seed = self.seeds.get(node.name)
+                if isinstance(seed, BatchIndex):
+                    self.batch_index[node] = self.res.batch_index[node] = seed.position
+                    seed = None
+                self.res.layouts[node] = seed
             elif node.op == "call_function":
                 try:
                     lay = self.rule(node)
@@ -313,7 +323,7 @@ def _reduce_dims(p: _Propagator, n: fx.Node) -> Any:
     x = n.args[0]
     dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
-    if n.target in (aten.sum.default, aten.mean.default, aten.amax.default, aten.any.default):
+    if n.target in (aten.sum.default, aten.mean.default, aten.any.default):  # amax.default takes dims
         dims, keep = None, False
     return p.reduction(n, x, dims, bool(keep))
 
@@ -806,6 +816,7 @@ _register(
         aten.new_zeros,
         aten.new_ones,
         aten.new_empty,
+        aten.new_empty_strided,
         aten.new_full,
         aten.sym_size,
         aten.sym_numel,
@@ -815,6 +826,16 @@ _register(
 )
 _register([aten.where, aten.masked_fill, aten.clamp, aten.native_dropout_backward], _pointwise_with_dim)
 _register([aten.cumsum, aten.cumprod, aten.logcumsumexp, aten.cummax, aten.cummin, aten.flip, aten.roll], _along_dims)
+
+
+# advanced indexing (x[idx], index_put) and ops along one dim (sort, topk, norms, unfold) live in
+# their own modules, which build on the types above
+from grapefx.analysis.indexing_layout import RULES as _INDEXING_RULES  # noqa: E402
+from grapefx.analysis.indexing_layout import BatchIndex, batch_index_position  # noqa: E402
+from grapefx.analysis.selection_layout import RULES as _SELECTION_RULES  # noqa: E402
+
+for _packet, _rule in {**_INDEXING_RULES, **_SELECTION_RULES}.items():
+    _register([_packet], _rule)
 
 
 def analyze_layouts(gm: fx.GraphModule, batch: Any, seeds: dict[str, Any]) -> LayoutResult:

@@ -7,11 +7,13 @@ are batched by hand here, and vmap is only the fallback for anything else.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from grapefx.errors import UnsupportedOpError, describe_node
 from grapefx.passes.interp import call_node, make_lookup
 
 aten = torch.ops.aten
@@ -53,8 +55,66 @@ _ISOMETRIC = {
 }
 
 
-def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> torch.Tensor | None:
+def _is_zero(arg: Any) -> bool:
+    """A literal 0 or a batch-free constant zero (the masked-out branch of a backward `where`)."""
+    if isinstance(arg, (int, float)):
+        return arg == 0
+    if isinstance(arg, fx.Node) and arg.target is aten.scalar_tensor.default:
+        return arg.args[0] == 0
+    return _is_zero_fill(arg)
+
+
+def _aligned(x: torch.Tensor, rank: int) -> torch.Tensor:
+    """A [B, *s] value with len(s) <= rank, padded to [B, 1, ..., *s]: torch broadcasts from the right,
+    so without the padding a per-sample value of lower rank would meet the other operand's leading dims
+    with its batch dim."""
+    missing = rank - (x.dim() - 1)
+    return x.reshape([x.shape[0]] + [1] * missing + list(x.shape[1:])) if missing > 0 else x
+
+
+def _elementwise(node: fx.Node, lookup: Any, batched: set[fx.Node]) -> torch.Tensor | None:
+    """add / sub / mul / where with a leading batch dim on the batched operands. Only forms that are
+    linear in the batched values: the post map of a gradient is linear, and the clipped sum is
+    computed by applying the same nodes to Σ c_i g_i."""
+    packet = node.target.overloadpacket
+    rank = node.meta["val"].dim()
+    is_batched = [isinstance(a, fx.Node) and a in batched for a in node.args]
+
+    def value(i: int) -> Any:
+        arg = node.args[i]
+        if is_batched[i]:
+            return _aligned(lookup(arg), rank)
+        return lookup(arg) if isinstance(arg, fx.Node) else arg
+
+    if packet in (aten.add, aten.sub) and all(is_batched[:2]):
+        alpha = node.kwargs.get("alpha", 1)
+        return value(0) + alpha * value(1) if packet is aten.add else value(0) - alpha * value(1)
+    if packet is aten.mul and sum(is_batched[:2]) == 1:
+        return value(0) * value(1)
+    if packet is aten.where and not is_batched[0] and any(is_batched[1:3]):
+        if all(is_batched[i] or _is_zero(node.args[i]) for i in (1, 2)):
+            return torch.where(value(0), value(1), value(2))
+    return None
+
+
+def _weight_norm_backward(node: fx.Node, lookup: Any, batched: set[fx.Node]) -> tuple | None:
+    """(grad_v, grad_g) of w = g·v/‖v‖ (weight_norm), for a batched grad_w: linear in grad_w, with
+    v, g and the norms batch-free. The op has no vmap batching rule (vmap would loop over the
+    samples and fix the batch size)."""
+    grad_w, v, g, norms, dim = node.args
+    if grad_w not in batched or any(isinstance(a, fx.Node) and a in batched for a in (v, g, norms)):
+        return None
+    x, v, g, norms = lookup(grad_w), lookup(v), lookup(g), lookup(norms)
+    dim = dim % v.dim()
+    per_direction = (x * v).sum([d + 1 for d in range(v.dim()) if d != dim], keepdim=True)
+    grad_v = g / norms * (x - v * (per_direction / (norms * norms)))
+    return grad_v, per_direction / norms
+
+
+def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> Any:
     """The node's value for all samples ([B, *shape]); None when no hand rule applies."""
+    if node.target is operator.getitem and node.args[0] in batched:
+        return lookup(node.args[0])[node.args[1]]
     packet = getattr(node.target, "overloadpacket", None)
     args = node.args
     x = lookup(args[0]) if args and isinstance(args[0], fx.Node) else None
@@ -79,13 +139,10 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> torch
         rest = list(args[2:])
         dim = (rest[0] if rest else 0) % (base.dim() - 1) + 1
         return getattr(aten, packet._qualified_op_name.split("::")[1])(base, src, dim, *rest[1:])
-    if packet in (aten.add, aten.sub) and all(isinstance(a, fx.Node) and a in batched for a in args[:2]):
-        alpha = node.kwargs.get("alpha", 1)
-        return lookup(args[0]) + alpha * lookup(args[1]) if packet is aten.add else lookup(args[0]) - lookup(args[1])
-    if packet is aten.mul and sum(isinstance(a, fx.Node) and a in batched for a in args[:2]) == 1:
-        other = [a for a in args[:2] if not (isinstance(a, fx.Node) and a in batched)][0]
-        bx = [lookup(a) for a in args[:2] if isinstance(a, fx.Node) and a in batched][0]
-        return bx * (lookup(other) if isinstance(other, fx.Node) else other)
+    if packet in (aten.add, aten.sub, aten.mul, aten.where):
+        return _elementwise(node, lookup, batched)
+    if packet is aten._weight_norm_interface_backward:
+        return _weight_norm_backward(node, lookup, batched)
     if packet is aten.embedding_dense_backward and not node.args[4]:
         # a batch-free index (positions: nn.Embedding(arange(T))) gathered a per-sample sum
         ids = lookup(args[1]).reshape(-1)
@@ -105,6 +162,7 @@ def apply_post_batched(
     gm: fx.GraphModule,
     env: dict,
     b: Any,
+    param: str,
 ) -> torch.Tensor:
     local: dict[fx.Node, Any] = dict(site_values)
     lookup = make_lookup(gm, env, local)
@@ -113,9 +171,27 @@ def apply_post_batched(
         if node in post_nodes and node not in local:
             value = _batched(node, lookup, set(local), b)
             if value is None:
+                _check_vmappable(post_nodes - set(local), b, param)
                 return _vmap_fallback(post_nodes, out_node, site_values, gm, env)
             local[node] = value
     return local[out_node]
+
+
+def _check_vmappable(nodes: set[fx.Node], b: Any, param: str) -> None:
+    """vmap runs an op without a batching rule once per sample, which fixes a symbolic batch size:
+    torch would then fail the compile with a shape-constraint error that names no op."""
+    if not isinstance(b, torch.SymInt):
+        return
+    for node in nodes:
+        if isinstance(node.target, torch._ops.OpOverload) and not any(
+            torch._C._dispatch_has_kernel_for_dispatch_key(node.target.name(), key)
+            for key in ("FuncTorchBatched", "CompositeImplicitAutograd")
+        ):
+            raise UnsupportedOpError(
+                f"The gradient of parameter `{param}` passes through {describe_node(node)} after its "
+                "batch contraction; grapefx has no per-sample rule for it and torch has no vmap batching "
+                "rule. Please report this model; as a workaround, express the layer with standard ops."
+            )
 
 
 def _vmap_fallback(

@@ -108,5 +108,5 @@ def per_sample_norm_sq(
         if factored is not None:
             return factored
     per_sample = {c.node: rule_for(c.kind).per_sample(c) for c in sites}
-    full = apply_post_batched(grad.post_nodes, grad.out_node, per_sample, gm, env, sites[0].batch_size)
+    full = apply_post_batched(grad.post_nodes, grad.out_node, per_sample, gm, env, sites[0].batch_size, grad.name)
     return squared_norms(full)

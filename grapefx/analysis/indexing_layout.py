@@ -1,0 +1,158 @@
+"""Batch layouts through advanced indexing: `index.Tensor` (x[idx]) and its backward `index_put`.
+
+Two forms are per-sample, everything else stays UNKNOWN (refused):
+
+- the batch dim is not indexed and every index tensor is batch-free: a constant gather along other
+  dims (Falcon's `qkv[..., [-2], :]`);
+- the batch dim is indexed by `arange(B)` and every batched index tensor lines up with it in the
+  broadcast: `h[arange(B), last_token]`, the pooling of transformers' decoder
+  `*ForSequenceClassification` and CLIP. Output row j then reads sample j only.
+
+`arange(B)` is batch-free (it has no sample data), so it is tracked as a *batch index*: the nodes
+whose values are 0..B-1 along one dim, recorded with that dim's position counted from the right (the
+broadcast aligns index tensors from the right). Saved for the backward, it is carried in the seeds as
+a `BatchIndex` seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from grapefx.analysis.layout import UNKNOWN, BatchLayout, shape_of, to_sym
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class BatchIndex:
+    """Seed value for a saved batch index (a batch-free tensor whose values are 0..B-1 along the
+    dim at `position`, counted from the right)."""
+
+    position: int
+
+
+_ARANGES = (aten.arange.default, aten.arange.start, aten.arange.start_step)
+_KEEP_VALUES = (aten._to_copy, aten.clone, aten.alias, aten.detach, aten.lift_fresh_copy)
+_RESHAPES = (aten.view, aten._unsafe_view, aten.reshape, aten.unsqueeze, aten.squeeze)
+
+
+def batch_index_position(node: fx.Node, batch: Any, known: dict[fx.Node, int]) -> int | None:
+    """For a batch-free node whose values are 0..B-1 along one dim and that has size 1 elsewhere:
+    that dim's position counted from the right; else None."""
+    t = node.target
+    if t in _ARANGES:
+        args = list(node.args)
+        start, end, step = (0, args[0], 1) if t is aten.arange.default else (args + [1])[:3]
+        end = end.meta.get("val") if isinstance(end, fx.Node) else end  # a SymInt input of the graph
+        if isinstance(end, (int, torch.SymInt)) and start == 0 and step == 1 and sympy.expand(to_sym(end) - batch) == 0:
+            return 0
+        return None
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if src not in known:
+        return None
+    packet = getattr(t, "overloadpacket", None)
+    if packet in _KEEP_VALUES:
+        return known[src]
+    if packet in _RESHAPES:
+        shape = shape_of(node)
+        big = [i for i, s in enumerate(shape) if s != 1]
+        if len(big) == 1 and sympy.expand(shape[big[0]] - batch) == 0:
+            return len(shape) - 1 - big[0]
+    return None
+
+
+def _indexed_layout(p: Any, x_lay: Any, x_rank: int, indices: list[Any]) -> Any:
+    """Layout of x[indices] for x with layout `x_lay` (None: batch-free), given the layouts of the
+    index tensors; UNKNOWN where samples could mix."""
+    adv = [i for i, t in enumerate(indices) if t is not None]
+    tensors = [indices[i] for i in adv]
+    if not adv or any(not isinstance(t, fx.Node) for t in tensors):
+        return UNKNOWN
+    if any(getattr(t.meta.get("val"), "dtype", None) == torch.bool for t in tensors):
+        return UNKNOWN  # a boolean mask: data-dependent sizes
+    rank_b = max(len(shape_of(t)) for t in tensors)
+    contiguous = adv == list(range(adv[0], adv[-1] + 1))
+    first = adv[0] if contiguous else 0  # where the broadcast dims land in the output
+    batched = [t for t in tensors if p.lay(t) is not None]
+    if any(p.lay(t) is UNKNOWN for t in tensors) or x_lay is UNKNOWN:
+        return UNKNOWN
+
+    if x_lay is not None and x_lay.dim not in adv:  # a gather along other dims
+        if batched:
+            return UNKNOWN  # per-sample indices into every sample's data mix samples
+        j = x_lay.dim - sum(1 for a in adv if a < x_lay.dim)
+        out = j if contiguous and x_lay.dim < adv[0] else j + rank_b
+        return x_lay.moved(out)
+
+    if x_lay is None or not x_lay.plain:
+        return UNKNOWN  # batched indices into batch-free data, or the batch shares its dim
+    r = p.batch_index.get(indices[x_lay.dim])
+    if r is None:
+        return UNKNOWN  # the batch dim is indexed by something other than arange(B)
+    for t in batched:
+        lt = p.lay(t)
+        if not lt.plain or len(shape_of(t)) - 1 - lt.dim != r:
+            return UNKNOWN  # index row j must come from sample j
+    return BatchLayout(first + rank_b - 1 - r, sympy.Integer(1), sympy.Integer(1))
+
+
+def index_rule(p: Any, n: fx.Node) -> Any:
+    x, indices = n.args[0], list(n.args[1])
+    return _indexed_layout(p, p.lay(x), len(shape_of(x)), indices)
+
+
+def index_put_rule(p: Any, n: fx.Node) -> Any:
+    """index_put(base, indices, values, accumulate): values written at base[indices]. Per-sample
+    when base's batch dim (given, or found from where values land) maps onto values' batch dim."""
+    base, indices, values = n.args[0], list(n.args[1]), n.args[2]
+    lb, lv = p.lay(base), p.lay(values)
+    if UNKNOWN in (lb, lv):
+        return UNKNOWN
+    rank = len(shape_of(base))
+    candidates = [lb] if lb is not None else _base_layouts(p, n, indices, lv, rank)
+    fits = []
+    for out in candidates:
+        want = _indexed_layout(p, out, rank, indices)
+        if want is UNKNOWN or want is None:
+            continue
+        if lv is None:
+            fits.append(out)
+            continue
+        # values broadcast (from the right) to the shape of base[indices]
+        at = lv.dim + _indexed_rank(rank, indices) - len(shape_of(values))
+        if lv.moved(at) == want:
+            fits.append(out)
+    return fits[0] if len(fits) == 1 else UNKNOWN  # none, or ambiguous: refuse rather than guess
+
+
+def _indexed_rank(rank: int, indices: list[Any]) -> int:
+    tensors = [t for t in indices if t is not None]
+    return rank - len(tensors) + max(len(shape_of(t)) for t in tensors)
+
+
+def _base_layouts(p: Any, n: fx.Node, indices: list[Any], lv: Any, rank: int) -> list[Any]:
+    """Where the batch may sit in a batch-free base (the zeros a backward scatters into)."""
+    if lv is None:
+        return []
+    shape = shape_of(n.args[0])
+    out = []
+    for d in range(rank):
+        if d < len(indices) and indices[d] is not None:
+            if p.batch_index.get(indices[d]) is not None and sympy.expand(shape[d] - p.batch) == 0:
+                out.append(BatchLayout(d, sympy.Integer(1), sympy.Integer(1)))
+        elif sympy.expand(shape[d] - lv.outer * p.batch * lv.inner) == 0:
+            out.append(BatchLayout(d, lv.outer, lv.inner))
+    return out
+
+
+RULES = {
+    aten.index: index_rule,
+    aten._unsafe_index: index_rule,
+    aten.index_put: index_put_rule,
+    aten._unsafe_index_put: index_put_rule,
+}
