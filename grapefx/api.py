@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from grapefx.config import PrivacyConfig
 from grapefx.distributed import wrap as dist_wrap
@@ -59,7 +60,9 @@ class PrivateModule(nn.Module):
         try:
             # Inside DDP's forward, Dynamo's DDPOptimizer would split the graph per gradient bucket
             # (clipping each part on its own): one graph; DDP's reducer all-reduces after the backward.
-            with torch._dynamo.config.patch(optimize_ddp=False):
+            self.grapefx_backend.refusal = None
+            # allow_rnn: Dynamo traces nn.RNN / GRU / LSTM (unrolled over time) instead of breaking the graph
+            with torch._dynamo.config.patch(optimize_ddp=False, allow_rnn=True):
                 return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.Unsupported as e:  # a graph break under fullgraph=True
             raise GraphBreakError(
@@ -71,6 +74,11 @@ class PrivateModule(nn.Module):
             inner = e.inner_exception if hasattr(e, "inner_exception") else e.__cause__
             if inner is not None and isinstance(inner, Exception) and type(inner).__module__.startswith("grapefx"):
                 raise inner from None
+            raise
+        except ConstraintViolationError:
+            refusal, self.grapefx_backend.refusal = self.grapefx_backend.refusal, None
+            if refusal is not None:  # the cause: a backward grapefx refused (torch >= 2.14 defers it)
+                raise refusal from None
             raise
 
     def per_sample_norms(self) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ Dynamo graph ──capture──► AOTAutograd (core-aten decompositions, min-c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Callable
@@ -83,6 +84,15 @@ def _configure_torch() -> None:
             setattr(dyn, name, floor)
 
 
+def _unfused_lstm(gm: fx.GraphModule) -> contextlib.AbstractContextManager:
+    """While AOTAutograd traces a graph with an LSTM: oneDNN off, so aten's lstm decomposes into
+    per-step matmuls (one grad site per time step) instead of the fused `mkldnn_rnn_layer`, whose
+    backward has no per-sample form. Only the trace sees the flag; the compiled graph holds plain
+    aten ops."""
+    has_lstm = any(n.op == "call_function" and getattr(n.target, "__name__", "") == "lstm" for n in gm.graph.nodes)
+    return torch.backends.mkldnn.flags(enabled=False) if has_lstm else contextlib.nullcontext()
+
+
 def _require_one_graph() -> None:
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
@@ -121,6 +131,7 @@ class GrapefxBackend:
         # graph alone, e.g. to measure its memory) in `captured_inputs`.
         self.capture_backward_inputs = False
         self.captured_inputs: list[Any] | None = None
+        self.refusal: GrapefxError | None = None  # the last backward compile's refusal (see bw_compiler)
         _configure_torch()
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
@@ -140,7 +151,14 @@ class GrapefxBackend:
 
         def bw_compiler(bw_gm: fx.GraphModule, bw_inputs: list[Any]) -> Callable[..., Any]:
             self.graphs["backward_original"] = bw_gm
-            new_gm = self._privatize(bw_gm, bw_inputs, capture, shared)
+            try:
+                new_gm = self._privatize(bw_gm, bw_inputs, capture, shared)
+            except GrapefxError as e:
+                # torch >= 2.14 compiles the backward eagerly inside the forward's compile and
+                # suppresses its errors until backward; a guard failure in between (e.g. the batch
+                # size specialized by the very op refused here) would hide this message.
+                self.refusal = e
+                raise
             self.graphs["backward"] = new_gm
             dump_from_env(self)  # GRAPEFX_DUMP_DIR set: dump this backward's graphs (never raises)
             return self._capturing(self._codegen(new_gm, bw_inputs, is_backward=True))
@@ -148,14 +166,15 @@ class GrapefxBackend:
         def inference_compiler(gm_: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
             return self._codegen(gm_, inputs, is_backward=False)
 
-        return aot_autograd(
-            fw_compiler=fw_compiler,
-            bw_compiler=bw_compiler,
-            inference_compiler=inference_compiler,
-            decompositions=_decompositions(),
-            partition_fn=min_cut_rematerialization_partition,
-            keep_inference_input_mutations=True,
-        )(gm, example_inputs)
+        with _unfused_lstm(gm):
+            return aot_autograd(
+                fw_compiler=fw_compiler,
+                bw_compiler=bw_compiler,
+                inference_compiler=inference_compiler,
+                decompositions=_decompositions(),
+                partition_fn=min_cut_rematerialization_partition,
+                keep_inference_input_mutations=True,
+            )(gm, example_inputs)
 
     # -- forward ---------------------------------------------------------------------------------
     def _analyze_forward(self, fw_gm: fx.GraphModule, capture: Capture, shared: dict[str, Any]) -> None:

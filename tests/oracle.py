@@ -36,7 +36,10 @@ def oracle_grads(
         out = functional_call(m, (p, buffers), (batch[0],))
         return per_sample_loss(out, *batch[1:])
 
-    per_sample = vmap(grad(loss_one), in_dims=(None,) + (0,) * len(ins))(params, *ins)
+    if any(isinstance(mod, nn.RNNBase) for mod in m.modules()):
+        per_sample = _loop_per_sample(loss_one, params, ins)  # torch's RNN modules cannot run under vmap
+    else:
+        per_sample = vmap(grad(loss_one), in_dims=(None,) + (0,) * len(ins))(params, *ins)
     B = inputs[0].shape[0]
     flat = torch.cat([per_sample[k].reshape(B, -1) for k in params], dim=1) if B else torch.zeros(0, 1)
     norms = flat.norm(dim=1)
@@ -56,6 +59,14 @@ def oracle_grads(
         ps = per_sample[k]
         out[k] = (ps * c[k].reshape(-1, *[1] * (ps.dim() - 1))).sum(0) / denom
     return out, norms
+
+
+def _loop_per_sample(loss_one: Callable[..., torch.Tensor], params: dict, ins: tuple) -> dict[str, torch.Tensor]:
+    """The same per-sample gradients as vmap(grad(...)), one sample at a time."""
+    B = ins[0].shape[0]
+    names = list(params)
+    rows = [grad(loss_one)(params, *(x[i] for x in ins)) for i in range(B)]
+    return {k: torch.stack([r[k] for r in rows]) if B else params[k].new_zeros(0, *params[k].shape) for k in names}
 
 
 def assert_grads_match(model: nn.Module, ref: dict[str, torch.Tensor], rtol: float = 1e-5) -> None:

@@ -71,6 +71,7 @@ SENS = [
     ("last_token_pool", "flat", "auto"),  # h[arange(B), last], a constant head index
     ("weight_norm", "flat", "auto"),  # weight_norm's backward and a masked bias after the batch sum
     ("along_dims", "flat", "auto"),  # sort, topk, max / median over a dim, normalize, unfold
+    pytest.param("recurrent", "flat", "auto", marks=pytest.mark.slow),  # GRU, LSTM unrolled over time
     # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
     pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),
 ]

@@ -128,7 +128,7 @@ def run_against_oracle(
 # ----------------------------------------------------------------------------------------------
 # the mean-reduction variants of the heaviest models run with -m slow only (the sum variants and the
 # lighter models already cover their graphs in the default suite)
-HEAVY = ("gpt_tied", "resnet_gn", "vit", "hf_gpt2", "mha_tmajor", "vit_qkv_unbind", "convnext", "swin")
+HEAVY = ("gpt_tied", "resnet_gn", "vit", "hf_gpt2", "mha_tmajor", "vit_qkv_unbind", "convnext", "swin", "recurrent")
 # transformers models beyond GPT-2 run with -m slow in both reductions (~10 s each); the patterns
 # they exercise (shared ids, cumsum positions, tensor constants) are in `encoder_ids` by default
 SLOW_ALWAYS = ("hf_bert", "hf_roberta", "hf_llama", "hf_opt")

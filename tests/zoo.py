@@ -297,6 +297,22 @@ class AlongDims(nn.Module):
         return self.mix(torch.cat([unit, ordered, top, peaks[:, :3] * windows, peaks[:, 3:]], -1))
 
 
+class Recurrent(nn.Module):
+    """nn.GRU run t-major ([T, B, d]) into a bidirectional nn.LSTM (batch_first): unrolled over time
+    by the trace, every weight is used at T sites."""
+
+    def __init__(self, d: int = 6, h: int = 5, n_out: int = 4) -> None:
+        super().__init__()
+        self.gru = nn.GRU(d, h)
+        self.lstm = nn.LSTM(h, h, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * h, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, T, d]
+        g, _ = self.gru(x.transpose(0, 1))
+        out, _ = self.lstm(g.transpose(0, 1))
+        return self.head(out.mean(dim=1))
+
+
 class MHANet(nn.Module):
     """nn.MultiheadAttention; batch_first=False runs it t-major ([T, B, E] inside)."""
 
@@ -794,6 +810,7 @@ ZOO: list[ZooCase] = [
     ZooCase("norm_layouts", lambda: NormLayoutsNet(), _dense_tokens(4, 8, 4), token_loss),
     ZooCase("weight_norm", lambda: WeightNormNet(), _dense((4, 6), 4)),
     ZooCase("along_dims", lambda: AlongDims(), _dense((6,), 4)),
+    ZooCase("recurrent", lambda: Recurrent(), _dense((3, 6), 4)),
     ZooCase("last_token_pool", lambda: LastTokenPool(), _ids(7, 20, n_cls=3, pad_frac=0.3), tags={"embedding"}),
     ZooCase("mha_tmajor", lambda: MHANet(batch_first=False), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("mha_batch_first", lambda: MHANet(batch_first=True), _dense((5, 8), 4), tags={"attention"}),
