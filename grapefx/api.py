@@ -64,7 +64,9 @@ class PrivateModule(nn.Module):
             # allow_rnn: Dynamo traces nn.RNN / GRU / LSTM (unrolled over time) instead of breaking the graph
             with torch._dynamo.config.patch(optimize_ddp=False, allow_rnn=True):
                 return self._compiled(*args, **kwargs)
-        except torch._dynamo.exc.Unsupported as e:  # a graph break under fullgraph=True
+        except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
+            # a graph break under fullgraph=True, or Python control flow on a value read from a
+            # tensor (`if mask.any():`), which Dynamo cannot guard on
             raise GraphBreakError(
                 "grapefx needs the model in one graph (per-sample clipping split over graphs would be "
                 f"wrong), but Dynamo could not trace it: {str(e).splitlines()[0]}{_user_location(e)}. "

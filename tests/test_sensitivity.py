@@ -72,6 +72,7 @@ SENS = [
     ("weight_norm", "flat", "auto"),  # weight_norm's backward and a masked bias after the batch sum
     ("along_dims", "flat", "auto"),  # sort, topk, max / median over a dim, normalize, unfold
     pytest.param("recurrent", "flat", "auto", marks=pytest.mark.slow),  # GRU, LSTM unrolled over time
+    ("constants_over_batch", "flat", "auto"),  # BEiT's sliced table, XLNet's einsum, FFT, repeat
     # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
     pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),
 ]

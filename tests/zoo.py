@@ -313,6 +313,41 @@ class Recurrent(nn.Module):
         return self.head(out.mean(dim=1))
 
 
+class ConstantsOverBatch(nn.Module):
+    """Batch-free tensors meeting per-sample values: a bias table assembled from slices of one
+    parameter and gathered by constant ids (BEiT's relative position bias), a constant positional
+    encoding expanded over the batch and contracted with a parameter by einsum (XLNet), an index
+    repeated for a gather (ViT-MAE's random masking), a batch dim tiled by `repeat`, and an FFT over
+    tokens and features (FNet)."""
+
+    def __init__(self, d: int = 8, t: int = 6, n_out: int = 4) -> None:
+        super().__init__()
+        self.lin = nn.Linear(d, d)
+        self.table = nn.Parameter(torch.randn(10, 2) * 0.5)
+        self.register_buffer("ids", torch.randint(0, 10, (t,)), persistent=False)
+        self.register_buffer("pos", torch.randn(t, d), persistent=False)
+        self.r = nn.Parameter(torch.randn(d, 2, d // 2) * 0.3)
+        self.head = nn.Linear(4 * d + 2, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, t, d]
+        B, t, d = x.shape
+        h = torch.tanh(self.lin(x))
+        bias = torch.cat([self.table[:3], self.table[3:]])[self.ids]  # [t, 2]
+        k = torch.einsum("bih,hnd->bind", self.pos[None].expand(B, -1, -1), self.r).flatten(2)  # [B, t, d]
+        keep = torch.argsort(x[..., 0], dim=1)[:, :3]
+        kept = torch.gather(h, 1, keep.unsqueeze(-1).repeat(1, 1, d))  # [B, 3, d]
+        tiled = h.repeat(2, 1, 1).view(2, B, t, d)[1]
+        spectrum = torch.fft.fftn(h, dim=(1, 2)).real
+        parts = [
+            (k * h).mean(1),
+            kept.mean(1),
+            tiled.pow(2).mean(1),
+            spectrum.mean(1),
+            (h[..., :2] + bias).pow(2).mean(1),
+        ]
+        return self.head(torch.cat(parts, -1))
+
+
 class MHANet(nn.Module):
     """nn.MultiheadAttention; batch_first=False runs it t-major ([T, B, E] inside)."""
 
@@ -811,6 +846,7 @@ ZOO: list[ZooCase] = [
     ZooCase("weight_norm", lambda: WeightNormNet(), _dense((4, 6), 4)),
     ZooCase("along_dims", lambda: AlongDims(), _dense((6,), 4)),
     ZooCase("recurrent", lambda: Recurrent(), _dense((3, 6), 4)),
+    ZooCase("constants_over_batch", lambda: ConstantsOverBatch(), _dense((6, 8), 4)),
     ZooCase("last_token_pool", lambda: LastTokenPool(), _ids(7, 20, n_cls=3, pad_frac=0.3), tags={"embedding"}),
     ZooCase("mha_tmajor", lambda: MHANet(batch_first=False), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("mha_batch_first", lambda: MHANet(batch_first=True), _dense((5, 8), 4), tags={"attention"}),

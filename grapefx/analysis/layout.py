@@ -260,6 +260,18 @@ def _expand(p: _Propagator, n: fx.Node) -> Any:
     return lx.moved(d)
 
 
+def _repeat(p: _Propagator, n: fx.Node) -> Any:
+    """x.repeat(r0, r1, ...): new leading dims, then each dim tiled r times. Tiling the batch dim
+    (ViT-MAE's index repeats are 1 there) puts a copy of every sample in each tile: outer grows."""
+    lx = p.lay(n.args[0])
+    if lx is UNKNOWN:
+        return UNKNOWN
+    repeats = list(n.args[1])
+    d = lx.dim + len(repeats) - len(shape_of(n.args[0]))
+    r = to_sym(repeats[d])
+    return lx.moved(d) if r == 1 else BatchLayout(d, r * lx.outer, lx.inner)
+
+
 def _select(p: _Propagator, n: fx.Node) -> Any:
     lx = p.lay(n.args[0])
     if lx is UNKNOWN:
@@ -712,6 +724,7 @@ _register(
 _register([aten.permute], _permute)
 _register([aten.t, aten.transpose], _transpose)
 _register([aten.expand], _expand)
+_register([aten.repeat], _repeat)
 _register([aten.select], _select)
 _register([aten.slice], _slice)
 _register([aten.cat], _cat)

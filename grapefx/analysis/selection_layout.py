@@ -1,5 +1,5 @@
 """Batch layouts of ops that select, order or summarize values along one dim (sort, topk, max/min
-over a dim, median, kthvalue, mode, vector norms) and of `unfold` (sliding windows).
+over a dim, median, kthvalue, mode, vector norms), of `unfold` (sliding windows) and of the FFT.
 
 Each is per-sample when that dim is not the batch dim; along the batch dim it would compare or
 combine samples, so it stays UNKNOWN (refused), or, for full reductions, is recorded as a batch
@@ -98,6 +98,26 @@ def unfold_backward(p: Any, n: fx.Node) -> Any:
     return UNKNOWN if d == lg.dim else lg
 
 
+def fft(p: Any, n: fx.Node) -> Any:
+    """_fft_c2c / _fft_r2c / _fft_c2r(x, dims, ...): torch.fft over `dims` (FNet's fftn over tokens
+    and features); sizes change only along `dims`."""
+    lx = p.lay(n.args[0])
+    ndim = len(shape_of(n.args[0]))
+    if not isinstance(lx, BatchLayout) or any((d + ndim if d < 0 else d) == lx.dim for d in n.args[1]):
+        return UNKNOWN
+    return lx
+
+
+def complex_view(p: Any, n: fx.Node) -> Any:
+    """view_as_real appends a dim of 2 (re, im); view_as_complex removes it."""
+    lx = p.lay(n.args[0])
+    if not isinstance(lx, BatchLayout):
+        return UNKNOWN
+    if n.target.overloadpacket is aten.view_as_complex and lx.dim == len(shape_of(n.args[0])) - 1:
+        return UNKNOWN
+    return lx
+
+
 RULES = {
     aten.sort: values_and_indices,
     aten.topk: values_and_indices,
@@ -111,4 +131,9 @@ RULES = {
     aten.linalg_vector_norm: vector_norm,
     aten.unfold: unfold,
     aten.unfold_backward: unfold_backward,
+    aten._fft_c2c: fft,
+    aten._fft_r2c: fft,
+    aten._fft_c2r: fft,
+    aten.view_as_real: complex_view,
+    aten.view_as_complex: complex_view,
 }

@@ -97,6 +97,28 @@ def _elementwise(node: fx.Node, lookup: Any, batched: set[fx.Node]) -> torch.Ten
     return None
 
 
+def _index_put(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> torch.Tensor | None:
+    """index_put(zeros, indices, values, accumulate) with batch-free indices and batched values: the
+    backward of indexing a batch-free tensor (a parameter gathered by constant ids, BEiT's relative
+    position bias). Only contiguous indices: the batch dim then stays in front of the indexed dims."""
+    base, indices, values = node.args[:3]
+    accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
+    positions = [i for i, t in enumerate(indices) if t is not None]
+    if (
+        not _is_zero_fill(base)
+        or values not in batched
+        or any(isinstance(t, fx.Node) and t in batched for t in indices)
+        or positions != list(range(positions[0], positions[-1] + 1))
+    ):
+        return None
+    v = lookup(values)
+    out = v.new_zeros([b] + list(node.meta["val"].shape))
+    shifted = [None] + [lookup(t) if isinstance(t, fx.Node) else t for t in indices]
+    index_rank = max(shifted[i + 1].dim() for i in positions)
+    indexed_rank = node.meta["val"].dim() - len(positions) + index_rank  # of base[indices], per sample
+    return aten.index_put(out, shifted, _aligned(v, indexed_rank), accumulate)
+
+
 def _weight_norm_backward(node: fx.Node, lookup: Any, batched: set[fx.Node]) -> tuple | None:
     """(grad_v, grad_g) of w = g·v/‖v‖ (weight_norm), for a batched grad_w: linear in grad_w, with
     v, g and the norms batch-free. The op has no vmap batching rule (vmap would loop over the
@@ -133,6 +155,13 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> Any:
         return x.reshape([b] + list(node.meta["val"].shape))
     if packet is aten._to_copy and set(node.kwargs) <= {"dtype"}:
         return x.to(node.kwargs.get("dtype", x.dtype))
+    if packet is aten.slice:
+        rest = list(args[1:]) or [0]
+        return aten.slice.Tensor(x, rest[0] % (x.dim() - 1) + 1, *rest[1:])
+    if packet is aten.select:
+        return x.select(args[1] % (x.dim() - 1) + 1, args[2])
+    if packet is aten.index_put:
+        return _index_put(node, lookup, batched, b)
     if packet in (aten.slice_scatter, aten.select_scatter) and _is_zero_fill(args[0]):
         src = lookup(args[1])
         base = src.new_zeros([b] + list(node.meta["val"].shape))
