@@ -21,6 +21,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+from grapefx.analysis.bag_layout import BagOffsets
 from grapefx.analysis.capture import Capture, capture_inputs
 from grapefx.analysis.forward_checks import check_forward
 from grapefx.analysis.indexing_layout import BatchIndex
@@ -325,9 +326,12 @@ def _has_inductor_trap(gm: fx.GraphModule) -> bool:
 
 def _saved_seed(node: fx.Node, layouts: LayoutResult) -> Any:
     """The backward's seed for a saved forward value: its layout, or `BatchIndex` for an arange(B)
-    (batch-free, but it lets the backward's index_put keep row j with sample j)."""
+    (batch-free, but it lets the backward's index_put keep row j with sample j), or `BagOffsets` for
+    nn.EmbeddingBag's offsets (bag b holds sample b's ids)."""
     if node in layouts.batch_index:
         return BatchIndex(layouts.batch_index[node])
+    if node in layouts.bag_offsets:
+        return BagOffsets(layouts.bag_offsets[node])
     return layouts.layouts.get(node)
 
 

@@ -340,3 +340,29 @@ def test_selecting_or_normalizing_along_the_batch_dim_is_refused(name: str) -> N
     op, error, culprit = _ACROSS_THE_BATCH[name]
     with pytest.raises(error, match=culprit):
         _run(_AlongTheBatch(op), torch.randn(5, 4))
+
+
+class _BagsAcrossSamples(nn.Module):
+    """nn.EmbeddingBag forms grapefx refuses: bags whose offsets are not one sample's row each (bag b
+    also takes the first id of sample b+1), and mode max."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.bag = nn.EmbeddingBag(20, 4, mode="max" if how == "max" else "sum")
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.how == "max":
+            return self.fc(self.bag(ids))
+        B, L = ids.shape
+        starts = torch.arange(0, B * L, L, device=ids.device)
+        offsets = torch.where(starts > 0, starts + 1, starts)
+        return self.fc(self.bag(ids.flatten(), offsets))
+
+
+@pytest.mark.parametrize("how", ["shifted_offsets", "max"])
+def test_embedding_bags_that_mix_samples_or_use_max_are_refused(how: str) -> None:
+    """Per-sample bags (ids [B, L], sum / mean) are in tests/zoo.py: embedding_bags."""
+    with pytest.raises(grapefx.UnsupportedOpError, match=r"(?s)bag\.weight.*_embedding_bag"):
+        _run(_BagsAcrossSamples(how), torch.randint(0, 20, (5, 3)))

@@ -73,6 +73,8 @@ SENS = [
     ("along_dims", "flat", "auto"),  # sort, topk, max / median over a dim, normalize, unfold
     pytest.param("recurrent", "flat", "auto", marks=pytest.mark.slow),  # GRU, LSTM unrolled over time
     ("constants_over_batch", "flat", "auto"),  # BEiT's sliced table, XLNet's einsum, FFT, repeat
+    ("instance_norm", "flat", "auto"),  # batch norm over [1, B·C, ...], weight repeated B times
+    ("embedding_bags", "flat", "auto"),  # nn.EmbeddingBag, mean with padding and sum
     # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
     pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),
 ]

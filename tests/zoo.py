@@ -348,6 +348,38 @@ class ConstantsOverBatch(nn.Module):
         return self.head(torch.cat(parts, -1))
 
 
+class InstanceNormNet(nn.Module):
+    """InstanceNorm2d (affine) and InstanceNorm1d (no affine): batch norm over [1, B·C, ...] with
+    the per-channel weight repeated B times; then adaptive max pooling."""
+
+    def __init__(self, c: int = 3, n_out: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, 4, 3, padding=1, bias=False)  # a bias before instance norm cancels
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.conv1d = nn.Conv1d(4, 4, 3, padding=1, bias=False)
+        self.inorm1d = nn.InstanceNorm1d(4)
+        self.pool = nn.AdaptiveMaxPool2d(2)
+        self.head = nn.Linear(16 + 4, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: [B, c, H, W]
+        h = F.relu(self.inorm(self.conv(x)))
+        seq = self.inorm1d(self.conv1d(h.flatten(2)))  # [B, 4, H·W]
+        return self.head(torch.cat([self.pool(h).flatten(1), seq[..., 0]], -1))  # (its mean is 0)
+
+
+class Bags(nn.Module):
+    """nn.EmbeddingBag on ids [B, L]: mode mean with a padding_idx, and mode sum."""
+
+    def __init__(self, vocab: int = 20, d: int = 6, n_cls: int = 4) -> None:
+        super().__init__()
+        self.mean_bag = nn.EmbeddingBag(vocab, d, mode="mean", padding_idx=0)
+        self.sum_bag = nn.EmbeddingBag(vocab, d, mode="sum")
+        self.head = nn.Linear(2 * d, n_cls)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.head(torch.tanh(torch.cat([self.mean_bag(ids), self.sum_bag(ids) * 0.3], -1)))
+
+
 class MHANet(nn.Module):
     """nn.MultiheadAttention; batch_first=False runs it t-major ([T, B, E] inside)."""
 
@@ -838,9 +870,11 @@ ZOO: list[ZooCase] = [
     ZooCase("conv2d", lambda: Conv2dNet(), _dense((3, 9, 8), 5), tags={"conv"}),
     ZooCase("conv3d", lambda: Conv3dNet(), _dense((2, 4, 6, 6), 4), tags={"conv"}),
     ZooCase("embedding_bag", lambda: EmbeddingBag(), _ids(7, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),
+    ZooCase("embedding_bags", lambda: Bags(), _ids(7, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),
     ZooCase("long_tokens", lambda: LongTokens(), _ids(70, 20, pad_frac=0.25), token_loss, tags={"embedding"}),
     ZooCase("layernorm", lambda: LayerNormNet(), _dense_tokens(4, 8, 4), token_loss),
     ZooCase("groupnorm", lambda: GroupNormNet(), _dense((3, 6, 6), 4)),
+    ZooCase("instance_norm", lambda: InstanceNormNet(), _dense((3, 6, 6), 4), tags={"conv"}),
     ZooCase("rmsnorm", lambda: RMSNormNet(), _dense_tokens(4, 8, 4), token_loss),
     ZooCase("norm_layouts", lambda: NormLayoutsNet(), _dense_tokens(4, 8, 4), token_loss),
     ZooCase("weight_norm", lambda: WeightNormNet(), _dense((4, 6), 4)),

@@ -21,7 +21,15 @@ from grapefx.errors import BatchMixingError, UnsupportedOpError, describe_node
 
 aten = torch.ops.aten
 
-_SUPPORTED_KINDS = {"mm", "bmm", "reduce", "convolution_backward", "embedding_dense_backward", "norm_backward"}
+_SUPPORTED_KINDS = {
+    "mm",
+    "bmm",
+    "reduce",
+    "convolution_backward",
+    "embedding_dense_backward",
+    "embedding_bag",
+    "norm_backward",
+}
 # Multi-output backward ops whose outputs 1 and 2 (weight, bias gradient) are the grad sites; output
 # 0 (the input gradient) keeps the batch.
 MULTI_OUTPUT_SITES = ("convolution_backward", "norm_backward")
@@ -122,6 +130,8 @@ def _linear_reduction(node: fx.Node) -> bool:
         return True
     if packet is aten.embedding_dense_backward:
         return not node.args[4]  # scale_grad_by_freq counts tokens over the whole batch
+    if packet is aten._embedding_bag_backward:
+        return True  # its layout rule admits sum / mean bags of one sample each only
     return packet is aten.convolution_backward
 
 

@@ -23,7 +23,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from grapefx.analysis.layout import UNKNOWN, BatchLayout, shape_of, to_sym
+from grapefx.analysis.layout_types import UNKNOWN, BatchLayout, shape_of, to_sym
 
 aten = torch.ops.aten
 

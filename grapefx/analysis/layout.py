@@ -19,29 +19,14 @@ import sympy
 import torch
 import torch.fx as fx
 
+from grapefx.analysis.bag_layout import RULES as _BAG_RULES
+from grapefx.analysis.bag_layout import BagOffsets, bag_length
+from grapefx.analysis.indexing_layout import RULES as _INDEXING_RULES
+from grapefx.analysis.indexing_layout import BatchIndex, batch_index_position
+from grapefx.analysis.layout_types import UNKNOWN, BatchLayout, shape_of, to_sym
+from grapefx.analysis.selection_layout import RULES as _SELECTION_RULES
+
 aten = torch.ops.aten
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    dim: int
-    outer: Any  # sympy integer: product of the factors before B inside `dim`
-    inner: Any  # sympy integer: product of the factors after B inside `dim`
-
-    def moved(self, dim: int) -> BatchLayout:
-        return BatchLayout(dim, self.outer, self.inner)
-
-    @property
-    def plain(self) -> bool:
-        return self.outer == 1 and self.inner == 1
-
-
-class _Unknown:
-    def __repr__(self) -> str:
-        return "UNKNOWN"
-
-
-UNKNOWN = _Unknown()
 
 
 @dataclass
@@ -52,19 +37,7 @@ class LayoutResult:
     batch_reductions: dict[fx.Node, str] = field(default_factory=dict)  # node -> kind
     unknown_ops: dict[fx.Node, str] = field(default_factory=dict)  # first UNKNOWN producers
     batch_index: dict[fx.Node, int] = field(default_factory=dict)  # arange(B)s: see indexing_layout
-
-
-def to_sym(x: Any) -> Any:
-    if isinstance(x, torch.SymInt):
-        return sympy.sympify(x.node.expr)
-    return sympy.Integer(int(x))
-
-
-def shape_of(node: Any) -> list[Any] | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if isinstance(val, torch.Tensor):
-        return [to_sym(s) for s in val.shape]
-    return None
+    bag_offsets: dict[fx.Node, int] = field(default_factory=dict)  # EmbeddingBag offsets: see bag_layout
 
 
 def _prod(xs: list[Any]) -> Any:
@@ -108,6 +81,7 @@ class _Propagator:
         self.seeds = seeds
         self.res = LayoutResult()
         self.batch_index: dict[fx.Node, int] = {}  # arange(B) and its reshapes: see indexing_layout
+        self.bag_offsets: dict[fx.Node, int] = {}  # arange(0, B·L, L) of nn.EmbeddingBag: see bag_layout
 
     # -- helpers -------------------------------------------------------------------------------
     def lay(self, arg: Any) -> Any:
@@ -181,6 +155,9 @@ class _Propagator:
             if position is not None:
                 self.batch_index[node] = position
                 self.res.batch_index[node] = position
+            length = bag_length(node, self.batch)
+            if length is not None:
+                self.bag_offsets[node] = self.res.bag_offsets[node] = length
             return None
         packet = t.overloadpacket
         handler = _RULES.get(packet)
@@ -196,6 +173,9 @@ class _Propagator:
                 seed = self.seeds.get(node.name)
                 if isinstance(seed, BatchIndex):
                     self.batch_index[node] = self.res.batch_index[node] = seed.position
+                    seed = None
+                elif isinstance(seed, BagOffsets):
+                    self.bag_offsets[node] = self.res.bag_offsets[node] = seed.length
                     seed = None
                 self.res.layouts[node] = seed
             elif node.op == "call_function":
@@ -480,15 +460,57 @@ def _group_norm_backward(p: _Propagator, n: fx.Node) -> Any:
 
 
 def _batch_norm(p: _Propagator, n: fx.Node) -> Any:
-    training = n.args[5] if n.target.overloadpacket is not aten._native_batch_norm_legit_no_training else False
+    if n.target is aten._native_batch_norm_legit.no_stats:
+        training = n.args[3]
+    else:
+        training = n.args[5] if n.target.overloadpacket is not aten._native_batch_norm_legit_no_training else False
     lx = p.lay(n.args[0])
+    vals = n.meta.get("val")
+    if _instance_norm(p, lx, training, n.args[1:3]) and len(vals) == 3:
+        stats = BatchLayout(0, lx.outer, lx.inner)
+        return (lx, stats, stats)
+    if p.batch == 1 and _single_sample_instance_norm(n):
+        return (lx, None, None)
     if lx is UNKNOWN or lx.dim != 0 or not lx.plain:
         return UNKNOWN
     if training:
         p.res.batch_reductions[n] = "batch_norm"
         return UNKNOWN
-    vals = n.meta.get("val")
     return tuple(lx if i == 0 else None for i in range(len(vals)))
+
+
+def _instance_norm(p: _Propagator, lx: Any, training: Any, affine: Any) -> bool:
+    """InstanceNorm runs batch norm on x viewed as [1, B·C, ...]: the batch is in the channel dim, so
+    each normalized channel belongs to one sample (the per-channel weight is repeated B times)."""
+    return (
+        bool(training)
+        and isinstance(lx, BatchLayout)
+        and lx.dim == 1
+        and all(p.lay(a) is None for a in affine if isinstance(a, fx.Node))
+    )
+
+
+def _single_sample_instance_norm(n: fx.Node) -> bool:
+    """In a graph specialized to B=1 the [1, 1·C, ...] view cannot tell where the batch is; an
+    instance norm is recognized by its op (no running statistics) and its weight (absent, or
+    repeated over the batch). Over one sample it is per-sample anyway."""
+    weight = n.args[1]
+    return n.target is aten._native_batch_norm_legit.no_stats and (
+        weight is None or getattr(weight.target, "overloadpacket", None) is aten.repeat
+    )
+
+
+def _batch_norm_backward(p: _Propagator, n: fx.Node) -> Any:
+    """native_batch_norm_backward of an instance norm (see `_instance_norm`): the weight and bias
+    gradients are per channel of [B·C], i.e. per sample; any other batch norm backward is refused."""
+    grad, x, weight, _, _, mean, invstd, train = n.args[:8]
+    lx = p.lay(x)
+    if not _instance_norm(p, lx, train, [weight]):
+        return UNKNOWN
+    stats = BatchLayout(0, lx.outer, lx.inner)
+    if p.lay(grad) != lx or p.lay(mean) != stats or p.lay(invstd) != stats:
+        return UNKNOWN
+    return (lx, stats, stats)
 
 
 def _softmax(p: _Propagator, n: fx.Node) -> Any:
@@ -769,6 +791,7 @@ _register(
     ],
     _batch_norm,
 )
+_register([aten.native_batch_norm_backward], _batch_norm_backward)
 _register(
     [aten._softmax, aten._log_softmax, aten._softmax_backward_data, aten._log_softmax_backward_data],
     _softmax,
@@ -797,6 +820,8 @@ _register(
         aten.avg_pool2d_backward,
         aten._adaptive_avg_pool2d,
         aten._adaptive_avg_pool2d_backward,
+        aten.adaptive_max_pool2d,
+        aten.adaptive_max_pool2d_backward,
         aten.upsample_nearest2d,
         aten.upsample_bilinear2d,
         aten.reflection_pad2d,
@@ -812,6 +837,8 @@ _register(
         aten.avg_pool3d_backward,
         aten._adaptive_avg_pool3d,
         aten._adaptive_avg_pool3d_backward,
+        aten.adaptive_max_pool3d,
+        aten.adaptive_max_pool3d_backward,
     ],
     _spatial(3),
 )
@@ -841,13 +868,9 @@ _register([aten.where, aten.masked_fill, aten.clamp, aten.native_dropout_backwar
 _register([aten.cumsum, aten.cumprod, aten.logcumsumexp, aten.cummax, aten.cummin, aten.flip, aten.roll], _along_dims)
 
 
-# advanced indexing (x[idx], index_put) and ops along one dim (sort, topk, norms, unfold) live in
-# their own modules, which build on the types above
-from grapefx.analysis.indexing_layout import RULES as _INDEXING_RULES  # noqa: E402
-from grapefx.analysis.indexing_layout import BatchIndex, batch_index_position  # noqa: E402
-from grapefx.analysis.selection_layout import RULES as _SELECTION_RULES  # noqa: E402
-
-for _packet, _rule in {**_INDEXING_RULES, **_SELECTION_RULES}.items():
+# advanced indexing (x[idx], index_put), ops along one dim (sort, topk, norms, unfold, FFT) and
+# nn.EmbeddingBag: rules in their own modules
+for _packet, _rule in {**_INDEXING_RULES, **_SELECTION_RULES, **_BAG_RULES}.items():
     _register([_packet], _rule)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from grapefx.analysis.layout import UNKNOWN, BatchLayout, shape_of
+from grapefx.analysis.layout_types import UNKNOWN, BatchLayout, shape_of
 
 aten = torch.ops.aten
 
