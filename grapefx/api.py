@@ -12,7 +12,7 @@ from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 from grapefx.config import PrivacyConfig
 from grapefx.distributed import wrap as dist_wrap
 from grapefx.dynamo_backend import GrapefxBackend
-from grapefx.errors import GraphBreakError
+from grapefx.errors import GrapefxError, GraphBreakError
 from grapefx.grape.policy import DEFAULT_EXCLUDE, grape_parameters
 
 
@@ -77,11 +77,16 @@ class PrivateModule(nn.Module):
             if inner is not None and isinstance(inner, Exception) and type(inner).__module__.startswith("grapefx"):
                 raise inner from None
             raise
-        except ConstraintViolationError:
+        except ConstraintViolationError as e:
             refusal, self.grapefx_backend.refusal = self.grapefx_backend.refusal, None
-            if refusal is not None:  # the cause: a backward grapefx refused (torch >= 2.14 defers it)
+            if refusal is not None:  # the cause: a backward grapefx refused (torch 2.14 defers it)
                 raise refusal from None
-            raise
+            raise GrapefxError(
+                "grapefx compiles the model once for every batch size >= 2, but tracing fixed the batch "
+                "size: either the model's code uses it as a constant (e.g. a reshape with a hard-coded "
+                "batch size; use x.shape[0] or -1), or grapefx hit an op it cannot apply per sample "
+                f"(please report the model).{_specialized_at(e)}"
+            ) from e
 
     def per_sample_norms(self) -> torch.Tensor | None:
         return self.privacy_state.last_norms
@@ -95,6 +100,17 @@ class PrivateModule(nn.Module):
     def set_noise_enabled(self, enabled: bool) -> None:
         """Turn noise off for all but the last micro-batch of a virtual (accumulated) batch."""
         self.privacy_state.noise_enabled = enabled
+
+
+def _specialized_at(e: Exception) -> str:
+    """' It happened at file:line (`code`).' from torch's user stack, when it has one."""
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    files = [i for i, ln in enumerate(lines) if ln.startswith("File ")]
+    if not files:
+        return ""
+    where = lines[files[-1]][len("File ") :]
+    code = lines[files[-1] + 1] if files[-1] + 1 < len(lines) else ""
+    return f" It happened at {where}" + (f" (`{code}`)." if code else ".")
 
 
 def _user_location(e: Exception) -> str:

@@ -85,13 +85,18 @@ def _configure_torch() -> None:
             setattr(dyn, name, floor)
 
 
-def _unfused_lstm(gm: fx.GraphModule) -> contextlib.AbstractContextManager:
-    """While AOTAutograd traces a graph with an LSTM: oneDNN off, so aten's lstm decomposes into
-    per-step matmuls (one grad site per time step) instead of the fused `mkldnn_rnn_layer`, whose
-    backward has no per-sample form. Only the trace sees the flag; the compiled graph holds plain
-    aten ops."""
-    has_lstm = any(n.op == "call_function" and getattr(n.target, "__name__", "") == "lstm" for n in gm.graph.nodes)
-    return torch.backends.mkldnn.flags(enabled=False) if has_lstm else contextlib.nullcontext()
+def _unfused_rnns(gm: fx.GraphModule) -> contextlib.AbstractContextManager:
+    """While AOTAutograd traces a graph with an RNN / GRU / LSTM: oneDNN and cuDNN off, so aten's
+    recurrent ops decompose into per-step matmuls (one grad site per time step) instead of the fused
+    `mkldnn_rnn_layer` / `_cudnn_rnn`, whose backward has no per-sample form. Only the trace sees the
+    flags; the compiled graph holds plain aten ops."""
+    names = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+    if not any(n.op == "call_function" and getattr(n.target, "__name__", "") in names for n in gm.graph.nodes):
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+    stack.enter_context(torch.backends.cudnn.flags(enabled=False))
+    return stack
 
 
 def _require_one_graph() -> None:
@@ -155,9 +160,9 @@ class GrapefxBackend:
             try:
                 new_gm = self._privatize(bw_gm, bw_inputs, capture, shared)
             except GrapefxError as e:
-                # torch >= 2.14 compiles the backward eagerly inside the forward's compile and
-                # suppresses its errors until backward; a guard failure in between (e.g. the batch
-                # size specialized by the very op refused here) would hide this message.
+                # torch compiles a dynamic-shape backward eagerly inside the forward's compile and
+                # defers its errors to the backward call; on torch 2.14 a guard failure in between
+                # (the batch size specialized by the very op refused here) would hide this message.
                 self.refusal = e
                 raise
             self.graphs["backward"] = new_gm
@@ -167,7 +172,7 @@ class GrapefxBackend:
         def inference_compiler(gm_: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
             return self._codegen(gm_, inputs, is_backward=False)
 
-        with _unfused_lstm(gm):
+        with _unfused_rnns(gm):
             return aot_autograd(
                 fw_compiler=fw_compiler,
                 bw_compiler=bw_compiler,

@@ -366,3 +366,18 @@ def test_embedding_bags_that_mix_samples_or_use_max_are_refused(how: str) -> Non
     """Per-sample bags (ids [B, L], sum / mean) are in tests/zoo.py: embedding_bags."""
     with pytest.raises(grapefx.UnsupportedOpError, match=r"(?s)bag\.weight.*_embedding_bag"):
         _run(_BagsAcrossSamples(how), torch.randint(0, 20, (5, 3)))
+
+
+class _HardCodedBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x).reshape(5, 4)  # the batch size written into the model
+
+
+def test_hard_coded_batch_size_is_reported_with_its_source_line() -> None:
+    """Not torch's ConstraintViolationError: a GrapefxError saying why and where."""
+    with pytest.raises(grapefx.GrapefxError, match=r"(?s)fixed the batch size.*test_errors\.py.*reshape\(5, 4\)"):
+        _run(_HardCodedBatch(), torch.randn(5, 4))

@@ -75,6 +75,7 @@ SENS = [
     ("constants_over_batch", "flat", "auto"),  # BEiT's sliced table, XLNet's einsum, FFT, repeat
     ("instance_norm", "flat", "auto"),  # batch norm over [1, B·C, ...], weight repeated B times
     ("embedding_bags", "flat", "auto"),  # nn.EmbeddingBag, mean with padding and sum
+    ("lookup_tables", "flat", "auto"),  # table[ids] with per-sample ids
     # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
     pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),
 ]

@@ -315,8 +315,9 @@ class Recurrent(nn.Module):
 
 class ConstantsOverBatch(nn.Module):
     """Batch-free tensors meeting per-sample values: a bias table assembled from slices of one
-    parameter and gathered by constant ids (BEiT's relative position bias), a constant positional
-    encoding expanded over the batch and contracted with a parameter by einsum (XLNet), an index
+    parameter, partly resized bilinearly, and gathered by constant ids (BEiT's relative position
+    bias), a constant positional encoding expanded over the batch and contracted with a parameter by
+    einsum (XLNet), an index
     repeated for a gather (ViT-MAE's random masking), a batch dim tiled by `repeat`, and an FFT over
     tokens and features (FNet)."""
 
@@ -324,7 +325,7 @@ class ConstantsOverBatch(nn.Module):
         super().__init__()
         self.lin = nn.Linear(d, d)
         self.table = nn.Parameter(torch.randn(10, 2) * 0.5)
-        self.register_buffer("ids", torch.randint(0, 10, (t,)), persistent=False)
+        self.register_buffer("ids", torch.randint(0, 12, (t,)), persistent=False)
         self.register_buffer("pos", torch.randn(t, d), persistent=False)
         self.r = nn.Parameter(torch.randn(d, 2, d // 2) * 0.3)
         self.head = nn.Linear(4 * d + 2, n_out)
@@ -332,7 +333,10 @@ class ConstantsOverBatch(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # x: [B, t, d]
         B, t, d = x.shape
         h = torch.tanh(self.lin(x))
-        bias = torch.cat([self.table[:3], self.table[3:]])[self.ids]  # [t, 2]
+        # BEiT resizes the first rows of its table bilinearly before the gather
+        grid = self.table[:4].T.reshape(1, 2, 2, 2)
+        resized = F.interpolate(grid, size=(2, 3), mode="bilinear", align_corners=False).reshape(2, 6).T
+        bias = torch.cat([resized, self.table[4:]])[self.ids]  # [t, 2]
         k = torch.einsum("bih,hnd->bind", self.pos[None].expand(B, -1, -1), self.r).flatten(2)  # [B, t, d]
         keep = torch.argsort(x[..., 0], dim=1)[:, :3]
         kept = torch.gather(h, 1, keep.unsqueeze(-1).repeat(1, 1, d))  # [B, 3, d]
@@ -378,6 +382,22 @@ class Bags(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.head(torch.tanh(torch.cat([self.mean_bag(ids), self.sum_bag(ids) * 0.3], -1)))
+
+
+class LookupTables(nn.Module):
+    """Parameters used as lookup tables with per-sample ids (`table[ids]`, not nn.Embedding): a
+    [V, d] table read at every token, and a [K, 3, 2] codebook read once per sample."""
+
+    def __init__(self, vocab: int = 20, d: int = 6, n_cls: int = 4) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(vocab, d))
+        self.codebook = nn.Parameter(torch.randn(5, 3, 2))
+        self.head = nn.Linear(d + 6, n_cls)
+
+    def forward(self, ids: Tensor) -> Tensor:  # ids: [B, T]
+        tokens = torch.tanh(self.table[ids]).mean(1)
+        code = self.codebook[ids[:, 0] % 5].flatten(1)
+        return self.head(torch.cat([tokens, code], -1))
 
 
 class MHANet(nn.Module):
@@ -871,6 +891,7 @@ ZOO: list[ZooCase] = [
     ZooCase("conv3d", lambda: Conv3dNet(), _dense((2, 4, 6, 6), 4), tags={"conv"}),
     ZooCase("embedding_bag", lambda: EmbeddingBag(), _ids(7, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),
     ZooCase("embedding_bags", lambda: Bags(), _ids(7, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),
+    ZooCase("lookup_tables", lambda: LookupTables(), _ids(7, 20, n_cls=4), tags={"embedding"}),
     ZooCase("long_tokens", lambda: LongTokens(), _ids(70, 20, pad_frac=0.25), token_loss, tags={"embedding"}),
     ZooCase("layernorm", lambda: LayerNormNet(), _dense_tokens(4, 8, 4), token_loss),
     ZooCase("groupnorm", lambda: GroupNormNet(), _dense((3, 6, 6), 4)),

@@ -28,6 +28,7 @@ _SUPPORTED_KINDS = {
     "convolution_backward",
     "embedding_dense_backward",
     "embedding_bag",
+    "index_put",
     "norm_backward",
 }
 # Multi-output backward ops whose outputs 1 and 2 (weight, bias gradient) are the grad sites; output
@@ -132,6 +133,8 @@ def _linear_reduction(node: fx.Node) -> bool:
         return not node.args[4]  # scale_grad_by_freq counts tokens over the whole batch
     if packet is aten._embedding_bag_backward:
         return True  # its layout rule admits sum / mean bags of one sample each only
+    if packet in (aten.index_put, aten._unsafe_index_put):
+        return True  # its layout rule admits accumulation into zeros only (a sum over samples)
     return packet is aten.convolution_backward
 
 

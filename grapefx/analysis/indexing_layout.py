@@ -1,12 +1,14 @@
 """Batch layouts through advanced indexing: `index.Tensor` (x[idx]) and its backward `index_put`.
 
-Two forms are per-sample, everything else stays UNKNOWN (refused):
+Three forms are per-sample, everything else stays UNKNOWN (refused):
 
 - the batch dim is not indexed and every index tensor is batch-free: a constant gather along other
   dims (Falcon's `qkv[..., [-2], :]`);
 - the batch dim is indexed by `arange(B)` and every batched index tensor lines up with it in the
   broadcast: `h[arange(B), last_token]`, the pooling of transformers' decoder
-  `*ForSequenceClassification` and CLIP. Output row j then reads sample j only.
+  `*ForSequenceClassification` and CLIP. Output row j then reads sample j only;
+- batch-free data (a parameter used as a lookup table) indexed by per-sample ids: `table[ids]`.
+  Its backward sums every sample's rows into the table, a grad site (rules/gather.py).
 
 `arange(B)` is batch-free (it has no sample data), so it is tracked as a *batch index*: the nodes
 whose values are 0..B-1 along one dim, recorded with that dim's position counted from the right (the
@@ -89,8 +91,10 @@ def _indexed_layout(p: Any, x_lay: Any, x_rank: int, indices: list[Any]) -> Any:
         out = j if contiguous and x_lay.dim < adv[0] else j + rank_b
         return x_lay.moved(out)
 
-    if x_lay is None or not x_lay.plain:
-        return UNKNOWN  # batched indices into batch-free data, or the batch shares its dim
+    if x_lay is None:  # per-sample indices into batch-free data: a lookup table (param[ids])
+        return _gathered_layout(p, batched, first + rank_b)
+    if not x_lay.plain:
+        return UNKNOWN  # the batch shares its dim with other factors
     r = p.batch_index.get(indices[x_lay.dim])
     if r is None:
         return UNKNOWN  # the batch dim is indexed by something other than arange(B)
@@ -99,6 +103,16 @@ def _indexed_layout(p: Any, x_lay: Any, x_rank: int, indices: list[Any]) -> Any:
         if not lt.plain or len(shape_of(t)) - 1 - lt.dim != r:
             return UNKNOWN  # index row j must come from sample j
     return BatchLayout(first + rank_b - 1 - r, sympy.Integer(1), sympy.Integer(1))
+
+
+def _gathered_layout(p: Any, batched: list[fx.Node], end: int) -> Any:
+    """x[idx] for a batch-free x: per-sample when every batched index tensor has the same layout at
+    the same place in the broadcast (element j then reads the table at sample j's ids only)."""
+    lays = {p.lay(t) for t in batched}
+    from_right = {len(shape_of(t)) - p.lay(t).dim for t in batched}
+    if len(lays) != 1 or len(from_right) != 1:
+        return UNKNOWN
+    return lays.pop().moved(end - from_right.pop())
 
 
 def index_rule(p: Any, n: fx.Node) -> Any:
@@ -115,6 +129,8 @@ def index_put_rule(p: Any, n: fx.Node) -> Any:
         return UNKNOWN
     rank = len(shape_of(base))
     candidates = [lb] if lb is not None else _base_layouts(p, n, indices, lv, rank)
+    if not candidates and lv is not None:
+        return _scatter_into_table(p, n, indices, lv, rank)
     fits = []
     for out in candidates:
         want = _indexed_layout(p, out, rank, indices)
@@ -128,6 +144,28 @@ def index_put_rule(p: Any, n: fx.Node) -> Any:
         if lv.moved(at) == want:
             fits.append(out)
     return fits[0] if len(fits) == 1 else UNKNOWN  # none, or ambiguous: refuse rather than guess
+
+
+def _scatter_into_table(p: Any, n: fx.Node, indices: list[Any], lv: Any, rank: int) -> Any:
+    """The backward of a lookup table (param[ids]): every sample's rows summed into zeros shaped like
+    the table. A grad site (kind "index_put", rules/gather.py) when the sum is exact: accumulate on,
+    zeros underneath, values laid out as the gather's output."""
+    base, values = n.args[0], n.args[2]
+    accumulate = n.args[3] if len(n.args) > 3 else n.kwargs.get("accumulate", False)
+    want = _indexed_layout(p, None, rank, indices)
+    if not accumulate or not _is_zeros(base) or not isinstance(want, BatchLayout):
+        return UNKNOWN
+    if lv.moved(lv.dim + _indexed_rank(rank, indices) - len(shape_of(values))) != want:
+        return UNKNOWN
+    p.res.batch_reductions[n] = "index_put"
+    return None
+
+
+def _is_zeros(node: Any) -> bool:
+    packet = getattr(getattr(node, "target", None), "overloadpacket", None)
+    if packet in (aten.full, aten.new_full, aten.full_like):
+        return node.args[1] == 0
+    return packet in (aten.zeros, aten.new_zeros, aten.zeros_like)
 
 
 def _indexed_rank(rank: int, indices: list[Any]) -> int:

@@ -108,6 +108,7 @@ def _index_put(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> tor
         not _is_zero_fill(base)
         or values not in batched
         or any(isinstance(t, fx.Node) and t in batched for t in indices)
+        or not positions
         or positions != list(range(positions[0], positions[-1] + 1))
     ):
         return None
@@ -144,6 +145,8 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> Any:
         return x.reshape([b] + list(node.meta["val"].shape))
     if packet in (aten.alias, aten.clone, aten.contiguous, aten.detach):
         return x
+    if packet is aten.neg:
+        return -x
     if packet is aten.permute:
         return x.permute([0] + [d % (x.dim() - 1) + 1 for d in args[1]])
     if packet is aten.t:

@@ -192,7 +192,7 @@ def register_rule(kind: str) -> Callable[[type[SiteRule]], type[SiteRule]]:
 
 
 def rule_for(kind: str) -> SiteRule:
-    from grapefx.rules import conv, embedding, embedding_bag, generic, mm, norm, reduce  # noqa: F401 - registration
+    from grapefx.rules import conv, embedding, embedding_bag, gather, generic, mm, norm, reduce  # noqa: F401
 
     return _RULES[kind]
 
