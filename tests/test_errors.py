@@ -319,7 +319,8 @@ _ACROSS_THE_BATCH = {
     "sort": (lambda h: h.sort(dim=0).values, grapefx.UnsupportedOpError, "sort"),
     "max": (lambda h: h.max(dim=0, keepdim=True).values * h, grapefx.UnsupportedOpError, "max"),
     "unfold": (lambda h: h.unfold(0, 1, 1).squeeze(-1), grapefx.UnsupportedOpError, "unfold"),
-    "normalize": (lambda h: F.normalize(h, dim=0), grapefx.BatchMixingError, "linalg_vector_norm"),
+    # torch 2.14 decomposes the norm: then the message names its sum over the batch
+    "normalize": (lambda h: F.normalize(h, dim=0), grapefx.BatchMixingError, "linalg_vector_norm|over the batch"),
     "median": (lambda h: h - h.median(), grapefx.BatchMixingError, "median"),
 }
 
