@@ -129,6 +129,9 @@ def run_against_oracle(
 # the mean-reduction variants of the heaviest models run with -m slow only (the sum variants and the
 # lighter models already cover their graphs in the default suite)
 HEAVY = ("gpt_tied", "resnet_gn", "vit", "hf_gpt2", "mha_tmajor", "vit_qkv_unbind", "convnext", "swin", "recurrent")
+# session 10's zoo models: their sum variants run by default (and their sensitivity checks), the
+# mean variants with -m slow, to keep the default suite near 10 minutes on 2 cores
+HEAVY += ("weight_norm", "along_dims", "constants_over_batch", "instance_norm", "last_token_pool", "embedding_bags")
 # transformers models beyond GPT-2 run with -m slow in both reductions (~10 s each); the patterns
 # they exercise (shared ids, cumsum positions, tensor constants) are in `encoder_ids` by default
 SLOW_ALWAYS = ("hf_bert", "hf_roberta", "hf_llama", "hf_opt")
@@ -247,8 +250,11 @@ def test_ghost_equals_instantiate(zc: ZooCase) -> None:
 @pytest.mark.parametrize(
     "zc",
     _cases(
-        ["mlp", "embedding_bag", "gpt", "convnext"],
-        marks={n: [pytest.mark.slow] for n in ("gpt", "embedding_bag", "convnext")},
+        ["mlp", "embedding_bag", "gpt", "convnext", "last_token_pool", "embedding_bags", "lookup_tables"],
+        marks={
+            n: [pytest.mark.slow]
+            for n in ("gpt", "embedding_bag", "convnext", "last_token_pool", "embedding_bags", "lookup_tables")
+        },
     ),
 )
 def test_inductor_codegen(zc: ZooCase) -> None:
