@@ -382,3 +382,19 @@ def test_hard_coded_batch_size_is_reported_with_its_source_line() -> None:
     """Not torch's ConstraintViolationError: a GrapefxError saying why and where."""
     with pytest.raises(grapefx.GrapefxError, match=r"(?s)fixed the batch size.*test_errors\.py.*reshape\(5, 4\)"):
         _run(_HardCodedBatch(), torch.randn(5, 4))
+
+
+class _TableColumns(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(3, 20))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[:, ids].sum((0, 2))[:, None]  # per-sample ids into a trailing dim
+
+
+def test_lookup_table_indexed_past_its_leading_dim_is_refused() -> None:
+    """table[ids] works (tests/zoo.py: lookup_tables); the per-sample form of table[:, ids] is not
+    implemented, and is refused rather than guessed."""
+    with pytest.raises(grapefx.UnsupportedOpError, match=r"(?s)`table`.*index_put"):
+        _run(_TableColumns(), torch.randint(0, 20, (5, 4)))

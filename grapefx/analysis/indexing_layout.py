@@ -149,11 +149,13 @@ def index_put_rule(p: Any, n: fx.Node) -> Any:
 def _scatter_into_table(p: Any, n: fx.Node, indices: list[Any], lv: Any, rank: int) -> Any:
     """The backward of a lookup table (param[ids]): every sample's rows summed into zeros shaped like
     the table. A grad site (kind "index_put", rules/gather.py) when the sum is exact: accumulate on,
-    zeros underneath, values laid out as the gather's output."""
+    zeros underneath, values laid out as the gather's output. The indices must index the leading
+    dims (table[ids], table[ids, j]): the rule prepends arange(B), which must stay next to them."""
     base, values = n.args[0], n.args[2]
     accumulate = n.args[3] if len(n.args) > 3 else n.kwargs.get("accumulate", False)
+    leading = all(t is not None for t in indices)
     want = _indexed_layout(p, None, rank, indices)
-    if not accumulate or not _is_zeros(base) or not isinstance(want, BatchLayout):
+    if not accumulate or not leading or not _is_zeros(base) or not isinstance(want, BatchLayout):
         return UNKNOWN
     if lv.moved(lv.dim + _indexed_rank(rank, indices) - len(shape_of(values))) != want:
         return UNKNOWN
