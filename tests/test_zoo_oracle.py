@@ -215,7 +215,7 @@ def test_automatic_clipping(zc: ZooCase, reduction: str) -> None:
 @pytest.mark.parametrize(
     "zc",
     _cases(
-        ["mlp", "linear3d", "matmul_bmm", "embedding_bag", "long_tokens", "gpt", "gpt_tied"],
+        ["mlp", "linear3d", "matmul_bmm", "embedding_bag", "embedding_bags", "long_tokens", "gpt", "gpt_tied"],
         marks={"gpt_tied": [pytest.mark.slow]},
     ),
 )

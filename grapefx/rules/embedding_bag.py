@@ -3,14 +3,14 @@ admits only bags of one sample each).
 
 Sample b's gradient is Σ_l w_l onehot(id_l) ⊗ g_b with w_l = 1 (sum) or 1/(non-padding ids of the
 bag) (mean), 0 for padding ids. Its squared norm is ‖g_b‖² · Σ_{l,l'} [id_l = id_l'] w_l w_l':
-O(L²) per sample and no V-sized buffer, so the ghost form is always taken.
+O(L²) per sample and no V-sized buffer, so the cost model picks it unless V·d is tiny.
 """
 
 from __future__ import annotations
 
 import torch
 
-from grapefx.rules.registry import NormChoice, SiteContext, SiteRule, accumulated, register_rule
+from grapefx.rules.registry import NormChoice, SiteContext, SiteRule, accumulated, pick, register_rule
 
 aten = torch.ops.aten
 
@@ -41,7 +41,10 @@ class EmbeddingBagRule(SiteRule):
     def choose(self, site: SiteContext) -> NormChoice:
         L = int(site.node.args[1].meta["val"].shape[0] // site.node.args[0].meta["val"].shape[0])
         d, V = int(site.node.args[0].meta["val"].shape[-1]), int(site.node.args[6])
-        return NormChoice("ghost", 2.0 * L * L + d, float(V * d), f"bags of L={L}: ghost ~L²+d vs instantiate ~Vd")
+        ghost, inst = 2.0 * L * L + d, float(V * d)
+        return NormChoice(
+            pick(site.strategy, ghost, inst), ghost, inst, f"bags of L={L}: ghost ~L²+d vs instantiate ~Vd"
+        )
 
     def norm_sq(self, site: SiteContext, choice: NormChoice) -> torch.Tensor:
         if choice.method != "ghost":
