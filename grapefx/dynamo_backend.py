@@ -16,7 +16,6 @@ from typing import Any
 import sympy
 import torch
 import torch.fx as fx
-from torch._decomp import core_aten_decompositions
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -27,6 +26,7 @@ from grapefx.analysis.forward_checks import check_forward
 from grapefx.analysis.indexing_layout import BatchIndex
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, analyze_layouts
 from grapefx.config import PrivacyConfig
+from grapefx.decompositions import decomposition_table
 from grapefx.distributed.wrap import check_backend_call
 from grapefx.errors import GrapefxError, GraphBreakError, describe_node
 from grapefx.grape import registry as grape_registry
@@ -45,30 +45,6 @@ from grapefx.schedule.reorder import copy_graph_module
 
 log = logging.getLogger("grapefx")
 aten = torch.ops.aten
-
-
-def _decompositions() -> dict[Any, Any]:
-    table = dict(core_aten_decompositions())
-    # Keep these whole: their rules (embedding ghost norm, per-sample conv) need the fused op.
-    # adaptive_avg_pool2d: its decomposition goes through as_strided on non-contiguous input
-    # (torchvision's Swin pools a permuted tensor), which no layout rule can follow.
-    table.pop(aten.adaptive_avg_pool2d.default, None)
-    table.pop(aten.embedding_dense_backward.default, None)
-    table.pop(aten.convolution_backward.default, None)
-    # The fused norm backwards too (rules/norm.py): decomposed, a CNN's GroupNorm backwards cost 4x.
-    table.pop(aten.native_group_norm_backward.default, None)
-    table.pop(aten.native_layer_norm_backward.default, None)
-    # Trap found on torch 2.13 CPU: the core-aten decomposition of CPU flash attention gives wrong
-    # gradients for causal attention with a dynamic batch (86 abs error on a 1-layer GPT). Keep
-    # the fused kernel; its layout rule treats it as per-sample over the leading dims.
-    table.pop(aten._scaled_dot_product_flash_attention_for_cpu.default, None)
-    # Keep the fused pointwise activation backwards (threshold_backward, gelu_backward, ...): the
-    # layout analysis treats them like any pointwise op, and decomposed they cost the eager codegen
-    # a chain of full-size temporaries (relu's `where` ran 4x slower than threshold_backward on M1).
-    for op in [k for k in table if isinstance(k, torch._ops.OpOverload)]:
-        if op.overloadpacket.__name__.endswith("_backward") and torch.Tag.pointwise in op.tags:
-            table.pop(op)
-    return table
 
 
 def _configure_torch() -> None:
@@ -177,7 +153,7 @@ class GrapefxBackend:
                 fw_compiler=fw_compiler,
                 bw_compiler=bw_compiler,
                 inference_compiler=inference_compiler,
-                decompositions=_decompositions(),
+                decompositions=decomposition_table(),
                 partition_fn=min_cut_rematerialization_partition,
                 keep_inference_input_mutations=True,
             )(gm, example_inputs)

@@ -76,6 +76,8 @@ SENS = [
     ("instance_norm", "flat", "auto"),  # batch norm over [1, B·C, ...], weight repeated B times
     ("embedding_bags", "flat", "auto"),  # nn.EmbeddingBag, mean with padding and sum
     ("lookup_tables", "flat", "auto"),  # table[ids] with per-sample ids
+    ("conv_transpose", "flat", "auto"),  # ConvTranspose2d (groups, output_padding), ConvTranspose1d
+    ("bilinear", "flat", "auto"),  # nn.Bilinear's _trilinear as mm contractions
     # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
     pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),
 ]

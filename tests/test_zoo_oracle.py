@@ -132,6 +132,7 @@ HEAVY = ("gpt_tied", "resnet_gn", "vit", "hf_gpt2", "mha_tmajor", "vit_qkv_unbin
 # session 10's zoo models: their sum variants run by default (and their sensitivity checks), the
 # mean variants with -m slow, to keep the default suite near 10 minutes on 2 cores
 HEAVY += ("weight_norm", "along_dims", "constants_over_batch", "instance_norm", "last_token_pool", "embedding_bags")
+HEAVY += ("conv_transpose", "bilinear")
 # transformers models beyond GPT-2 run with -m slow in both reductions (~10 s each); the patterns
 # they exercise (shared ids, cumsum positions, tensor constants) are in `encoder_ids` by default
 SLOW_ALWAYS = ("hf_bert", "hf_roberta", "hf_llama", "hf_opt")
@@ -250,10 +251,12 @@ def test_ghost_equals_instantiate(zc: ZooCase) -> None:
 @pytest.mark.parametrize(
     "zc",
     _cases(
-        ["mlp", "embedding_bag", "gpt", "convnext", "last_token_pool", "embedding_bags", "lookup_tables"],
+        ["mlp", "embedding_bag", "gpt", "convnext", "last_token_pool", "embedding_bags", "lookup_tables"]
+        + ["conv_transpose", "bilinear"],
         marks={
             n: [pytest.mark.slow]
             for n in ("gpt", "embedding_bag", "convnext", "last_token_pool", "embedding_bags", "lookup_tables")
+            + ("conv_transpose", "bilinear")
         },
     ),
 )

@@ -148,6 +148,39 @@ class Conv3dNet(nn.Module):
         return self.fc(h.mean(dim=(-3, -2, -1)))
 
 
+class ConvTransposeNet(nn.Module):
+    """Transposed convolutions (a decoder's upsampling): ConvTranspose2d with stride, padding,
+    output_padding and groups, then ConvTranspose1d without bias over the flattened map."""
+
+    def __init__(self, c_in: int = 3, n_out: int = 5) -> None:
+        super().__init__()
+        self.c = nn.Conv2d(c_in, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2)
+        self.up1d = nn.ConvTranspose1d(6, 3, 2, bias=False, dilation=2)
+        self.fc = nn.Linear(3, n_out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.c(x))
+        h = torch.tanh(self.up(h))  # [B, 6, 2H, 2W]
+        h = self.up1d(h.flatten(2))  # [B, 3, 4HW + 2]
+        return self.fc(h.mean(-1))
+
+
+class BilinearNet(nn.Module):
+    """nn.Bilinear on two different inputs (with bias) and on one input twice (no bias): aten's
+    _trilinear, decomposed into mm contractions by grapefx."""
+
+    def __init__(self, d: int = 6, n_out: int = 3) -> None:
+        super().__init__()
+        self.a = nn.Linear(d, 4)
+        self.pair = nn.Bilinear(4, d, 5)
+        self.square = nn.Bilinear(5, 5, n_out, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = torch.tanh(self.pair(torch.tanh(self.a(x)), x))
+        return self.square(z, z)
+
+
 class EmbeddingBag(nn.Module):
     """Embedding with padding_idx, mean pooling, Linear."""
 
@@ -889,6 +922,8 @@ ZOO: list[ZooCase] = [
     ZooCase("conv1d", lambda: Conv1dNet(), _dense((4, 11), 5), tags={"conv"}),
     ZooCase("conv2d", lambda: Conv2dNet(), _dense((3, 9, 8), 5), tags={"conv"}),
     ZooCase("conv3d", lambda: Conv3dNet(), _dense((2, 4, 6, 6), 4), tags={"conv"}),
+    ZooCase("conv_transpose", lambda: ConvTransposeNet(), _dense((3, 5, 4), 5), tags={"conv"}),
+    ZooCase("bilinear", lambda: BilinearNet(), _dense((6,), 3)),
     ZooCase("embedding_bag", lambda: EmbeddingBag(), _ids(7, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),
     ZooCase("embedding_bags", lambda: Bags(), _ids(7, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),
     ZooCase("lookup_tables", lambda: LookupTables(), _ids(7, 20, n_cls=4), tags={"embedding"}),

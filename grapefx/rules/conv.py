@@ -7,14 +7,14 @@ only meet each other, so the weight gradient returned is every sample's, stacked
 contracting explicit unfold patches (whose copy was a third of a CNN's step) and keeps no patch
 tensor; the batch stays symbolic (vmap over convolution_backward would specialize it). The weighted sum
 scales the output gradient (the bias gradient depends on it alone) and runs one
-`convolution_backward` for weight and bias together. Transposed convolutions are refused.
+`convolution_backward` for weight and bias together. Transposed convolutions fold the same way (their
+weight is [Cin, Cout/groups, *K], so the stacked gradient is [b*Cin, ...]).
 """
 
 from __future__ import annotations
 
 import torch
 
-from grapefx.errors import UnsupportedOpError, describe_node
 from grapefx.rules.registry import SiteContext, SiteRule, register_rule, weights_like
 
 aten = torch.ops.aten
@@ -39,6 +39,8 @@ def conv_per_sample_weight_grad(
     padding: list[int],
     dilation: list[int],
     groups: int,
+    transposed: bool = False,
+    output_padding: list[int] | None = None,
 ) -> torch.Tensor:
     """[B, Cout, Cin/groups, *K]: sample i's weight gradient. Each chunk of samples is one grouped
     convolution_backward with the batch folded into the channels ([1, b*C, *S], b*groups groups:
@@ -50,7 +52,7 @@ def conv_per_sample_weight_grad(
         return out
     per_sample = out[0].numel() * out.element_size()
     chunk = max(1, min(b, CHUNK_BYTES // max(per_sample, 1)))
-    zeros = [0] * len(stride)
+    out_pad = output_padding or [0] * len(stride)
     for lo in range(0, b, chunk):
         hi = min(b, lo + chunk)
         xc = x[lo:hi].reshape(1, -1, *x.shape[2:])
@@ -58,7 +60,7 @@ def conv_per_sample_weight_grad(
         # Only the weight's gradient is asked for: the weight's values are never read.
         w1 = g.new_empty([(hi - lo) * w_shape[0], *w_shape[1:]])
         wg = aten.convolution_backward(
-            gc, xc, w1, None, stride, padding, dilation, False, zeros, (hi - lo) * groups, [False, True, False]
+            gc, xc, w1, None, stride, padding, dilation, transposed, out_pad, (hi - lo) * groups, [False, True, False]
         )[1]
         out[lo:hi].copy_(wg.reshape(hi - lo, *w_shape))
     return out
@@ -73,18 +75,13 @@ def _(g: torch.Tensor, x: torch.Tensor, w_shape: list[int], *conv_args: object) 
 class ConvolutionRule(SiteRule):
     def per_sample(self, site: SiteContext) -> torch.Tensor:
         conv, index = _conv_node(site)
-        grad, x, w, _bias_sizes, stride, padding, dilation, transposed, _out_pad, groups, _mask = conv.args
-        if transposed:
-            raise UnsupportedOpError(
-                f"{describe_node(conv)}: transposed convolutions have no per-sample rule yet; "
-                "use a regular convolution with upsampling, or freeze this layer."
-            )
+        grad, x, w, _bias_sizes, stride, padding, dilation, transposed, out_pad, groups, _mask = conv.args
         g = site.value(grad)
         if index == 2:
             return g.reshape(g.shape[0], g.shape[1], -1).sum(-1)
         w_shape = list(w.meta["val"].shape)
         return torch.ops.grapefx.conv_per_sample_weight_grad(
-            g, site.value(x), w_shape, list(stride), list(padding), list(dilation), groups
+            g, site.value(x), w_shape, list(stride), list(padding), list(dilation), groups, transposed, list(out_pad)
         )
 
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
