@@ -236,10 +236,14 @@ class GroupNormNet(nn.Module):
 
 class NormLayoutsNet(nn.Module):
     """Fused norm backwards on every layout their rule must handle: LayerNorm on a t-major [T, B, d]
-    tensor, on flattened tokens [B*T, d] (no bias), over two dims [T, d]; GroupNorm on [B, C, L]."""
+    tensor, on flattened tokens [B*T, d] (no bias), over two dims [T, d]; GroupNorm on [B, C, L];
+    LayerNorm on a parameter expanded over the batch (PEGASUS-X's global tokens: the same x̂ for
+    every sample, per-sample output gradients)."""
 
     def __init__(self, T: int = 4, d: int = 8, n_out: int = 4) -> None:
         super().__init__()
+        self.global_tokens = nn.Parameter(torch.randn(2, d))
+        self.ln_global = nn.LayerNorm(d)
         self.ln_tmajor = nn.LayerNorm(d)
         self.ln_flat = nn.LayerNorm(d, bias=False)
         self.ln_2d = nn.LayerNorm([T, d])
@@ -248,6 +252,8 @@ class NormLayoutsNet(nn.Module):
         self.fc = nn.Linear(6, n_out)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, T, d] -> [B, T, n_out]
+        glob = self.ln_global(self.global_tokens.expand(x.shape[0], -1, -1))
+        x = x + glob.mean(1, keepdim=True)
         h = self.ln_tmajor(x.transpose(0, 1)).transpose(0, 1)
         h = self.ln_flat(h.reshape(-1, h.shape[-1])).view(x.shape)
         h = self.ln_2d(F.gelu(h) * 1.5)

@@ -439,8 +439,11 @@ def _group_norm(p: _Propagator, n: fx.Node) -> Any:
 
 def _layer_norm_backward(p: _Propagator, n: fx.Node) -> Any:
     grad, x, normalized_shape, mean, rstd, *affine = n.args[:7]
-    lx = p.lay(x)
-    if lx is None or lx is UNKNOWN or any(p.lay(a) != lx for a in (grad, mean, rstd)):
+    lx = p.lay(grad)
+    # x and its statistics are per-sample like the gradient, or batch-free: a parameter expanded
+    # over the batch and normalized (PEGASUS-X's global tokens), the same rows for every sample
+    stats = [p.lay(a) for a in (x, mean, rstd)]
+    if lx is None or lx is UNKNOWN or not (all(s == lx for s in stats) or all(s is None for s in stats)):
         return UNKNOWN
     if any(p.lay(a) is not None for a in affine) or lx.dim >= len(shape_of(x)) - len(normalized_shape):
         return UNKNOWN

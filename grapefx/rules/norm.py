@@ -76,7 +76,9 @@ def _group_norm_per_sample(site: SiteContext, nb) -> tuple[torch.Tensor, torch.T
 
 def _layer_norm_per_sample(site: SiteContext, nb) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     grad, x, normalized_shape, mean, rstd = nb.args[:5]
-    lay, b = site.layout(x), site.batch_size
+    # the gradient's layout: x and its statistics share it, or are batch-free rows expanded to the
+    # same shape (then every sample sees the same x̂)
+    lay, b = site.layout(grad), site.batch_size
     g, xv, m, r = (expose_batch(site.value(a), lay, b) for a in (grad, x, mean, rstd))
     positions = list(range(1, g.dim() - len(normalized_shape)))  # every dim but B and the normalized
     # Accumulate in float32 at least, as the fused backward does. The statistics are cast by an
