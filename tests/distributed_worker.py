@@ -79,14 +79,12 @@ def noise_runs(rank: int, device: str) -> dict[str, Any]:
     """Noise on: distributed vs single-process with the same seed; a clean run; a second seed."""
     common = {"loss_reduction": "mean", "expected_batch_size": 8}
     noisy = {**common, "noise_multiplier": 2.0, "seed": 11}
-    out = {
+    return {
         "noisy": run_steps(rank, device, noisy, [(5, 3)] * 3),
         "again": run_steps(rank, device, noisy, [(5, 3)], reference=False),
         "other_seed": run_steps(rank, device, {**noisy, "seed": 12}, [(5, 3)], reference=False),
         "clean": run_steps(rank, device, {**common, "noise_multiplier": 0.0}, [(5, 3)]),
-        "grape": run_steps(rank, device, {**noisy, "strategy": "grape", "rank": 4}, [(5, 3), (3, 0)]),
     }
-    return out
 
 
 def fsdp_steps(rank: int, device: str, options: dict[str, Any], splits: list[tuple[int, int]]) -> list[dict]:
@@ -202,6 +200,10 @@ def worker(rank: int, world: int, rendezvous: str, out_dir: str, device: str) ->
     _run(rank, world, rendezvous, out_dir, device, lambda: _scenarios(rank, device))
 
 
+def slow_worker(rank: int, world: int, rendezvous: str, out_dir: str, device: str) -> None:
+    _run(rank, world, rendezvous, out_dir, device, lambda: _slow_scenarios(rank, device))
+
+
 def _run(rank: int, world: int, rendezvous: str, out_dir: str, device: str, body: Any) -> None:
     torch.set_num_threads(1)
     torch._dynamo.config.recompile_limit = 256
@@ -219,20 +221,33 @@ def _run(rank: int, world: int, rendezvous: str, out_dir: str, device: str, body
     dist.destroy_process_group()
 
 
+def _exact(rank: int, device: str, strategy: str, reduction: str) -> dict[str, Any]:
+    opts = {"noise_multiplier": 0.0, "loss_reduction": reduction, "strategy": strategy, "seed": 3}
+    if strategy == "grape":
+        opts["rank"] = 4
+    return run_steps(rank, device, opts, SPLITS if reduction == "mean" else SPLITS[:2])
+
+
+FSDP = {"loss_reduction": "mean", "noise_multiplier": 0.0, "seed": 3}
+
+
 def _scenarios(rank: int, device: str) -> dict[str, Any]:
+    """The default suite's scenarios (~60 s on 2 cores)."""
     results: dict[str, Any] = {}
-    for strategy in ("auto", "grape"):
-        for reduction in ("sum", "mean"):
-            opts = {"noise_multiplier": 0.0, "loss_reduction": reduction, "strategy": strategy, "seed": 3}
-            if strategy == "grape":
-                opts["rank"] = 4
-            splits = SPLITS if reduction == "mean" else SPLITS[:2]
-            results[f"exact/{strategy}/{reduction}"] = run_steps(rank, device, opts, splits)
+    for strategy, reduction in (("auto", "sum"), ("auto", "mean"), ("grape", "mean")):
+        results[f"exact/{strategy}/{reduction}"] = _exact(rank, device, strategy, reduction)
     results["noise"] = noise_runs(rank, device)
-    fsdp = {"loss_reduction": "mean", "noise_multiplier": 0.0, "seed": 3}
-    results["fsdp/clean"] = fsdp_steps(rank, device, fsdp, SPLITS[:3])
-    noisy = {**fsdp, "noise_multiplier": 2.0, "expected_batch_size": 8}
-    results["fsdp/noisy"] = fsdp_steps(rank, device, noisy, SPLITS[:1])
+    results["fsdp/clean"] = fsdp_steps(rank, device, FSDP, SPLITS[:3])
     results["refusals"] = refusals(rank, device)
     results["engine"] = engine_run(rank, device)
     return results
+
+
+def _slow_scenarios(rank: int, device: str) -> dict[str, Any]:
+    """The -m slow scenarios: GRAPE with sum reduction and with noise, FSDP2 with noise."""
+    noisy = {"loss_reduction": "mean", "expected_batch_size": 8, "noise_multiplier": 2.0, "seed": 11}
+    return {
+        "exact/grape/sum": _exact(rank, device, "grape", "sum"),
+        "noise/grape": run_steps(rank, device, {**noisy, "strategy": "grape", "rank": 4}, [(5, 3), (3, 0)]),
+        "fsdp/noisy": fsdp_steps(rank, device, {**FSDP, "noise_multiplier": 2.0, "expected_batch_size": 8}, SPLITS[:1]),
+    }

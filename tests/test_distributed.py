@@ -1,7 +1,8 @@
 """Data-parallel private training: 2 gloo processes on CPU vs the single-process result on the global batch.
 
-One spawn runs every 2-rank scenario (`distributed_worker.py`, ~60 s on 2 cores); the tests below check
-its results. Single-rank tests (wrapping-order refusals, FSDP) run in this process.
+One spawn runs the default 2-rank scenarios (`distributed_worker.py`, ~60 s on 2 cores), another the
+slow ones (GRAPE with sum reduction or noise, FSDP2 with noise; -m slow); the tests below check their
+results. Single-rank tests (wrapping-order refusals, FSDP) run in this process.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
-from distributed_worker import SPLITS, C, inductor_worker, mlp, worker
+from distributed_worker import SPLITS, C, inductor_worker, mlp, slow_worker, worker
 
 import grapefx
 from grapefx.distributed import DistributedSetupError
@@ -42,6 +43,11 @@ def _spawn(fn) -> tuple[dict, dict]:  # noqa: ANN001 - a worker function of dist
 @pytest.fixture(scope="module")
 def ranks() -> tuple[dict, dict]:
     return _spawn(worker)
+
+
+@pytest.fixture(scope="module")
+def slow_ranks() -> tuple[dict, dict]:
+    return _spawn(slow_worker)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -66,31 +72,39 @@ def test_bk_gradients_equal_single_process_on_global_batch(ranks, reduction: str
     _check_exact(ranks, f"exact/auto/{reduction}", len(SPLITS) if reduction == "mean" else 2)
 
 
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_grape_gradients_equal_single_process_on_global_batch(ranks, reduction: str) -> None:
+def test_grape_gradients_equal_single_process_on_global_batch(ranks) -> None:
     """GRAPE: Ĝ (all-reduced in the backward) and the back-projected p.grad equal the single-process
-    ones; the projected weights are left out of DDP's reducer."""
+    ones; the projected weights are left out of DDP's reducer. DDP all-reduces only the dense
+    parameters and grapefx the r-dimensional Ĝ plus the global batch size (8 bytes)."""
+    _check_grape(ranks, "mean", extra_bytes=8)
+
+
+@pytest.mark.slow
+def test_grape_gradients_with_sum_reduction(slow_ranks) -> None:
+    _check_grape(slow_ranks, "sum", extra_bytes=0)
+
+
+def _check_grape(ranks: tuple[dict, dict], reduction: str, extra_bytes: int) -> None:
     key = f"exact/grape/{reduction}"
     _check_exact(ranks, key, len(SPLITS) if reduction == "mean" else 2)
     assert ranks[0][key]["grape_params"] == ("0.weight", "2.weight")
     assert ranks[0][key]["ignored"] == ["module.0.weight", "module.2.weight"]
     assert {n for n in ranks[0][key]["steps"][0]["dist"] if n.startswith("ghat:")} == {"ghat:0.weight", "ghat:2.weight"}
+    dense = 4 * (N_PARAMS - 24 * 40 - 32 * 24)
+    for r in range(2):
+        for step in ranks[r][key]["steps"]:
+            assert (step["ddp_bytes"], step["grapefx_bytes"]) == (dense, 4 * GHAT + extra_bytes)
+    assert dense + 4 * GHAT < 0.3 * 4 * N_PARAMS
 
 
 def test_bytes_communicated_per_step(ranks) -> None:
-    """BK: DDP all-reduces every gradient (4 bytes × 1949); GRAPE: DDP only the dense parameters and
-    grapefx the r-dimensional Ĝ; an actual-size "mean" adds 8 bytes (the global batch size)."""
+    """BK: DDP all-reduces every gradient (4 bytes × 1949); an actual-size "mean" adds 8 bytes (the
+    global batch size). GRAPE's bytes: test_grape_gradients_*."""
     for r in range(2):
         for step in ranks[r]["exact/auto/sum"]["steps"]:
             assert (step["ddp_bytes"], step["grapefx_bytes"]) == (4 * N_PARAMS, 0)
         for step in ranks[r]["exact/auto/mean"]["steps"]:
             assert (step["ddp_bytes"], step["grapefx_bytes"]) == (4 * N_PARAMS, 8)
-        dense = 4 * (N_PARAMS - 24 * 40 - 32 * 24)
-        for step in ranks[r]["exact/grape/sum"]["steps"]:
-            assert (step["ddp_bytes"], step["grapefx_bytes"]) == (dense, 4 * GHAT)
-        for step in ranks[r]["exact/grape/mean"]["steps"]:
-            assert (step["ddp_bytes"], step["grapefx_bytes"]) == (dense, 4 * GHAT + 8)
-    assert dense + 4 * GHAT < 0.3 * 4 * N_PARAMS
 
 
 def test_noise_is_drawn_once_with_std_sigma_c(ranks) -> None:
@@ -119,10 +133,11 @@ def test_noise_is_reproducible_per_seed(ranks) -> None:
     assert all(_rel(other[n], first[n]) > 0.1 for n in first)
 
 
-def test_grape_noise_once_in_projected_space(ranks) -> None:
+@pytest.mark.slow
+def test_grape_noise_once_in_projected_space(slow_ranks) -> None:
     """GRAPE with noise: Ĝ and p.grad equal the single-process result with the same seed (also on a
     step where rank 1 has no samples)."""
-    for k, step in enumerate(ranks[0]["noise"]["grape"]["steps"]):
+    for k, step in enumerate(slow_ranks[0]["noise/grape"]["steps"]):
         for name, ref in step["ref"].items():
             assert _rel(step["dist"][name], ref) < 2e-6, f"step {k} {name}"
 
@@ -212,13 +227,22 @@ def test_torch_compile_of_ddp_with_grapefx_backend_is_refused(process_group) -> 
 def test_fsdp2_on_compiled_model_equals_single_process(ranks) -> None:
     """fully_shard(grapefx.compile(model)) on 2 ranks (B>=2, B=1, B=0 shards), an SGD step on the
     sharded parameters after each backward: gradients and parameters equal one process on the global
-    batch; with noise, equal to the single-process result with the same seed (noise drawn once)."""
-    for key in ("fsdp/clean", "fsdp/noisy"):
-        for k, step in enumerate(ranks[0][key]):
-            for name, ref in step["ref"].items():
-                assert _rel(step["dist"][name], ref) < 2e-6, f"{key} step {k} {name}"
-                assert _rel(step["params"][name], step["ref_params"][name]) < 1e-6, f"{key} step {k} {name}"
-                torch.testing.assert_close(ranks[1][key][k]["dist"][name], step["dist"][name], rtol=0, atol=0)
+    batch."""
+    _check_fsdp(ranks, "fsdp/clean")
+
+
+@pytest.mark.slow
+def test_fsdp2_with_noise_equals_single_process(slow_ranks) -> None:
+    """With noise: equal to the single-process result with the same seed (noise drawn once)."""
+    _check_fsdp(slow_ranks, "fsdp/noisy")
+
+
+def _check_fsdp(ranks: tuple[dict, dict], key: str) -> None:
+    for k, step in enumerate(ranks[0][key]):
+        for name, ref in step["ref"].items():
+            assert _rel(step["dist"][name], ref) < 2e-6, f"{key} step {k} {name}"
+            assert _rel(step["params"][name], step["ref_params"][name]) < 1e-6, f"{key} step {k} {name}"
+            torch.testing.assert_close(ranks[1][key][k]["dist"][name], step["dist"][name], rtol=0, atol=0)
 
 
 def test_fsdp_set_ups_that_are_refused(process_group) -> None:

@@ -49,6 +49,10 @@ def median_norm(model: nn.Module, zc: ZooCase, x: torch.Tensor, y: torch.Tensor)
 # ----------------------------------------------------------------------------------------------
 # sensitivity
 # ----------------------------------------------------------------------------------------------
+def _slow(*args: str) -> object:
+    return pytest.param(*args, marks=pytest.mark.slow)
+
+
 SENS = [
     ("mlp", "flat", "auto"),
     ("linear3d", "flat", "auto"),
@@ -68,16 +72,17 @@ SENS = [
     # q/k/v gradients concatenated along the batch dim
     pytest.param("vit_qkv_unbind", "flat", "auto", marks=pytest.mark.slow),
     ("two_views", "flat", "auto"),  # two rows per sample, side by side in one 2B batch
-    ("last_token_pool", "flat", "auto"),  # h[arange(B), last], a constant head index
-    ("weight_norm", "flat", "auto"),  # weight_norm's backward and a masked bias after the batch sum
-    ("along_dims", "flat", "auto"),  # sort, topk, max / median over a dim, normalize, unfold
-    pytest.param("recurrent", "flat", "auto", marks=pytest.mark.slow),  # GRU, LSTM unrolled over time
-    ("constants_over_batch", "flat", "auto"),  # BEiT's sliced table, XLNet's einsum, FFT, repeat
-    ("instance_norm", "flat", "auto"),  # batch norm over [1, B·C, ...], weight repeated B times
-    ("embedding_bags", "flat", "auto"),  # nn.EmbeddingBag, mean with padding and sum
-    ("lookup_tables", "flat", "auto"),  # table[ids] with per-sample ids
-    ("conv_transpose", "flat", "auto"),  # ConvTranspose2d (groups, output_padding), ConvTranspose1d
-    ("bilinear", "flat", "auto"),  # nn.Bilinear's _trilinear as mm contractions
+    # session 10-11's models: their oracle checks (sum) run by default, these with -m slow
+    _slow("last_token_pool", "flat", "auto"),  # h[arange(B), last], a constant head index
+    _slow("weight_norm", "flat", "auto"),  # weight_norm's backward, a masked bias after the batch sum
+    _slow("along_dims", "flat", "auto"),  # sort, topk, max / median over a dim, normalize, unfold
+    _slow("recurrent", "flat", "auto"),  # GRU, LSTM unrolled over time
+    _slow("constants_over_batch", "flat", "auto"),  # BEiT's sliced table, XLNet's einsum, FFT, repeat
+    _slow("instance_norm", "flat", "auto"),  # batch norm over [1, B·C, ...], weight repeated B times
+    _slow("embedding_bags", "flat", "auto"),  # nn.EmbeddingBag, mean with padding and sum
+    _slow("lookup_tables", "flat", "auto"),  # table[ids] with per-sample ids
+    _slow("conv_transpose", "flat", "auto"),  # ConvTranspose2d (groups, output_padding), 1d
+    _slow("bilinear", "flat", "auto"),  # nn.Bilinear's _trilinear as mm contractions
     # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
     pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),
 ]
