@@ -45,8 +45,11 @@ def _token_loss(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(o.reshape(-1, o.shape[-1]), t.reshape(-1), reduction="sum")
 
 
-@pytest.mark.parametrize("codegen", ["eager", "inductor"])
-@pytest.mark.parametrize("pool", ["max", "avg"])
+@pytest.mark.parametrize(
+    "pool,codegen",
+    # max pooling under Inductor is the regression (its backward runs on the eager codegen)
+    [("max", "eager"), ("avg", "eager"), ("max", "inductor"), pytest.param("avg", "inductor", marks=pytest.mark.slow)],
+)
 def test_conv_with_pooling(pool: str, codegen: str) -> None:
     torch.manual_seed(0)
     model = PooledConv(pool)

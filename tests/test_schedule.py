@@ -141,7 +141,7 @@ def _compiled(name: str, batch: int, **options: object) -> grapefx.PrivateModule
 ZOO_FOR_MEMORY = ["mlp", "conv2d", "embedding_bag", "gpt", "gpt_tied", "vit", "resnet_gn", "mha_tmajor"]
 
 
-@pytest.mark.parametrize("name", ZOO_FOR_MEMORY)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vit" else n for n in ZOO_FOR_MEMORY])
 def test_estimate_within_10_percent_of_profiler_measurement(name: str) -> None:
     pm = _compiled(name, batch=6)
     backend = pm.grapefx_backend

@@ -33,6 +33,10 @@ import torch.fx as fx
 from grapefx.schedule.liveness import MemoryModel, simulate
 
 EXACT_MAX_NODES = 200  # beyond this the exact search rarely finishes in budget: greedy orders only
+# The exact search's state budget. At 200k, searches that ran out cost ~5 s of compile time on
+# 170-190-node graphs (session 11, zoo models); the ones that needed more than 20k states to finish
+# improved peaks of a few KB (toy models), so the budget is 20k (~0.3 s).
+EXACT_MAX_STATES = 20_000
 
 
 @dataclass(frozen=True)
@@ -237,7 +241,7 @@ def hoist_frees(model: MemoryModel, dag: nx.DiGraph, order: list[fx.Node], sizes
 
 
 def exact_order(
-    model: MemoryModel, dag: nx.DiGraph, sizes: list[int], bound: int | None = None, max_states: int = 200_000
+    model: MemoryModel, dag: nx.DiGraph, sizes: list[int], bound: int | None = None, max_states: int = EXACT_MAX_STATES
 ) -> list[fx.Node] | None:
     """The order of least peak, or None if more than `max_states` sets would have to be explored
     (or none beats `bound`)."""
@@ -306,7 +310,7 @@ def _unwind(parent: dict[int, tuple[int, int]], nodes: list[fx.Node], done: int)
     return [n for n in nodes if _is_input(n)] + order[::-1]
 
 
-def best_order(model: MemoryModel, batch: int | None = None, max_states: int = 200_000) -> OrderResult:
+def best_order(model: MemoryModel, batch: int | None = None, max_states: int = EXACT_MAX_STATES) -> OrderResult:
     """The lowest-peak order among the received, greedy and (when in budget) exact orders."""
     sizes = model.sizes(batch)
     dag = dependency_graph(model)
