@@ -1,7 +1,7 @@
 """grapefx: differentially private training as a torch.compile backend."""
 
 from grapefx.api import PrivateModule, compile
-from grapefx.config import PrivacyConfig
+from grapefx.config import AdaptiveClipping, PrivacyConfig
 from grapefx.dynamo_backend import GrapefxBackend, backend
 from grapefx.errors import (
     BatchMixingError,
@@ -21,6 +21,7 @@ __all__ = [
     "GrapefxBackend",
     "GrapefxError",
     "GraphBreakError",
+    "AdaptiveClipping",
     "PrivacyConfig",
     "PrivacyEngine",
     "PrivateModule",

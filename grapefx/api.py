@@ -94,6 +94,17 @@ class PrivateModule(nn.Module):
     def per_layer_norms(self) -> torch.Tensor | None:
         return self.privacy_state.last_layer_norms
 
+    def clip_bound(self) -> float:
+        """The clip bound C the next logical step uses: `max_grad_norm`, or with adaptive clipping
+        the bound it has moved to (`clip_bound_history()`: the bound of every completed step)."""
+        clip = self.privacy_state.clip
+        return clip.for_next_step() if clip is not None else float(self.privacy_config.max_grad_norm)
+
+    def clip_bound_history(self) -> list[float]:
+        """Adaptive clipping: the bound each completed logical step clipped to (empty otherwise)."""
+        clip = self.privacy_state.clip
+        return list(clip.history or []) if clip is not None else []
+
     def parameter_names(self) -> list[str]:
         return list(self.privacy_state.param_names)
 

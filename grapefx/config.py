@@ -16,6 +16,40 @@ MEMORY_POLICIES = ("min-memory", "balanced", "min-time")
 
 
 @dataclass(frozen=True)
+class AdaptiveClipping:
+    """Adaptive clipping (Andrew et al., 2021, "Differentially Private Learning with Adaptive
+    Clipping"): after every logical step the clip bound moves geometrically towards the
+    `target_quantile` of the per-sample norms,
+
+        C ← clamp(C · exp(−learning_rate · (b̃ − target_quantile)), min_clip, max_clip),
+        b̃ = (Σ_i (1[‖g_i‖ ≤ C] − ½) + N(0, count_noise_std²)) / expected_batch_size + ½,
+
+    the fraction of unclipped samples released with Gaussian noise (sensitivity ½). The noise of
+    that count is paid for out of `noise_multiplier` σ: the gradient gets σ_g = (σ⁻² − (2·σ_b)⁻²)^-½,
+    so the two releases together cost what one Gaussian mechanism with σ costs, and the accountant
+    keeps using σ. `count_noise_std` σ_b defaults to expected_batch_size / 20 (the paper's choice).
+    """
+
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_noise_std: float | None = None
+    min_clip: float = 0.0
+    max_clip: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_quantile < 1:
+            raise ConfigError(f"adaptive clipping: target_quantile must be in (0, 1), got {self.target_quantile}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"adaptive clipping: learning_rate must be > 0, got {self.learning_rate}")
+        if self.count_noise_std is not None and not (math.isfinite(self.count_noise_std) and self.count_noise_std >= 0):
+            raise ConfigError(f"adaptive clipping: count_noise_std must be >= 0, got {self.count_noise_std}")
+        if not 0 <= self.min_clip <= self.max_clip:
+            raise ConfigError(
+                f"adaptive clipping: need 0 <= min_clip <= max_clip, got {self.min_clip}, {self.max_clip}"
+            )
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """How a backward pass is privatized.
 
@@ -51,6 +85,9 @@ class PrivacyConfig:
     # Set by grapefx.compile (default: on when a process group is initialized); expected_batch_size
     # is then the expected *global* batch size.
     distributed: bool = False
+    # Adaptive clipping (AdaptiveClipping, or a dict of its fields): `max_grad_norm` is the initial
+    # bound, which then follows a quantile of the per-sample norms (flat clipping only).
+    adaptive_clipping: AdaptiveClipping | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
@@ -82,6 +119,56 @@ class PrivacyConfig:
             raise ConfigError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
         if self.automatic_gamma <= 0:
             raise ConfigError(f"automatic_gamma must be > 0, got {self.automatic_gamma}")
+        if isinstance(self.adaptive_clipping, dict):
+            object.__setattr__(self, "adaptive_clipping", AdaptiveClipping(**self.adaptive_clipping))
+        if self.adaptive_clipping is not None:
+            self._check_adaptive_clipping()
+
+    def _check_adaptive_clipping(self) -> None:
+        if self.clipping != "flat":
+            raise ConfigError(
+                f"adaptive clipping adapts the bound of flat clipping; clipping={self.clipping!r} has no "
+                "single bound to adapt (automatic clipping needs none): use clipping='flat'"
+            )
+        if self.expected_batch_size is None:
+            raise ConfigError(
+                "adaptive clipping needs expected_batch_size (the Poisson sampler's expected batch size): "
+                "the unclipped fraction is released relative to it, never to the actual (private) size. "
+                "grapefx.make_private sets it."
+            )
+        if self.distributed:
+            raise ConfigError(
+                "adaptive clipping is not supported with data-parallel training yet (the unclipped count "
+                "would have to be summed over ranks); use a fixed max_grad_norm"
+            )
+        if self.noise_multiplier > 0:
+            count_std = self.count_noise_std
+            if count_std <= 0 or self.noise_multiplier >= 2 * count_std:
+                raise ConfigError(
+                    f"adaptive clipping with noise_multiplier={self.noise_multiplier} needs "
+                    f"count_noise_std > noise_multiplier / 2 (got {count_std}): the count's noise is paid out "
+                    "of the gradient's, σ_g = (σ⁻² − (2·count_noise_std)⁻²)^-½. Raise count_noise_std "
+                    "(default expected_batch_size / 20) or use a larger expected batch."
+                )
+
+    @property
+    def count_noise_std(self) -> float:
+        """σ_b of adaptive clipping's unclipped count (its default: expected_batch_size / 20)."""
+        ada = self.adaptive_clipping
+        if ada is None:
+            return 0.0
+        if ada.count_noise_std is not None:
+            return float(ada.count_noise_std)
+        return float(self.expected_batch_size or 0) / 20
+
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """The σ the gradient's noise uses: `noise_multiplier`, less what adaptive clipping's count
+        takes (σ_g = (σ⁻² − (2·σ_b)⁻²)^-½ ≥ σ)."""
+        sigma = float(self.noise_multiplier)
+        if self.adaptive_clipping is None or sigma == 0:
+            return sigma
+        return (sigma**-2 - (2 * self.count_noise_std) ** -2) ** -0.5
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> PrivacyConfig:

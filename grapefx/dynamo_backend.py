@@ -40,6 +40,7 @@ from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.recompute_operands import find_recipes
 from grapefx.passes.schedule_memory import schedule_memory
 from grapefx.passes.tracing import retrace
+from grapefx.privacy.adaptive_clipping import ClipBoundState
 from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
 from grapefx.schedule.reorder import copy_graph_module
 
@@ -103,7 +104,9 @@ class GrapefxBackend:
         # Parameter names as the user's model spells them (Dynamo sources add prefixes like `fn.`).
         self.param_names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self.param_objects: dict[str, torch.Tensor] = {}
-        self.state = state or PrivacyState(seed=config.seed, secure=config.secure_noise)
+        self.state = state or PrivacyState(
+            seed=config.seed, secure=config.secure_noise, clip=ClipBoundState.from_config(config)
+        )
         self.state.resample_every = config.resample_every
         self.state.projection_seed = config.seed if config.seed is not None else self.state.id
         self.managed = False  # set by PrivateModule (grapefx.compile), which owns the distributed set-up

@@ -4,6 +4,10 @@ Per-sample gradients of the user's loss are `scale * (what the backward graph se
 the batch size for a mean-reduced loss (the loss is the mean over the actual batch). The weighted sum
 is Σ c_i g_i / denom, so each site is weighted by w_i = c_i * scale / denom.
 
+With adaptive clipping the bound C is read at run time (`grapefx::clip_bound`, a 0-d tensor of
+the privacy state, read after the norms are recorded) and the gradient's noise uses σ_g, the part of
+σ the unclipped count leaves (`PrivacyConfig.gradient_noise_multiplier`); otherwise C is a constant.
+
 Per-layer clipping splits the budget evenly: parameter p is clipped to C_p = C / sqrt(P), so the
 whole gradient still has sensitivity C and noise of std σC keeps the stated guarantee. It needs no
 global norm, so each parameter is finished as soon as its own norm is known (FlashDP).
@@ -16,6 +20,7 @@ from typing import Any
 
 import torch
 
+import grapefx.privacy.adaptive_clipping  # noqa: F401 - registers grapefx::clip_bound
 from grapefx.config import PrivacyConfig
 
 STABILITY = 1e-6
@@ -47,10 +52,19 @@ def per_layer_weights(norm: torch.Tensor, n_params: int, scale: Any, denom: Any,
     return (c_p / (norm + STABILITY)).clamp(max=1.0) * scale / denom
 
 
-def flat_weights(norms: torch.Tensor, scale: Any, denom: Any, config: PrivacyConfig) -> torch.Tensor:
+def clip_bound(config: PrivacyConfig, recorded: torch.Tensor, state_id: int) -> float | torch.Tensor:
+    """C: the constant `max_grad_norm`, or with adaptive clipping this step's bound, read after
+    `recorded` (the output of `recorded_norms`) exists."""
+    if config.adaptive_clipping is None:
+        return float(config.max_grad_norm)
+    return torch.ops.grapefx.clip_bound(recorded, state_id)
+
+
+def flat_weights(
+    norms: torch.Tensor, scale: Any, denom: Any, config: PrivacyConfig, C: float | torch.Tensor
+) -> torch.Tensor:
     """Weights from the norm of the whole per-sample gradient; `norms` is [B, P] per parameter."""
     total = norms.pow(2).sum(dim=1).sqrt()
-    C = float(config.max_grad_norm)
     if config.clipping == "automatic":
         c = C / (total + config.automatic_gamma)
     else:
@@ -66,23 +80,31 @@ def recorded_norms(norm_sq: list[torch.Tensor], scale: Any, first: int, n_column
 
 def clip_weights(
     norm_sq: list[torch.Tensor], batch_size: Any, config: PrivacyConfig, state_id: int
-) -> tuple[list[torch.Tensor], Any]:
-    """All parameters at once (used where the graph has no per-layer structure, e.g. B=1)."""
+) -> tuple[list[torch.Tensor], Any, float | torch.Tensor]:
+    """All parameters at once (used where the graph has no per-layer structure, e.g. B=1); also the
+    denominator and C."""
     scale, denom = loss_scale_and_denom(batch_size, config, state_id, norm_sq[0] if norm_sq else None)
     n = len(norm_sq)
     norms = recorded_norms(norm_sq, scale, 0, n, state_id)
+    C = clip_bound(config, norms, state_id)
     if config.clipping == "per_layer":
-        return [per_layer_weights(norms[:, j], n, scale, denom, config) for j in range(n)], denom
-    w = flat_weights(norms, scale, denom, config)
-    return [w for _ in norm_sq], denom
+        return [per_layer_weights(norms[:, j], n, scale, denom, config) for j in range(n)], denom, C
+    w = flat_weights(norms, scale, denom, config, C)
+    return [w for _ in norm_sq], denom, C
 
 
-def add_noise(grad: torch.Tensor, config: PrivacyConfig, state_id: int, denom: Any) -> torch.Tensor:
-    """grad + N(0, (σC / denom)²) per coordinate, once per parameter per backward."""
-    if config.noise_multiplier <= 0:
+def add_noise(
+    grad: torch.Tensor, config: PrivacyConfig, state_id: int, denom: Any, C: float | torch.Tensor
+) -> torch.Tensor:
+    """grad + N(0, (σ_g·C / denom)²) per coordinate, once per parameter per backward."""
+    sigma = config.gradient_noise_multiplier
+    if sigma <= 0:
         return grad
     # not grad.new_full: a second reader of grad would keep the noise out of grad's buffer (noise_in_place)
-    std = torch.full((), float(config.noise_multiplier * config.max_grad_norm), dtype=torch.float32, device=grad.device)
+    if isinstance(C, torch.Tensor):
+        std = C.to(device=grad.device) * sigma
+    else:
+        std = torch.full((), float(sigma * C), dtype=torch.float32, device=grad.device)
     std = std / denom
     # contiguous: the op's input strides must match between tracing and run time under Inductor
     # (a convolution_backward weight gradient can come out with kernel-dependent strides).

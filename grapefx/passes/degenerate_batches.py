@@ -15,7 +15,7 @@ import torch.fx as fx
 import grapefx.grape.projection  # noqa: F401 - registers grapefx::projection
 from grapefx.config import PrivacyConfig
 from grapefx.distributed.ops import reduce_projected
-from grapefx.passes.clip_factors import add_noise, clip_weights, loss_scale_and_denom, recorded_norms
+from grapefx.passes.clip_factors import add_noise, clip_bound, clip_weights, loss_scale_and_denom, recorded_norms
 from grapefx.passes.grape_project import projection_index
 from grapefx.passes.interp import ViewTolerantInterpreter
 from grapefx.passes.tracing import retrace
@@ -73,16 +73,18 @@ def empty_batch_backward(
             _, denom = loss_scale_and_denom(0, config, state_id, like)
         elif not config.distributed:
             denom = float(config.expected_batch_size or 1) if config.loss_reduction == "mean" else 1.0
-        # an empty batch is still a logical step: publish its (empty) norms
-        recorded_norms([outs[i].new_zeros(0) for i in present], 1, 0, len(present), state_id)
+        # an empty batch is still a logical step: publish its (empty) norms (an op with a side
+        # effect: kept though its output is unused)
+        recorded = recorded_norms([outs[i].new_zeros(0) for i in present], 1, 0, len(present), state_id)
+        C = clip_bound(config, recorded, state_id)
         ghats, projections = {}, {}
         for i in present:
             zero = torch.zeros_like(outs[i])
             if i in projected:
                 ghat, projections[i] = _project(zero, projected[i], config, state_id)
-                ghats[i] = add_noise(ghat, config, state_id, denom)
+                ghats[i] = add_noise(ghat, config, state_id, denom, C)
             else:
-                outs[i] = add_noise(zero, config, state_id, denom)
+                outs[i] = add_noise(zero, config, state_id, denom, C)
         _finish_projected(outs, ghats, projections, projected, config, state_id)
         return tuple(outs)
 
@@ -102,10 +104,10 @@ def single_sample_backward(
             if i in projected:
                 outs[i], projections[i] = _project(outs[i], projected[i], config, state_id)
         norm_sq = [accumulated(outs[i]).pow(2).sum().reshape(1) for i in present]
-        weights, denom = clip_weights(norm_sq, 1, config, state_id)
+        weights, denom, C = clip_weights(norm_sq, 1, config, state_id)
         ghats = {}
         for i, w in zip(present, weights):
-            outs[i] = add_noise(outs[i] * w.to(outs[i].dtype), config, state_id, denom)
+            outs[i] = add_noise(outs[i] * w.to(outs[i].dtype), config, state_id, denom, C)
             if i in projections:
                 ghats[i] = outs[i]
         _finish_projected(outs, ghats, projections, projected, config, state_id)

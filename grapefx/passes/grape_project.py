@@ -100,6 +100,7 @@ def finish_projected(
     denom: Any,
     config: PrivacyConfig,
     state_id: int,
+    C: float | torch.Tensor,
 ) -> torch.Tensor:
     """Weighted projected contraction + noise in the projected space; returns p.grad (back-projected),
     or the noised Ĝ in distributed mode (the caller all-reduces every Ĝ, then back-projects)."""
@@ -116,7 +117,7 @@ def finish_projected(
         Bm = Bm * weights_like(weights, Bm, lk.moved(0))
     ghat = torch.mm(A, Bm)  # site orientation
     ghat = ghat.t() if proj.swapped else ghat  # parameter orientation: [r, n] or [m, r]
-    ghat = add_noise(ghat.contiguous(), config, state_id, denom)
+    ghat = add_noise(ghat.contiguous(), config, state_id, denom, C)
     if config.distributed:  # Ĝ is all-reduced (once, all parameters) before back_project
         return ghat
     return back_project(ghat, proj, P, state_id)

@@ -30,6 +30,7 @@ from grapefx.config import PrivacyConfig
 from grapefx.distributed.ops import reduce_projected
 from grapefx.passes.clip_factors import (
     add_noise,
+    clip_bound,
     flat_weights,
     loss_scale_and_denom,
     per_layer_weights,
@@ -138,18 +139,20 @@ def privatize_backward(
                     col = index[g.name]
                     norm = recorded_norms([norm_sq[g.name]], state["scale"], col, len(grads), state_id)[:, 0]
                     w = per_layer_weights(norm, len(grads), state["scale"], state["denom"], config)
-                finished[g.name] = _finish(g, sites, w, state["denom"])
+                finished[g.name] = _finish(g, sites, w, state["denom"], float(config.max_grad_norm))
 
-        def _finish(g: ParamGrad, sites: list[SiteContext], w: torch.Tensor, denom: Any) -> torch.Tensor:
+        def _finish(
+            g: ParamGrad, sites: list[SiteContext], w: torch.Tensor, denom: Any, C: float | torch.Tensor
+        ) -> torch.Tensor:
             proj = plan.projections.get(g.name)
             if proj is not None:
                 with provenance("grape_project", "projected_weighted_sum_noise", g.name):
-                    return finish_projected(sites[0], proj, proj_p[g.name], w, denom, config, state_id)
+                    return finish_projected(sites[0], proj, proj_p[g.name], w, denom, config, state_id, C)
             with provenance("book_keeping", "weighted_sum", g.name):
                 site_values = {c.node: rule_for(c.kind).weighted_sum(c, w) for c in sites}
                 grad = evaluate_post(g, site_values, gm, env)
             with provenance("noise", "noise", g.name):
-                return add_noise(grad, config, state_id, denom)
+                return add_noise(grad, config, state_id, denom, C)
 
         for g in ready_at.get(-1, []):
             on_ready(g)
@@ -166,9 +169,10 @@ def privatize_backward(
         if not per_layer:  # flat clipping: the barrier, every norm is needed
             with provenance("clip_factors", "clip", "*"):
                 norms = recorded_norms([norm_sq[g.name] for g in grads], state["scale"], 0, len(grads), state_id)
-                w = flat_weights(norms, state["scale"], state["denom"], config)
+                C = clip_bound(config, norms, state_id)
+                w = flat_weights(norms, state["scale"], state["denom"], config, C)
             for g in grads:
-                finished[g.name] = _finish(g, site_ctx[g.name], w, state["denom"])
+                finished[g.name] = _finish(g, site_ctx[g.name], w, state["denom"], C)
         if config.distributed and plan.projections:  # DP-GRAPE: all-reduce the r-dimensional Ĝ only
             with provenance("grape_project", "all_reduce_projected", "*"):
                 projs = {p.index: p for p in plan.projections.values()}

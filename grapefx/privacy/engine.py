@@ -55,6 +55,7 @@ restored — the same parameters as an uninterrupted run. Save only between logi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import warnings
@@ -82,6 +83,7 @@ _PRIVACY_KEYS = (  # config entries that must match between a checkpoint and the
     "dataset_size",
     "secure_mode",
     "accumulation_steps",
+    "adaptive_clipping",
 )
 _LOADER_KWARGS = (  # DataLoader settings carried over from the user's loader
     "num_workers",
@@ -302,6 +304,7 @@ class PrivacyEngine:
             "sampler": self.loader.state_dict(),
             "noise_rng": self.privacy_state.rng_state_dict(),
             "global_rng": global_rng,
+            "clip_bound": self.privacy_state.clip.state_dict() if self.privacy_state.clip is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True, restore_global_rng: bool = True) -> None:
@@ -322,6 +325,8 @@ class PrivacyEngine:
         self.model.module.load_state_dict(state["model"])
         self.optimizer.original.load_state_dict(state["optimizer"])
         self.accountant.load_state_dict(state["accountant"])
+        if self.privacy_state.clip is not None and state.get("clip_bound") is not None:
+            self.privacy_state.clip.load_state_dict(state["clip_bound"])
         if saved.get("secure_mode") == self.config["secure_mode"]:
             self.loader.load_state_dict(state["sampler"])
             self.privacy_state.load_rng_state_dict(state["noise_rng"])
@@ -341,6 +346,13 @@ class PrivacyEngine:
         and noise RNG (``map_location`` is the model's device; only tensors and plain data are loaded)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         self.load_state_dict(state, strict=strict, restore_global_rng=restore_global_rng)
+
+
+def _as_dict(options: Any) -> dict[str, Any] | None:
+    """Adaptive clipping options as plain data (checkpoints hold plain data only)."""
+    if options is None or isinstance(options, dict):
+        return options
+    return dataclasses.asdict(options)
 
 
 def _loader_settings(loader: DataLoader) -> dict[str, Any]:
@@ -379,6 +391,7 @@ def make_private(
     noise_multiplier: float | None = None,
     max_grad_norm: float = 1.0,
     clipping: str = "flat",
+    adaptive_clipping: Any = None,
     strategy: str = "auto",
     accumulation_steps: int = 1,
     max_physical_batch_size: int | None = None,
@@ -398,7 +411,10 @@ def make_private(
     Give either ``target_epsilon`` (with ``epochs`` or ``steps``: σ is calibrated so that
     ``epochs * steps_per_epoch`` logical steps, or ``steps``, spend it at ``target_delta``) or
     ``noise_multiplier``. ``steps_per_epoch = round(1 / q)``. ``seed`` makes sampling and noise
-    reproducible (ignored by ``secure_mode``). Other keywords go to `grapefx.compile`.
+    reproducible (ignored by ``secure_mode``). ``adaptive_clipping`` (`grapefx.AdaptiveClipping` or a
+    dict of its fields) lets the bound, starting at ``max_grad_norm``, follow a quantile of the
+    per-sample norms; σ still counts in the accountant (the count's noise is paid out of it).
+    Other keywords go to `grapefx.compile`.
     Train with the returned objects only, as in the module docstring.
 
     **Data-parallel** (``distributed``: default on when a ``torch.distributed`` process group is
@@ -466,6 +482,7 @@ def make_private(
         "noise_multiplier": sigma,
         "max_grad_norm": float(max_grad_norm),
         "clipping": clipping,
+        "adaptive_clipping": _as_dict(adaptive_clipping),
         "strategy": strategy,
         "expected_batch_size": expected_batch,
         "dataset_size": n_data,
@@ -487,6 +504,7 @@ def make_private(
         noise_multiplier=sigma,
         loss_reduction="mean",
         clipping=clipping,
+        adaptive_clipping=adaptive_clipping,
         strategy=strategy,
         expected_batch_size=expected_batch,
         seed=noise_seed,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from grapefx.privacy import native_noise
+from grapefx.privacy.adaptive_clipping import ClipBoundState
 from grapefx.privacy.secure_rng import secure_standard_normal
 
 _STATES: weakref.WeakValueDictionary[int, PrivacyState] = weakref.WeakValueDictionary()
@@ -60,6 +61,7 @@ class PrivacyState:
     noise_draws: int = 0  # noise tensors drawn so far (one per noised parameter per backward)
     philox_key: int | None = None  # CPU Philox kernel: the key (from the seed) and the streams drawn
     philox_streams: int = 0
+    clip: ClipBoundState | None = None  # adaptive clipping: the bound and its update
     id: int = field(default_factory=lambda: next(_ids))
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
 
@@ -242,10 +244,17 @@ def _(norms: torch.Tensor, first_column: int, n_columns: int, state_id: int) -> 
     return torch.empty_like(norms)
 
 
+# A side effect for fx's dead-code elimination and Inductor's: an empty batch's record has no user,
+# yet it is what counts the step (GRAPE's resampling, adaptive clipping) and empties the norms.
+torch.fx.node.has_side_effect(torch.ops.grapefx.record_norms.default)
+
+
 def _publish(state: PrivacyState, layer_norms: torch.Tensor) -> None:
     state.last_layer_norms = layer_norms
     state.last_norms = layer_norms.pow(2).sum(dim=1).sqrt()
     state.backward_calls += 1
+    if state.clip is not None:
+        state.clip.publish(state.last_norms, state)
     if state.noise_enabled:  # the last micro-batch of a logical batch: one logical step done
         state.completed_steps += 1
 
