@@ -140,11 +140,16 @@ class Conv3dNet(nn.Module):
         super().__init__()
         self.c1 = nn.Conv3d(c_in, 4, kernel_size=3, stride=(1, 2, 2), padding=1)
         self.c2 = nn.Conv3d(4, 4, kernel_size=(1, 3, 3), groups=2, padding=(0, 1, 1))
+        # a transposed 3-D convolution: dilation, stride, output_padding and groups on different dims
+        self.up = nn.ConvTranspose3d(
+            4, 4, (2, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), output_padding=(0, 1, 0), groups=2, dilation=(2, 1, 1)
+        )
         self.fc = nn.Linear(4, n_out)
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.c1(x))
-        h = self.c2(h)
+        h = torch.tanh(self.c2(h))
+        h = self.up(h)
         return self.fc(h.mean(dim=(-3, -2, -1)))
 
 
