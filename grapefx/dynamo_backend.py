@@ -30,6 +30,7 @@ from grapefx.decompositions import decomposition_table
 from grapefx.distributed.wrap import check_backend_call
 from grapefx.errors import GrapefxError, GraphBreakError, describe_node
 from grapefx.grape import registry as grape_registry
+from grapefx.inductor_cache import salted_config
 from grapefx.inspect.dumps import dump_from_env
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
 from grapefx.passes.grape_project import projection_index
@@ -277,7 +278,7 @@ class GrapefxBackend:
             # take, and the fallback draws the very masks eager PyTorch draws for the same seed.
             table = {k: v for k, v in select_decomp_table().items() if not _is_random(k)}
             gm = retrace(ViewTolerantInterpreter(gm).run, inputs, decompositions=table)
-            with torch._inductor.config.patch(fallback_random=True):
+            with torch._inductor.config.patch(fallback_random=True, **salted_config()):
                 return compile_fx_inner(gm, inputs, is_backward=is_backward)
         return _boxed(gm)
 

@@ -91,3 +91,33 @@ def test_a_parameter_named_b_does_not_clash_with_internal_state() -> None:
     _class_loss(cm(x), y).backward()
     ref, _ = oracle_grads(model, (x, y), _class_loss, 0.5, "sum")
     assert_grads_match(model, ref)
+
+
+def test_empty_batch_is_a_step_under_both_codegens() -> None:
+    """B=0's norm record has no user; it must survive dead-code elimination (fx's and Inductor's),
+    or per_sample_norms() keeps the previous batch's norms and the step goes uncounted."""
+    for codegen in ("eager", "inductor"):
+        cm = grapefx.compile(nn.Linear(4, 3), max_grad_norm=1.0, noise_multiplier=0.0, codegen=codegen)
+        for B in (3, 0):
+            cm(torch.randn(B, 4)).sum().backward()
+        assert cm.per_sample_norms().shape == (0,), codegen
+        assert cm.privacy_state.backward_calls == 2, codegen
+
+
+def test_inductor_cache_key_carries_grapefx_sources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """grapefx's Inductor compiles salt the FX-graph cache key with a hash of grapefx's sources (code
+    compiled by another grapefx version is not reused) without turning the cache off."""
+    from torch._dynamo.utils import counters
+
+    from grapefx import inductor_cache
+
+    seen = []
+    original = inductor_cache.GrapefxCacheSalt.uuid
+    monkeypatch.setattr(inductor_cache.GrapefxCacheSalt, "uuid", lambda self: seen.append(1) or original(self))
+    bypass = counters["inductor"]["fxgraph_cache_bypass"]
+    cm = grapefx.compile(nn.Linear(4, 3), max_grad_norm=1.0, noise_multiplier=0.0, codegen="inductor")
+    cm(torch.randn(3, 4)).sum().backward()
+    assert seen, "the salt was not consulted for the cache key"
+    assert counters["inductor"]["fxgraph_cache_bypass"] == bypass
+    assert inductor_cache.GrapefxCacheSalt().uuid() == inductor_cache.grapefx_source_hash()
+    assert inductor_cache.GrapefxCacheSalt(user_pass=lambda g: None).uuid() is None  # no uuid: no cache
