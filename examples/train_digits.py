@@ -50,6 +50,13 @@ def main() -> None:
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--clipping", default="flat", choices=["flat", "per_layer", "automatic"])
+    ap.add_argument(
+        "--adaptive-quantile",
+        type=float,
+        default=0.0,
+        help="adaptive clipping: the bound (starting at --max-grad-norm) follows this quantile of the "
+        "per-sample norms, e.g. 0.5 (0: a fixed bound)",
+    )
     ap.add_argument("--strategy", default="auto", choices=["auto", "ghost", "instantiate", "grape"])
     ap.add_argument("--rank", type=int, default=16, help="DP-GRAPE projection rank (--strategy grape)")
     ap.add_argument("--resample-every", type=int, default=20, help="steps between fresh projections (grape)")
@@ -83,11 +90,12 @@ def main() -> None:
             rank=args.rank,
             resample_every=args.resample_every,
             seed=args.seed,
+            adaptive_clipping={"target_quantile": args.adaptive_quantile} if args.adaptive_quantile > 0 else None,
         )
     print(
         f"privacy: {'DP-SGD' if private else 'off'}  noise_multiplier={sigma:.3f}  "
         f"max_grad_norm={args.max_grad_norm}  sample_rate={q:.4f}  steps={total_steps}  delta={args.delta}  "
-        f"clipping={args.clipping}  strategy={args.strategy}"
+        f"clipping={args.clipping}{' (adaptive)' if args.adaptive_quantile > 0 else ''}  strategy={args.strategy}"
         + (f" rank={args.rank}" if args.strategy == "grape" else "")
     )
     # GrapeAdamW keeps the moments of projected weights in the rank-r space; elsewhere it is AdamW.
@@ -108,7 +116,8 @@ def main() -> None:
         steps = epoch * steps_per_epoch
         eps = epsilon(sample_rate=q, noise_multiplier=sigma, steps=steps, delta=args.delta) if private else float("inf")
         mean_loss = sum(losses) / max(len(losses), 1)
-        print(f"epoch {epoch:2d}  loss {mean_loss:.4f}  test acc {accuracy(model, test):.3f}  epsilon {eps:.2f}")
+        bound = f"  C {train_model.clip_bound():.3f}" if args.adaptive_quantile > 0 and private else ""
+        print(f"epoch {epoch:2d}  loss {mean_loss:.4f}  test acc {accuracy(model, test):.3f}  epsilon {eps:.2f}{bound}")
     elapsed = time.time() - start
     print(f"final: test accuracy {accuracy(model, test):.3f}  (epsilon={eps:.2f}, delta={args.delta})  {elapsed:.1f}s")
 
