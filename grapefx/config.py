@@ -86,7 +86,8 @@ class PrivacyConfig:
     # is then the expected *global* batch size.
     distributed: bool = False
     # Adaptive clipping (AdaptiveClipping, or a dict of its fields): `max_grad_norm` is the initial
-    # bound, which then follows a quantile of the per-sample norms (flat clipping only).
+    # bound, which then follows a quantile of the per-sample norms (flat clipping only; data-parallel:
+    # the ranks' counts are summed).
     adaptive_clipping: AdaptiveClipping | None = None
 
     def __post_init__(self) -> None:
@@ -132,14 +133,10 @@ class PrivacyConfig:
             )
         if self.expected_batch_size is None:
             raise ConfigError(
-                "adaptive clipping needs expected_batch_size (the Poisson sampler's expected batch size): "
+                "adaptive clipping needs expected_batch_size (the Poisson sampler's expected batch size; "
+                "the global one in data-parallel training): "
                 "the unclipped fraction is released relative to it, never to the actual (private) size. "
                 "grapefx.make_private sets it."
-            )
-        if self.distributed:
-            raise ConfigError(
-                "adaptive clipping is not supported with data-parallel training yet (the unclipped count "
-                "would have to be summed over ranks); use a fixed max_grad_norm"
             )
         if self.noise_multiplier > 0:
             count_std = self.count_noise_std

@@ -72,7 +72,11 @@ def run_steps(
             entry["ref"] = _grads(ref_model, ref)
         steps.append(entry)
     ignored = sorted(ddp.parameters_to_ignore)
-    return {"steps": steps, "ignored": ignored, "grape_params": cm.privacy_config.grape_params}
+    out = {"steps": steps, "ignored": ignored, "grape_params": cm.privacy_config.grape_params}
+    out["bounds"] = cm.clip_bound_history() + [cm.clip_bound()]
+    if ref is not None:
+        out["ref_bounds"] = ref.clip_bound_history() + [ref.clip_bound()]
+    return out
 
 
 def noise_runs(rank: int, device: str) -> dict[str, Any]:
@@ -237,6 +241,13 @@ def _scenarios(rank: int, device: str) -> dict[str, Any]:
     for strategy, reduction in (("auto", "sum"), ("auto", "mean"), ("grape", "mean")):
         results[f"exact/{strategy}/{reduction}"] = _exact(rank, device, strategy, reduction)
     results["noise"] = noise_runs(rank, device)
+    adaptive = {"loss_reduction": "mean", "expected_batch_size": 8, "seed": 3}
+    clean = {"count_noise_std": 0.0, "learning_rate": 0.5}
+    results["adaptive/clean"] = run_steps(
+        rank, device, {**adaptive, "noise_multiplier": 0.0, "adaptive_clipping": clean}, SPLITS
+    )
+    noisy = {**adaptive, "noise_multiplier": 1.0, "adaptive_clipping": {"count_noise_std": 2.0, "learning_rate": 0.5}}
+    results["adaptive/noisy"] = run_steps(rank, device, noisy, [(5, 3), (3, 0), (2, 2)])
     results["fsdp/clean"] = fsdp_steps(rank, device, FSDP, SPLITS[:3])
     results["refusals"] = refusals(rank, device)
     results["engine"] = engine_run(rank, device)

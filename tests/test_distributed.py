@@ -142,6 +142,18 @@ def test_grape_noise_once_in_projected_space(slow_ranks) -> None:
             assert _rel(step["dist"][name], ref) < 2e-6, f"step {k} {name}"
 
 
+def test_adaptive_clipping_bound_is_global(ranks) -> None:
+    """Adaptive clipping on 2 ranks: the unclipped counts are summed over the ranks (with the count's
+    noise drawn once, by rank 0), so both ranks move the bound exactly as one process on the global
+    batch does, steps with B=1 and B=0 shards included; gradients equal too."""
+    for key, n_steps in (("adaptive/clean", len(SPLITS)), ("adaptive/noisy", 3)):
+        _check_exact(ranks, key, n_steps)
+        bounds = [ranks[r][key]["bounds"] for r in range(2)]
+        assert bounds[0] == bounds[1], key
+        assert bounds[0] == pytest.approx(ranks[0][key]["ref_bounds"], rel=1e-12), key
+        assert len(set(bounds[0])) == n_steps + 1, f"{key}: the bound must move every step: {bounds[0]}"
+
+
 def test_distributed_model_outside_ddp_is_refused(ranks) -> None:
     for r in range(2):
         messages = ranks[r]["refusals"]

@@ -11,6 +11,11 @@ norms as input: that data dependency orders it after `grapefx::record_norms`, wh
 * the publication that ends the logical step (noise on) draws the count's noise and computes the next
   bound, which the next step's first publication makes current. An empty batch publishes too, so
   every logical step releases its count: whether the bound moved never depends on the batch.
+
+Data-parallel: each rank counts its own samples; at the end of the step the counts are summed over
+the ranks in one all-reduce (with the noise, which only the rank drawing the step's gradient noise
+adds), so every rank computes the same bound. Every rank publishes once per backward (B=0 too), so
+the collective is issued in the same order everywhere.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class ClipBoundState:
     expected_batch_size: int
     min_clip: float = 0.0
     max_clip: float = math.inf
+    distributed: bool = False
     unclipped: float = 0.0  # Σ (1[‖g_i‖ ≤ C] − ½) of the logical step so far
     next: float | None = None  # computed at the end of a logical step, current from the next one
     history: list[float] | None = None  # the bound of every completed logical step
@@ -54,6 +60,7 @@ class ClipBoundState:
             expected_batch_size=int(config.expected_batch_size or 1),
             min_clip=ada.min_clip,
             max_clip=ada.max_clip,
+            distributed=config.distributed,
             history=[],
         )
 
@@ -67,13 +74,15 @@ class ClipBoundState:
             self.current, self.next = self.next, None
         self.unclipped += float((norms <= self.current).sum()) - 0.5 * norms.shape[0]
         if state.noise_enabled:  # the logical step ends with this backward
-            self._end_step(state)
+            self._end_step(state, norms.device)
 
-    def _end_step(self, state: PrivacyState) -> None:
-        noise = 0.0
-        if self.count_noise_std > 0:
-            noise = self.count_noise_std * float(state.fill_standard_normal_(torch.empty(1, dtype=torch.float64)))
-        fraction = (self.unclipped + noise) / self.expected_batch_size + 0.5
+    def _end_step(self, state: PrivacyState, device: torch.device) -> None:
+        count = self.unclipped
+        if self.count_noise_std > 0 and state.noise_local:  # distributed: one rank draws it
+            count += self.count_noise_std * float(state.fill_standard_normal_(torch.empty(1, dtype=torch.float64)))
+        if self.distributed:
+            count = _sum_over_ranks(count, device, state)
+        fraction = count / self.expected_batch_size + 0.5
         bound = self.current * math.exp(-self.learning_rate * (fraction - self.target_quantile))
         self.next = min(max(bound, self.min_clip), self.max_clip)
         self.unclipped = 0.0
@@ -86,6 +95,18 @@ class ClipBoundState:
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         self.current, self.next = float(saved["current"]), saved["next"]
         self.unclipped, self.history = float(saved["unclipped"]), saved["history"]
+
+
+def _sum_over_ranks(value: float, device: torch.device, state: PrivacyState) -> float:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    # float64 on the gradients' device (NCCL reduces CUDA tensors only)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    state.comm_bytes += t.numel() * t.element_size()
+    return float(t.item())
 
 
 @torch.library.custom_op("grapefx::clip_bound", mutates_args=())
