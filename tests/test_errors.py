@@ -398,3 +398,20 @@ def test_lookup_table_indexed_past_its_leading_dim_is_refused() -> None:
     implemented, and is refused rather than guessed."""
     with pytest.raises(grapefx.UnsupportedOpError, match=r"(?s)`table`.*index_put"):
         _run(_TableColumns(), torch.randint(0, 20, (5, 4)))
+
+
+class BiasFirst(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, keys: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # keys [K, 4], x [B, 4]
+        return self.fc(x) + (x @ keys.T).mean(-1, keepdim=True)
+
+
+def test_tensor_arguments_of_different_batch_sizes_are_refused() -> None:
+    """Two tensor arguments with different sizes in dim 0 (both marked dynamic): which is the batch
+    is ambiguous, so grapefx refuses and names both instead of clipping the wrong rows."""
+    cm = grapefx.compile(BiasFirst(), noise_multiplier=0.0)
+    with pytest.raises(grapefx.GrapefxError, match=r"differ there: `keys` \(s\d+\), `x` \(s\d+\)"):
+        cm(torch.randn(5, 4), torch.randn(3, 4)).sum().backward()

@@ -121,3 +121,39 @@ def test_inductor_cache_key_carries_grapefx_sources(monkeypatch: pytest.MonkeyPa
     assert counters["inductor"]["fxgraph_cache_bypass"] == bypass
     assert inductor_cache.GrapefxCacheSalt().uuid() == inductor_cache.grapefx_source_hash()
     assert inductor_cache.GrapefxCacheSalt(user_pass=lambda g: None).uuid() is None  # no uuid: no cache
+
+
+PROMPT = torch.tensor([[3, 1, 4, 1, 5]])  # a module-level constant, read by the graph as an input
+
+
+class ConstantPrompt(nn.Module):
+    """Constant token ids (a global and a plain tensor attribute, [1, T]) expanded over the batch, as
+    a seq2seq wrapper passing fixed decoder_input_ids does (Speech2Text in session 11's sweep): the
+    graph's first non-parameter input is then the constant, not the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(8, 6)
+        self.proj = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+        self.extra = torch.tensor([[2, 7]])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = torch.cat([PROMPT, self.extra], 1).expand(x.shape[0], -1)
+        h = self.emb(ids) + self.proj(x)[:, None, :]
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_constant_tensors_before_the_batch_are_not_the_batch() -> None:
+    """The batch size comes from forward's arguments: taken from the [1, T] constant it was 1, and
+    grapefx clipped the whole batch as one sample (no error; found by the session-11 sweep)."""
+    torch.manual_seed(0)
+    model = ConstantPrompt()
+    cm = grapefx.compile(model, max_grad_norm=0.05, noise_multiplier=0.0, loss_reduction="sum")
+    for B in (3, 1, 5):
+        x, y = torch.randn(B, 4) * 3, torch.randint(0, 3, (B,))
+        model.zero_grad(set_to_none=True)
+        _class_loss(cm(x), y).backward()
+        ref, norms = oracle_grads(model, (x, y), _class_loss, 0.05, "sum")
+        assert (norms > 0.05).all() and cm.per_sample_norms().shape == (B,)
+        assert_grads_match(model, ref)

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from grapefx.analysis.layout import to_sym
+from grapefx.errors import GrapefxError
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,15 @@ def readable_source(source_name: str) -> str:
 
 
 def capture_inputs(gm: fx.GraphModule, example_inputs: list[Any], names: dict[int, str] | None = None) -> Capture:
-    """`names` maps id(parameter) to its name in the user's model (given by grapefx.compile)."""
+    """`names` maps id(parameter) to its name in the user's model (given by grapefx.compile).
+
+    The batch size is dim 0 of the compiled function's tensor arguments: a tensor the graph reads
+    from a global or a module attribute (a constant [1, T] prompt expanded over the batch) is not a
+    batch input, even when it comes first. Taken from such a tensor, the batch size would be
+    its dim 0 (1 for that prompt), and grapefx would clip the whole batch as one sample."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     infos: list[InputInfo] = []
-    batch_size = None
+    sources: list[str] = []
     for i, (node, ex) in enumerate(zip(placeholders, example_inputs)):
         grapharg = node.meta.get("grapharg")
         src = grapharg.source.name if grapharg is not None and grapharg.source is not None else node.name
@@ -57,18 +63,45 @@ def capture_inputs(gm: fx.GraphModule, example_inputs: list[Any], names: dict[in
             kind = "buffer"
         else:
             kind = "candidate"
-            if batch_size is None and ex.dim() > 0:
-                batch_size = _dim0(node, ex)
         infos.append(InputInfo(i, name, kind))
+        sources.append(src)
+    batch_size = _batch_size(infos, sources, placeholders, example_inputs)
     final = []
     for info, node, ex in zip(infos, placeholders, example_inputs):
         if info.kind == "candidate":
             is_batch = ex.dim() > 0 and sympy.expand(_dim0(node, ex) - batch_size) == 0
             info = InputInfo(info.index, info.name, "batch" if is_batch else "other")
         final.append(info)
-    if batch_size is None:
-        batch_size = sympy.Integer(1)
     return Capture(tuple(final), batch_size)
+
+
+def _is_argument(source: str) -> bool:
+    """A local of the compiled frame other than `self`: an argument of forward (or of the function)."""
+    return source.startswith("L[") and not source.startswith("L['self']")
+
+
+def _batch_size(infos: list[InputInfo], sources: list[str], placeholders: list[fx.Node], inputs: list[Any]) -> Any:
+    """dim 0 of the first tensor argument whose dim 0 is dynamic (else of the first tensor argument;
+    without arguments, of the first other non-parameter tensor)."""
+    candidates = [
+        (info.name, src, _dim0(node, ex))
+        for info, src, node, ex in zip(infos, sources, placeholders, inputs)
+        if info.kind == "candidate" and ex.dim() > 0
+    ]
+    if not candidates:
+        return sympy.Integer(1)
+    chosen = [c for c in candidates if _is_argument(c[1])] or candidates
+    # Tensor arguments whose dim 0 are different symbols: which one is the batch is ambiguous, and
+    # taking the wrong one would clip the wrong rows. Refuse, naming them.
+    symbolic = {size: name for name, _, size in reversed(chosen) if not isinstance(size, sympy.Integer)}
+    if len(symbolic) > 1:
+        listed = ", ".join(f"`{name}` ({size})" for size, name in symbolic.items())
+        raise GrapefxError(
+            "grapefx takes the batch size from dim 0 of the model's tensor arguments, but they differ "
+            f"there: {listed}. Pass only batch tensors (batch in dim 0) as arguments; keep other "
+            "tensors as module attributes or buffers."
+        )
+    return next((size for _, _, size in chosen if not isinstance(size, sympy.Integer)), chosen[0][2])
 
 
 def _dim0(node: fx.Node, ex: torch.Tensor) -> Any:
