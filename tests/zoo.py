@@ -445,24 +445,31 @@ class LookupTables(nn.Module):
 
 
 class MHANet(nn.Module):
-    """nn.MultiheadAttention; batch_first=False runs it t-major ([T, B, E] inside)."""
+    """nn.MultiheadAttention; batch_first=False runs it t-major ([T, B, E] inside). Then a
+    cross-attention with kdim / vdim set: separate q / k / v weights, one in_proj_bias chunked in
+    three (its gradient is a cat of three per-sample sums)."""
 
     def __init__(self, d: int = 8, heads: int = 2, n_out: int = 4, batch_first: bool = True) -> None:
         super().__init__()
         self.batch_first = batch_first
         self.inp = nn.Linear(d, d)
         self.mha = nn.MultiheadAttention(d, heads, dropout=0.0, batch_first=batch_first)
+        self.keys, self.values = nn.Linear(d, 6), nn.Linear(d, 5)
+        self.cross = nn.MultiheadAttention(d, heads, kdim=6, vdim=5, batch_first=batch_first)
         self.fc = nn.Linear(d, n_out)
 
     def forward(self, x: Tensor) -> Tensor:  # x: [B, T, d]
         h = torch.tanh(self.inp(x))
+        k, v = self.keys(h), self.values(h)
         if self.batch_first:
             a, _ = self.mha(h, h, h, need_weights=False)
+            c, _ = self.cross(a, k, v, need_weights=False)
         else:
-            ht = h.transpose(0, 1)  # [T, B, d]
+            ht, kt, vt = h.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [T, B, ·]
             a, _ = self.mha(ht, ht, ht, need_weights=False)
-            a = a.transpose(0, 1)
-        return self.fc((h + a).mean(dim=1))
+            c, _ = self.cross(a, kt, vt, need_weights=False)
+            a, c = a.transpose(0, 1), c.transpose(0, 1)
+        return self.fc((h + a + c).mean(dim=1))
 
 
 class TinyGPT(nn.Module):

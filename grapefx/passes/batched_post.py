@@ -120,6 +120,23 @@ def _index_put(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> tor
     return aten.index_put(out, shifted, _aligned(v, indexed_rank), accumulate)
 
 
+def _cat(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> torch.Tensor | None:
+    """cat of per-sample values: the gradient of a parameter chunked in the forward (nn.MultiheadAttention's
+    in_proj_bias with separate q / k / v weights, i.e. kdim / vdim set). A part that is not per-sample
+    must be a zero fill (a chunk no sample reached)."""
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    parts = []
+    for t in node.args[0]:
+        if t in batched:
+            parts.append(lookup(t))
+        elif _is_zero_fill(t):
+            zero = lookup(t)
+            parts.append(zero.new_zeros([b] + list(zero.shape)))
+        else:
+            return None
+    return torch.cat(parts, dim % node.meta["val"].dim() + 1)
+
+
 def _weight_norm_backward(node: fx.Node, lookup: Any, batched: set[fx.Node]) -> tuple | None:
     """(grad_v, grad_g) of w = g·v/‖v‖ (weight_norm), for a batched grad_w: linear in grad_w, with
     v, g and the norms batch-free. The op has no vmap batching rule (vmap would loop over the
@@ -173,6 +190,8 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> Any:
         return getattr(aten, packet._qualified_op_name.split("::")[1])(base, src, dim, *rest[1:])
     if packet in (aten.add, aten.sub, aten.mul, aten.where):
         return _elementwise(node, lookup, batched)
+    if packet is aten.cat:
+        return _cat(node, lookup, batched, b)
     if packet is aten._weight_norm_interface_backward:
         return _weight_norm_backward(node, lookup, batched)
     if packet is aten.embedding_dense_backward and not node.args[4]:
