@@ -311,6 +311,7 @@ def _descendants(pid: int) -> list[int]:
     return kids + [d for k in kids for d in _descendants(k)]
 
 
+@pytest.mark.slow  # ~13 s: two processes under torchrun (the 2-rank scenarios above run by default)
 def test_ddp_example_runs_under_torchrun(tmp_path: Path) -> None:
     """examples/train_digits_ddp.py, short form, 2 processes under torchrun (what CI runs)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

@@ -411,6 +411,7 @@ def _run_example(args: list[str], timeout: int) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow  # ~11 s: a subprocess training three models
 def test_example_plot_accuracy_vs_epsilon_quick(tmp_path):
     """5 epochs at epsilon=3 (seed 0): measured 0.861 test accuracy (0.861-0.919 over seeds 0-5,
     non-private 0.967-0.978); the bar is 0.80."""
