@@ -83,6 +83,7 @@ SENS = [
     _slow("lookup_tables", "flat", "auto"),  # table[ids] with per-sample ids
     _slow("conv_transpose", "flat", "auto"),  # ConvTranspose2d (groups, output_padding), 1d
     _slow("bilinear", "flat", "auto"),  # nn.Bilinear's _trilinear as mm contractions
+    _slow("mha_tmajor", "flat", "auto"),  # self-attention, then cross-attention with kdim / vdim
     # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
     pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),
 ]
