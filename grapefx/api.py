@@ -14,6 +14,7 @@ from grapefx.distributed import wrap as dist_wrap
 from grapefx.dynamo_backend import GrapefxBackend
 from grapefx.errors import GrapefxError, GraphBreakError
 from grapefx.grape.policy import DEFAULT_EXCLUDE, grape_parameters
+from grapefx.transformers_compat import feature_encoders, input_grad_flags_off, install_output_hooks
 
 
 class PrivateModule(nn.Module):
@@ -33,6 +34,8 @@ class PrivateModule(nn.Module):
         self.grapefx_backend = GrapefxBackend(config, model=module)
         self.grapefx_backend.managed = True
         self._compiled = torch.compile(module, backend=self.grapefx_backend, fullgraph=True, dynamic=False)
+        install_output_hooks(module)  # transformers would install them inside the traced forward
+        self._feature_encoders = feature_encoders(module)
         self._dynamic = dynamic
         self._param_ids = [id(p) for p in module.parameters()]
         if config.distributed:  # noise on rank 0 only; GRAPE: Ĝ all-reduced by grapefx, not DDP
@@ -62,7 +65,10 @@ class PrivateModule(nn.Module):
             # (clipping each part on its own): one graph; DDP's reducer all-reduces after the backward.
             self.grapefx_backend.refusal = None
             # allow_rnn: Dynamo traces nn.RNN / GRU / LSTM (unrolled over time) instead of breaking the graph
-            with torch._dynamo.config.patch(optimize_ddp=False, allow_rnn=True):
+            with (
+                torch._dynamo.config.patch(optimize_ddp=False, allow_rnn=True),
+                input_grad_flags_off(self._feature_encoders),
+            ):
                 return self._compiled(*args, **kwargs)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
             # a graph break under fullgraph=True, or Python control flow on a value read from a

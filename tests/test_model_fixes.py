@@ -86,3 +86,27 @@ def test_batch_norm_subclass_is_refused_by_name() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 1), BatchNormAct(8))
     with pytest.raises(ValueError, match=r"`1` is a BatchNormAct.*GroupNorm"):
         grapefx.replace_batch_norm(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers' speech encoders (grapefx/transformers_compat.py); the oracle checks of Wav2Vec2,
+# HuBERT and WavLM are zoo cases run with -m slow (test_more_transformers_families)
+# ----------------------------------------------------------------------------------------------
+def test_transformers_speech_model_is_prepared_without_being_changed() -> None:
+    from grapefx.transformers_compat import feature_encoders, input_grad_flags_off
+    from tests.zoo import HFSpeech
+
+    model = HFSpeech("wav2vec2", 3)
+    encoder = model.m.wav2vec2.feature_extractor
+    assert feature_encoders(model) == [encoder] and encoder._requires_grad is True
+    assert not getattr(model.m.wav2vec2, "_output_capturing_hooks_installed", False)
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
+    # the hooks transformers would install inside the first (traced) forward are there up front
+    assert model.m.wav2vec2._output_capturing_hooks_installed
+    assert encoder._requires_grad is True  # cleared only while the compiled model runs
+    with input_grad_flags_off([encoder]):
+        assert encoder._requires_grad is False
+    assert encoder._requires_grad is True
+    # a model without transformers modules is left alone
+    assert feature_encoders(nn.Linear(2, 2)) == []
+    assert cm.module is model

@@ -874,6 +874,35 @@ class HFEncoderHead(nn.Module):
         return self.head(self.m(**{self.key: x}).last_hidden_state[:, 0])
 
 
+class HFSpeech(nn.Module):
+    """A transformers speech encoder with a sequence-classification head (conv feature encoder, grouped
+    positional conv, masked mean pooling) on raw audio [B, 400]. transformers 5.x installs its output
+    hooks lazily under a lock and the feature encoder sets `requires_grad` on its input: grapefx
+    undoes both (`grapefx/transformers_compat.py`); the model is used unchanged."""
+
+    def __init__(self, name: str, n_cls: int) -> None:
+        super().__init__()
+        import transformers as tf
+
+        config_cls, model_cls = {
+            "wav2vec2": (tf.Wav2Vec2Config, tf.Wav2Vec2ForSequenceClassification),
+            "hubert": (tf.HubertConfig, tf.HubertForSequenceClassification),
+            "wavlm": (tf.WavLMConfig, tf.WavLMForSequenceClassification),
+        }[name]
+        cfg = config_cls(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+            num_conv_pos_embedding_groups=2, num_labels=n_cls, classifier_proj_size=8, mask_time_prob=0.0,
+            hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
+            layerdrop=0.0, final_dropout=0.0,
+        )  # fmt: skip
+        self.m = model_cls(cfg)
+        self.m.train()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.m(input_values=x).logits
+
+
 # ----------------------------------------------------------------------------------------------
 # the zoo
 # ----------------------------------------------------------------------------------------------
@@ -990,6 +1019,9 @@ HF_MORE: list[ZooCase] = (
         ZooCase("hf_t5_encoder", lambda: HFEncoderHead("t5", 3), _ids(8, 64, n_cls=3), available=has_transformers),
         ZooCase("hf_vit", lambda: HFEncoderHead("vit", 5), _dense((3, 8, 8), 5), available=has_transformers),
         ZooCase("hf_t5", lambda: HFText("t5"), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers),
+        ZooCase("hf_wav2vec2", lambda: HFSpeech("wav2vec2", 3), _dense((400,), 3), available=has_transformers),
+        ZooCase("hf_hubert", lambda: HFSpeech("hubert", 3), _dense((400,), 3), available=has_transformers),
+        ZooCase("hf_wavlm", lambda: HFSpeech("wavlm", 3), _dense((400,), 3), available=has_transformers),
         # pools the last non-pad token: h[arange(B), last]
         ZooCase(
             "hf_llama_cls", lambda: HFText("llama_cls"), _ids(8, 64, 3, 0.2), tags={"hf"}, available=has_transformers

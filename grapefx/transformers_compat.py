@@ -1,0 +1,61 @@
+"""Two habits of Hugging Face transformers models that break Dynamo's single graph, undone for grapefx.
+
+1. Output-capturing hooks (transformers 5.x, `utils/output_capturing.py`) are installed lazily, on
+   the first forward that asks for hidden states or attentions, under a `threading.Lock` that Dynamo
+   cannot trace. Models that always ask (Wav2Vec2, HuBERT, WavLM) then stop with a graph break.
+   `install_output_hooks` installs them up front, exactly as transformers' first eager call would;
+   the hooks do nothing unless an output is requested.
+2. Speech feature encoders (Wav2Vec2FeatureEncoder and its copies) set `hidden_states.requires_grad
+   = True` in training mode, for gradient checkpointing; Dynamo cannot trace setting the flag.
+   `input_grad_flags_off` clears their `_requires_grad` while the compiled model runs. Only the
+   input's own gradient depended on it, which grapefx does not compute: parameter gradients, and so
+   the clipped and noised ones, are unchanged.
+
+Nothing here imports transformers: models that do not come from it are left alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import torch.nn as nn
+
+
+def _is_transformers_module(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("transformers.")
+
+
+def install_output_hooks(model: nn.Module) -> None:
+    """Install transformers' output-capturing hooks on every pretrained (sub)model of `model` now,
+    instead of lazily inside the first (compiled) forward. A no-op without transformers 5.x."""
+    capturing = sys.modules.get("transformers.utils.output_capturing")
+    install = getattr(capturing, "maybe_install_capturing_hooks", None)
+    registry = getattr(capturing, "_CAN_RECORD_REGISTRY", None)
+    if install is None or registry is None:
+        return
+    for module in model.modules():
+        # A pretrained model installs on its own submodules (nested pretrained models included) and
+        # marks itself done; models without recordable outputs have nothing to install.
+        if _is_transformers_module(module) and hasattr(module, "config") and registry.get(module):
+            install(module)
+
+
+def feature_encoders(model: nn.Module) -> list[nn.Module]:
+    """transformers modules that make their input require grad in training mode (`_requires_grad`)."""
+    flagged = (m for m in model.modules() if isinstance(getattr(m, "_requires_grad", None), bool))
+    return [m for m in flagged if _is_transformers_module(m)]
+
+
+@contextlib.contextmanager
+def input_grad_flags_off(modules: list[nn.Module]) -> Iterator[None]:
+    """Clear `_requires_grad` on `modules` for the duration, restoring each one's value after."""
+    saved = [m._requires_grad for m in modules]
+    try:
+        for m in modules:
+            m._requires_grad = False
+        yield
+    finally:
+        for m, value in zip(modules, saved):
+            m._requires_grad = value
