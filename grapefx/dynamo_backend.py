@@ -23,7 +23,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from grapefx.analysis.bag_layout import BagOffsets
 from grapefx.analysis.capture import Capture, capture_inputs
 from grapefx.analysis.forward_checks import check_forward
-from grapefx.analysis.indexing_layout import BatchIndex
+from grapefx.analysis.indexing_layout import BatchIndex, masked_selections
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, analyze_layouts
 from grapefx.config import PrivacyConfig
 from grapefx.decompositions import decomposition_table
@@ -33,6 +33,7 @@ from grapefx.grape import registry as grape_registry
 from grapefx.inductor_cache import salted_config
 from grapefx.inspect.dumps import dump_from_env
 from grapefx.passes.degenerate_batches import empty_batch_backward, single_sample_backward
+from grapefx.passes.equal_count_checks import guard_masked_rows
 from grapefx.passes.grape_project import projection_index
 from grapefx.passes.interp import ViewTolerantInterpreter
 from grapefx.passes.loss_checks import guard_mean_losses
@@ -132,6 +133,8 @@ class GrapefxBackend:
             self._analyze_forward(fw_gm, capture, shared)
             # a mean over ignore_index-padded targets raises at run time
             guard_mean_losses(fw_gm, shared.get("forward_layouts", {}))
+            # x[mask] read per sample: every sample must select as many rows, checked at run time
+            guard_masked_rows(fw_gm, shared.get("masked_rows", {}))
             self.graphs["forward"] = fw_gm
             return self._codegen(fw_gm, fw_inputs, is_backward=False)
 
@@ -177,6 +180,7 @@ class GrapefxBackend:
         check_forward(fw_gm, layouts)
         shared["forward_culprits"] = tuple(describe_node(n) for n in layouts.unknown_ops)
         shared["forward_layouts"] = layouts.layouts
+        shared["masked_rows"] = layouts.masked_rows
         outputs = list(fw_gm.graph.output_node().args[0])
         shared["saved"] = {n.name: _saved_seed(n, layouts) for n in outputs if isinstance(n, fx.Node)}
         shared["tangent_layouts"] = _tangent_layouts(outputs, layouts.layouts)
@@ -221,6 +225,7 @@ class GrapefxBackend:
                 ghost,
                 instantiate,
                 shared.get("forward_culprits", ()),
+                frozenset(rows for _, rows in shared.get("masked_rows", {}).values()),
             )
 
         new_gm, plan, memory_plan = schedule_memory(build, bw_gm, self.config, shared.get("recipes"))
@@ -266,6 +271,13 @@ class GrapefxBackend:
             warnings.warn(
                 "grapefx: this graph uses max pooling, whose Inductor lowering gives wrong gradients on "
                 "torch 2.13 CPU (also without grapefx); running it with codegen='eager' instead.",
+                stacklevel=2,
+            )
+        elif self.config.codegen == "inductor" and masked_selections(gm):
+            warnings.warn(
+                "grapefx: this graph selects rows with a boolean mask (x[mask], a size only the data "
+                "fixes); Inductor cannot lower views of such sizes (torch 2.13, also without grapefx): "
+                "running it with codegen='eager' instead.",
                 stacklevel=2,
             )
         elif self.config.codegen == "inductor":

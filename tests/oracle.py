@@ -39,7 +39,12 @@ def oracle_grads(
     if any(isinstance(mod, nn.RNNBase) for mod in m.modules()):
         per_sample = _loop_per_sample(loss_one, params, ins)  # torch's RNN modules cannot run under vmap
     else:
-        per_sample = vmap(grad(loss_one), in_dims=(None,) + (0,) * len(ins))(params, *ins)
+        try:
+            per_sample = vmap(grad(loss_one), in_dims=(None,) + (0,) * len(ins))(params, *ins)
+        except RuntimeError as e:  # x[bool mask] has a data-dependent size, which vmap cannot batch
+            if "dynamic shape" not in str(e):
+                raise
+            per_sample = _loop_per_sample(loss_one, params, ins)
     B = inputs[0].shape[0]
     flat = torch.cat([per_sample[k].reshape(B, -1) for k in params], dim=1) if B else torch.zeros(0, 1)
     norms = flat.norm(dim=1)

@@ -415,3 +415,40 @@ def test_tensor_arguments_of_different_batch_sizes_are_refused() -> None:
     cm = grapefx.compile(BiasFirst(), noise_multiplier=0.0)
     with pytest.raises(grapefx.GrapefxError, match=r"differ there: `keys` \(s\d+\), `x` \(s\d+\)"):
         cm(torch.randn(5, 4), torch.randn(3, 4)).sum().backward()
+
+
+@pytest.mark.parametrize("codegen", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_boolean_mask_selection_with_unequal_counts_raises_on_that_step(codegen: str) -> None:
+    """x[mask].view(B, -1, d) is per sample only when every sample selects as many rows: a step
+    where they differ (the view would cut rows of two samples into one) raises before any gradient."""
+    from zoo import EosPool
+
+    model = EosPool()
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum", codegen=codegen)
+    ids = torch.randint(2, 20, (4, 6))
+    ids[:, [1, 4]] = EosPool.EOS  # two EOS per sample: accepted
+    cm(ids).sum().backward()
+    assert model.fc.weight.grad is not None
+    model.zero_grad()
+    ids[0, 1], ids[1, 2] = 5, EosPool.EOS  # one EOS in sample 0, three in sample 1: 8 rows, B | 8
+    with pytest.raises(grapefx.BatchMixingError, match=r"(?s)index.*select 1, 3, 2, 2.*same number of rows"):
+        cm(ids)
+    assert model.fc.weight.grad is None
+
+
+class _MaskAcrossTheBatch(nn.Module):
+    """x[mask] whose rows are regrouped along the wrong dim (the mask's batch is not x's leading dim)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [B, T, 4]
+        h = self.fc(x).transpose(0, 1)  # [T, B, 4]: the batch is dim 1
+        mask = (x[..., 0] > 0).transpose(0, 1)
+        return h[mask].sum(0, keepdim=True).expand(x.shape[0], 4)
+
+
+def test_boolean_mask_not_led_by_the_batch_is_refused_naming_the_op() -> None:
+    with pytest.raises(grapefx.GrapefxError, match=r"(?s)fc\.(weight|bias).*index"):
+        _run(_MaskAcrossTheBatch(), torch.randn(5, 3, 4))

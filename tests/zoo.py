@@ -320,6 +320,42 @@ class LastTokenPool(nn.Module):
         return self.head(h[torch.arange(B, device=ids.device), last])
 
 
+class EosPool(nn.Module):
+    """BART's classification pooling: the rows of every EOS token, selected with a boolean mask over
+    the whole batch, regrouped per sample by `view(B, -1, d)` and the last one taken
+    (`h[ids == eos].view(B, -1, d)[:, -1]`); also their mean. Per sample only because every sample
+    has as many EOS tokens (grapefx checks that at run time); a masked write `h[ids == 0] = 0` too."""
+
+    EOS = 1
+
+    def __init__(self, vocab: int = 20, d: int = 6, n_cls: int = 3) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, d)
+        self.head = nn.Linear(2 * d, n_cls)
+
+    def forward(self, ids: Tensor) -> Tensor:  # ids: [B, T], the same number of EOS per sample
+        h = self.fc(self.emb(ids))
+        h[ids == 0] = 0.0  # padding rows zeroed through a masked write (index_put)
+        h = torch.tanh(h).cumsum(dim=1)  # each EOS row summarizes its sequence up to there
+        rows = h[ids == self.EOS].view(ids.shape[0], -1, h.shape[-1])
+        return self.head(torch.cat([rows[:, -1], rows.mean(1)], dim=-1))
+
+
+def _eos_ids(T: int, vocab: int, n_cls: int, n_eos: int = 2) -> InputFn:
+    """Token ids [B, T] in 2..vocab-1, about a fifth padding (0), with `n_eos` EOS tokens (id 1) per
+    sample at random places."""
+
+    def f(B: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        ids = torch.randint(2, vocab, (B, T), generator=g)
+        ids = ids.masked_fill(torch.rand(B, T, generator=g) < 0.2, 0)
+        for i in range(B):
+            ids[i, torch.randperm(T, generator=g)[:n_eos]] = EosPool.EOS
+        return ids, torch.randint(0, n_cls, (B,), generator=g)
+
+    return f
+
+
 class AlongDims(nn.Module):
     """Ops that select, order or summarize along a non-batch dim: F.normalize (vector norm), topk,
     sort, max / median / kthvalue over a dim, amax, and unfold (sliding windows)."""
@@ -817,6 +853,14 @@ HF_TEXT: dict[str, tuple[str, str, dict[str, Any]]] = {
         dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0)
         | {"relative_attention_num_buckets": 8, "decoder_start_token_id": 0, "pad_token_id": 0},
     ),
+    # pools each sequence's last EOS row: h[ids == eos].view(B, -1, d)[:, -1] (tests: EosPool)
+    "bart_cls": (
+        "BartConfig",
+        "BartForSequenceClassification",
+        dict(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2)
+        | dict(decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, dropout=0.0, activation_dropout=0.0)
+        | {"eos_token_id": 1, "pad_token_id": 0, "bos_token_id": 2, "decoder_start_token_id": 1},
+    ),
     "opt": (
         "OPTConfig",
         "OPTForCausalLM",
@@ -985,6 +1029,7 @@ ZOO: list[ZooCase] = [
     ZooCase("recurrent", lambda: Recurrent(), _dense((3, 6), 4)),
     ZooCase("constants_over_batch", lambda: ConstantsOverBatch(), _dense((6, 8), 4)),
     ZooCase("last_token_pool", lambda: LastTokenPool(), _ids(7, 20, n_cls=3, pad_frac=0.3), tags={"embedding"}),
+    ZooCase("eos_pool", lambda: EosPool(), _eos_ids(7, 20, n_cls=3), tags={"embedding"}),
     ZooCase("mha_tmajor", lambda: MHANet(batch_first=False), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("mha_batch_first", lambda: MHANet(batch_first=True), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("gpt", lambda: TinyGPT(), _ids(8, 32), token_loss, tags={"gpt", "embedding"}),
@@ -1019,6 +1064,7 @@ HF_MORE: list[ZooCase] = (
         ZooCase("hf_t5_encoder", lambda: HFEncoderHead("t5", 3), _ids(8, 64, n_cls=3), available=has_transformers),
         ZooCase("hf_vit", lambda: HFEncoderHead("vit", 5), _dense((3, 8, 8), 5), available=has_transformers),
         ZooCase("hf_t5", lambda: HFText("t5"), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers),
+        ZooCase("hf_bart_cls", lambda: HFText("bart_cls"), _eos_ids(8, 64, n_cls=3), available=has_transformers),
         ZooCase("hf_wav2vec2", lambda: HFSpeech("wav2vec2", 3), _dense((400,), 3), available=has_transformers),
         ZooCase("hf_hubert", lambda: HFSpeech("hubert", 3), _dense((400,), 3), available=has_transformers),
         ZooCase("hf_wavlm", lambda: HFSpeech("wavlm", 3), _dense((400,), 3), available=has_transformers),

@@ -1,6 +1,6 @@
 """Batch layouts through advanced indexing: `index.Tensor` (x[idx]) and its backward `index_put`.
 
-Three forms are per-sample, everything else stays UNKNOWN (refused):
+Four forms are per-sample, everything else stays UNKNOWN (refused):
 
 - the batch dim is not indexed and every index tensor is batch-free: a constant gather along other
   dims (Falcon's `qkv[..., [-2], :]`);
@@ -9,6 +9,11 @@ Three forms are per-sample, everything else stays UNKNOWN (refused):
   `*ForSequenceClassification` and CLIP. Output row j then reads sample j only;
 - batch-free data (a parameter used as a lookup table) indexed by per-sample ids: `table[ids]`.
   Its backward sums every sample's rows into the table, a grad site (rules/gather.py).
+- a boolean mask over x's leading dims, the batch leading both: x[mask] (BART's EOS pooling,
+  `h[ids == eos].view(B, -1, d)`). Its rows [n, ...] come sample by sample; they are per sample only
+  if every sample selects the same number c of them, so n = B·c and sample i owns rows i·c..i·c+c-1.
+  A run-time check enforces that (passes/equal_count_checks.py); the layout is dim 0 with inner c,
+  c a symbol standing for n // B (layout_types.equal_count_rows).
 
 `arange(B)` is batch-free (it has no sample data), so it is tracked as a *batch index*: the nodes
 whose values are 0..B-1 along one dim, recorded with that dim's position counted from the right (the
@@ -24,6 +29,7 @@ from typing import Any
 import sympy
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from grapefx.analysis.layout_types import UNKNOWN, BatchLayout, shape_of, to_sym
 
@@ -68,6 +74,47 @@ def batch_index_position(node: fx.Node, batch: Any, known: dict[fx.Node, int]) -
     return None
 
 
+def _is_mask(t: Any) -> bool:
+    return getattr(getattr(t, "meta", {}).get("val"), "dtype", None) == torch.bool
+
+
+def masked_selections(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, Any]]:
+    """{x[mask] or index_put(x, [mask], v) node: (mask, the unbacked row count n)} for every
+    selection by one boolean mask whose row count is a size only the data fixes."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) not in RULES:
+            continue
+        indices = list(node.args[1])
+        if len(indices) != 1 or not _is_mask(indices[0]):
+            continue
+        rows_of = node if node.target.overloadpacket in (aten.index, aten._unsafe_index) else node.args[2]
+        val = rows_of.meta.get("val") if isinstance(rows_of, fx.Node) else None
+        n = val.shape[0] if isinstance(val, torch.Tensor) and val.dim() else None
+        if isinstance(n, torch.SymInt) and free_unbacked_symbols(n):
+            expr = sympy.sympify(n.node.expr)
+            if isinstance(expr, sympy.Symbol):
+                out[node] = (indices[0], expr)
+    return out
+
+
+def _masked_layout(p: Any, node: fx.Node, x_lay: Any, x_shape: list[Any], mask: fx.Node, rows: Any) -> Any:
+    """x[mask] (rows `rows`, read through the equal-count substitution as B·c) when the batch is
+    plain dim 0 of x and of the mask and the mask covers x's leading dims: dim 0 with inner c."""
+    plain = BatchLayout(0, sympy.Integer(1), sympy.Integer(1))
+    m_shape = shape_of(mask)
+    if p.lay(mask) != plain or x_lay != plain or node not in p.masked or len(m_shape) > len(x_shape):
+        return UNKNOWN
+    if any(sympy.expand(a - b) != 0 for a, b in zip(m_shape, x_shape)):
+        return UNKNOWN
+    per_sample = sympy.simplify(rows / p.batch)
+    batch_symbols = getattr(p.batch, "free_symbols", set())
+    if per_sample.free_symbols & batch_symbols or not (per_sample.is_integer and per_sample.is_positive):
+        return UNKNOWN  # the row count was not read as B·c: not a checked selection
+    p.res.masked_rows[node] = p.masked[node]
+    return BatchLayout(0, sympy.Integer(1), per_sample)
+
+
 def _indexed_layout(p: Any, x_lay: Any, x_rank: int, indices: list[Any]) -> Any:
     """Layout of x[indices] for x with layout `x_lay` (None: batch-free), given the layouts of the
     index tensors; UNKNOWN where samples could mix."""
@@ -75,8 +122,8 @@ def _indexed_layout(p: Any, x_lay: Any, x_rank: int, indices: list[Any]) -> Any:
     tensors = [indices[i] for i in adv]
     if not adv or any(not isinstance(t, fx.Node) for t in tensors):
         return UNKNOWN
-    if any(getattr(t.meta.get("val"), "dtype", None) == torch.bool for t in tensors):
-        return UNKNOWN  # a boolean mask: data-dependent sizes
+    if any(_is_mask(t) for t in tensors):
+        return UNKNOWN  # a boolean mask other than the one `_masked_layout` accepts
     rank_b = max(len(shape_of(t)) for t in tensors)
     contiguous = adv == list(range(adv[0], adv[-1] + 1))
     first = adv[0] if contiguous else 0  # where the broadcast dims land in the output
@@ -117,7 +164,30 @@ def _gathered_layout(p: Any, batched: list[fx.Node], end: int) -> Any:
 
 def index_rule(p: Any, n: fx.Node) -> Any:
     x, indices = n.args[0], list(n.args[1])
+    if len(indices) == 1 and _is_mask(indices[0]):
+        return _masked_layout(p, n, p.lay(x), shape_of(x), indices[0], shape_of(n)[0])
     return _indexed_layout(p, p.lay(x), len(shape_of(x)), indices)
+
+
+def _masked_put_rule(p: Any, n: fx.Node) -> Any:
+    """index_put(base, [mask], values): the backward of x[mask] (values laid out as x[mask]'s rows,
+    base the zeros it scatters into) or a masked write; per sample where x[mask] would be."""
+    base, mask, values = n.args[0], n.args[1][0], n.args[2]
+    lb, lv = p.lay(base), p.lay(values)
+    plain = BatchLayout(0, sympy.Integer(1), sympy.Integer(1))
+    base_shape, v_shape = shape_of(base), shape_of(values)
+    if lb is None and base_shape and sympy.expand(base_shape[0] - p.batch) == 0:
+        lb = plain  # zeros shaped like x: the batch sits where the mask puts it
+    if lb != plain or p.lay(mask) != plain:
+        return UNKNOWN
+    if lv is None:  # batch-free values written where each sample's own mask says
+        return plain
+    if len(v_shape) != len(base_shape) - len(shape_of(mask)) + 1:
+        return UNKNOWN
+    want = _masked_layout(p, n, lb, base_shape, mask, v_shape[0])
+    if want is UNKNOWN or (lv is not None and lv != want):
+        return UNKNOWN
+    return plain
 
 
 def index_put_rule(p: Any, n: fx.Node) -> Any:
@@ -127,6 +197,8 @@ def index_put_rule(p: Any, n: fx.Node) -> Any:
     lb, lv = p.lay(base), p.lay(values)
     if UNKNOWN in (lb, lv):
         return UNKNOWN
+    if len(indices) == 1 and _is_mask(indices[0]):
+        return _masked_put_rule(p, n)
     rank = len(shape_of(base))
     candidates = [lb] if lb is not None else _base_layouts(p, n, indices, lv, rank)
     if not candidates and lv is not None:

@@ -22,8 +22,8 @@ import torch.fx as fx
 from grapefx.analysis.bag_layout import RULES as _BAG_RULES
 from grapefx.analysis.bag_layout import BagOffsets, bag_length
 from grapefx.analysis.indexing_layout import RULES as _INDEXING_RULES
-from grapefx.analysis.indexing_layout import BatchIndex, batch_index_position
-from grapefx.analysis.layout_types import UNKNOWN, BatchLayout, shape_of, to_sym
+from grapefx.analysis.indexing_layout import BatchIndex, batch_index_position, masked_selections
+from grapefx.analysis.layout_types import UNKNOWN, BatchLayout, equal_count_rows, shape_of, to_sym
 from grapefx.analysis.selection_layout import RULES as _SELECTION_RULES
 
 aten = torch.ops.aten
@@ -38,6 +38,10 @@ class LayoutResult:
     unknown_ops: dict[fx.Node, str] = field(default_factory=dict)  # first UNKNOWN producers
     batch_index: dict[fx.Node, int] = field(default_factory=dict)  # arange(B)s: see indexing_layout
     bag_offsets: dict[fx.Node, int] = field(default_factory=dict)  # EmbeddingBag offsets: see bag_layout
+    # x[mask] / index_put(x, [mask], v) read as per sample on the condition that every sample selects
+    # as many rows: node -> (mask, row count n) (the forward checks it at run time); n read as B·c
+    masked_rows: dict[fx.Node, tuple[fx.Node, Any]] = field(default_factory=dict)
+    row_counts: dict[Any, Any] = field(default_factory=dict)
 
 
 def _prod(xs: list[Any]) -> Any:
@@ -75,11 +79,20 @@ def _norm_dim(d: int, ndim: int) -> int:
 
 
 class _Propagator:
-    def __init__(self, gm: fx.GraphModule, batch: Any, seeds: dict[str, Any]) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, batch: Any, seeds: dict[str, Any], checked_rows: frozenset[Any] | None = None
+    ) -> None:
         self.gm = gm
         self.batch = batch
         self.seeds = seeds
         self.res = LayoutResult()
+        # boolean-mask selections whose row count may be read as B·c: all of them in a forward graph
+        # (it gets a run-time check for each one accepted), those the forward checked in a backward
+        selections = masked_selections(gm)
+        self.masked = {n: s for n, s in selections.items() if checked_rows is None or s[1] in checked_rows}
+        for _, rows in self.masked.values():
+            count = sympy.Symbol(f"{rows}_per_sample", integer=True, positive=True)
+            self.res.row_counts[rows] = batch * count
         self.batch_index: dict[fx.Node, int] = {}  # arange(B) and its reshapes: see indexing_layout
         self.bag_offsets: dict[fx.Node, int] = {}  # arange(0, B·L, L) of nn.EmbeddingBag: see bag_layout
 
@@ -136,6 +149,14 @@ class _Propagator:
             return lx
         return lx.moved(lx.dim - sum(1 for d in dims if d < lx.dim))
 
+    def _reads_masked_rows(self, node: fx.Node) -> bool:
+        """Whether an input's batch shares its dim with a data-dependent count (x[mask]'s rows)."""
+        for a in self.tensor_args(node):
+            la = self.lay(a)
+            if isinstance(la, BatchLayout) and not sympy.sympify(la.outer * la.inner).is_number:
+                return True
+        return False
+
     # -- per-op rules --------------------------------------------------------------------------
     def rule(self, node: fx.Node) -> Any:
         t = node.target
@@ -168,6 +189,10 @@ class _Propagator:
         return UNKNOWN
 
     def run(self) -> LayoutResult:
+        with equal_count_rows(self.res.row_counts):
+            return self._run()
+
+    def _run(self) -> LayoutResult:
         for node in self.gm.graph.nodes:
             if node.op == "placeholder":
                 seed = self.seeds.get(node.name)
@@ -183,6 +208,9 @@ class _Propagator:
                     lay = self.rule(node)
                 except (IndexError, TypeError, ValueError):
                     lay = UNKNOWN
+                if node in self.res.batch_reductions and self._reads_masked_rows(node):
+                    del self.res.batch_reductions[node]  # a grad site over rows counted per sample by
+                    lay = UNKNOWN  # the data: the rules need a per-sample size they can compute with
                 self.res.layouts[node] = lay
                 if lay is UNKNOWN and not any(self.lay(a) is UNKNOWN for a in self.tensor_args(node)):
                     self.res.unknown_ops[node] = str(node.target)
@@ -877,9 +905,24 @@ for _packet, _rule in {**_INDEXING_RULES, **_SELECTION_RULES, **_BAG_RULES}.item
     _register([_packet], _rule)
 
 
-def analyze_layouts(gm: fx.GraphModule, batch: Any, seeds: dict[str, Any]) -> LayoutResult:
-    """Propagate batch layouts from `seeds` (placeholder name -> layout) through `gm`."""
-    return _Propagator(gm, batch, seeds).run()
+def analyze_layouts(
+    gm: fx.GraphModule, batch: Any, seeds: dict[str, Any], checked_rows: frozenset[Any] | None = None
+) -> LayoutResult:
+    """Propagate batch layouts from `seeds` (placeholder name -> layout) through `gm`.
+    `checked_rows`: the row counts of boolean-mask selections the forward checks at run time (a
+    backward graph); None for a forward graph, whose accepted selections are then to be checked."""
+    if checked_rows is not None:
+        return _Propagator(gm, batch, seeds, checked_rows).run()
+    # A forward graph: read the row counts of the selections the rules accept as B·c, and only those
+    # (a refused one's count must not make anything downstream look per sample): drop the refused
+    # ones until none is left (each round can only refuse more).
+    propagator = _Propagator(gm, batch, seeds)
+    while True:
+        result = propagator.run()
+        accepted = frozenset(rows for _, rows in result.masked_rows.values())
+        if accepted == frozenset(rows for _, rows in propagator.masked.values()):
+            return result
+        propagator = _Propagator(gm, batch, seeds, accepted)
 
 
 def numel_sym(shape: list[Any]) -> Any:

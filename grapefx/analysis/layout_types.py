@@ -3,6 +3,8 @@ with more rules: indexing_layout, selection_layout, bag_layout)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,9 +35,29 @@ class _Unknown:
 UNKNOWN = _Unknown()
 
 
+# Boolean-mask selections x[mask] whose row count is checked at run time to be the same for every
+# sample (indexing_layout.py): {unbacked row count u: B·c_u}, c_u a positive integer symbol. Set by
+# `equal_count_rows` for the duration of one graph's propagation; shapes are read through it, so
+# u // B reads as c_u and a view [u, d] -> [B, u // B, d] as a plain split of the batch.
+_ROW_COUNTS: dict[Any, Any] = {}
+
+
+@contextlib.contextmanager
+def equal_count_rows(counts: dict[Any, Any]) -> Iterator[None]:
+    saved = dict(_ROW_COUNTS)
+    _ROW_COUNTS.clear()
+    _ROW_COUNTS.update(counts)
+    try:
+        yield
+    finally:
+        _ROW_COUNTS.clear()
+        _ROW_COUNTS.update(saved)
+
+
 def to_sym(x: Any) -> Any:
     if isinstance(x, torch.SymInt):
-        return sympy.sympify(x.node.expr)
+        expr = sympy.sympify(x.node.expr)
+        return expr.subs(_ROW_COUNTS) if _ROW_COUNTS and expr.free_symbols & _ROW_COUNTS.keys() else expr
     return sympy.Integer(int(x))
 
 

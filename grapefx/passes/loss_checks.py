@@ -62,6 +62,15 @@ def _counted_mask(divisor: object) -> tuple[fx.Node, fx.Node] | None:
     return node, mask
 
 
+def route_through_check(gm: fx.GraphModule, node: fx.Node, check: Any, extra_args: tuple[Any, ...]) -> None:
+    """Make every user of `node` read `check(node, *extra_args)` (a copy of node's value, or a
+    raise) instead: the check runs on every step and cannot be dropped as dead code."""
+    with gm.graph.inserting_after(node):
+        checked = gm.graph.call_function(check, (node, *extra_args))
+    checked.meta["val"] = node.meta["val"]
+    node.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not checked)
+
+
 def guard_mean_losses(gm: fx.GraphModule, layouts: dict[fx.Node, Any]) -> int:
     """Route every `x / sum(bool mask)` whose mask holds the batch (`layouts`: the forward's batch
     layouts) through `require_full_count`; returns how many. A count over a batch-free mask is a
@@ -74,10 +83,7 @@ def guard_mean_losses(gm: fx.GraphModule, layouts: dict[fx.Node, Any]) -> int:
         if found is None or not isinstance(layouts.get(found[1]), BatchLayout):
             continue
         count, mask = found
-        with gm.graph.inserting_after(node):
-            checked = gm.graph.call_function(torch.ops.grapefx.require_full_count.default, (node, count, mask))
-        checked.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not checked)
+        route_through_check(gm, node, torch.ops.grapefx.require_full_count.default, (count, mask))
         guarded += 1
     if guarded:
         gm.recompile()

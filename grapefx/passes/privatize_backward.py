@@ -20,6 +20,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
@@ -69,7 +70,7 @@ def _batch_size_value(gm: fx.GraphModule, layouts: LayoutResult, env: dict, batc
         if node.op != "placeholder":
             continue
         lay = layouts.layouts.get(node)
-        if isinstance(lay, BatchLayout):
+        if isinstance(lay, BatchLayout) and sympy.sympify(lay.outer * lay.inner).is_number:
             return env[node].shape[lay.dim] // int(lay.outer * lay.inner)
     return int(batch)
 
@@ -85,10 +86,12 @@ def privatize_backward(
     ghost: frozenset[str] = frozenset(),
     instantiate: frozenset[str] = frozenset(),
     forward_culprits: tuple[str, ...] = (),
+    checked_rows: frozenset[Any] = frozenset(),
 ) -> tuple[fx.GraphModule, BackwardPlan]:
     """`ghost` / `instantiate`: parameters whose norm method the memory scheduler overrides;
-    `forward_culprits`: forward ops without a batch-layout rule, for error messages."""
-    layouts = analyze_layouts(gm, batch, seeds)
+    `forward_culprits`: forward ops without a batch-layout rule, for error messages;
+    `checked_rows`: row counts of boolean-mask selections the forward checks (analyze_layouts)."""
+    layouts = analyze_layouts(gm, batch, seeds, checked_rows)
     grads = find_grad_sites(gm, layouts, params, forward_culprits)
     plan = BackwardPlan(grads, layouts=layouts)
     if config.strategy == "grape":

@@ -1,0 +1,53 @@
+"""Run-time check behind boolean-mask selections read per sample (x[mask], analysis/indexing_layout).
+
+x[mask] lists the selected rows sample by sample. The layout analysis reads them as per sample,
+rows i·c..i·c+c-1 being sample i's, which holds only when every sample selects the same number c of
+rows (BART's classification head: one EOS token per sequence, `h[ids == eos].view(B, -1, d)`).
+Otherwise a later `view(B, -1, d)` would cut rows of two samples into one and their gradients
+would mix. Only the data can tell, so this pass routes each such selection in the forward graph
+through a check op that raises on a step where the counts differ.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from grapefx.errors import BatchMixingError, describe_node
+from grapefx.passes.loss_checks import route_through_check
+
+
+@torch.library.custom_op("grapefx::require_equal_counts", mutates_args=())
+def require_equal_counts(rows: torch.Tensor, mask: torch.Tensor, where: str) -> torch.Tensor:
+    """A copy of `rows` if every sample (dim 0 of `mask`) selects as many rows; raises otherwise.
+    One host synchronization per step on a GPU."""
+    counts = mask.reshape(mask.shape[0], -1).sum(dim=1)
+    if counts.numel() and bool((counts != counts[0]).any()):
+        listed = ", ".join(str(int(c)) for c in counts[:8]) + (", ..." if counts.numel() > 8 else "")
+        raise BatchMixingError(
+            f"{where} selects rows with a boolean mask, and grapefx reads them as per sample only "
+            f"when every sample selects as many; this batch's samples select {listed}. Make every "
+            "sample select the same number of rows (e.g. exactly one EOS token per sequence for a "
+            "BART-style classification head), or pool each sample on its own, e.g. with "
+            "h[torch.arange(B), index] where index holds one position per sample."
+        )
+    return rows.clone()
+
+
+@require_equal_counts.register_fake
+def _(rows: torch.Tensor, mask: torch.Tensor, where: str) -> torch.Tensor:
+    return torch.empty_like(rows)
+
+
+def guard_masked_rows(gm: fx.GraphModule, masked_rows: dict[fx.Node, tuple[fx.Node, object]]) -> int:
+    """Route every selection of `masked_rows` (node -> (mask, row count), the forward's layout
+    analysis) through `require_equal_counts`; returns how many."""
+    guarded = 0
+    for node, (mask, _) in masked_rows.items():
+        if node.graph is not gm.graph:
+            continue
+        route_through_check(gm, node, torch.ops.grapefx.require_equal_counts.default, (mask, describe_node(node)))
+        guarded += 1
+    if guarded:
+        gm.recompile()
+    return guarded
