@@ -918,6 +918,36 @@ class HFEncoderHead(nn.Module):
         return self.head(self.m(**{self.key: x}).last_hidden_state[:, 0])
 
 
+def has_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+class HFLoRA(nn.Module):
+    """The usual private fine-tuning set-up: a transformers Llama wrapped by peft's LoRA (rank-4
+    adapters on q_proj / v_proj; the base weights frozen) with a fully trained lm_head
+    (`modules_to_save`); returns logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import peft
+        import transformers as tf
+
+        cfg_name, model_name, fields = HF_TEXT["llama"]
+        cfg = getattr(tf, cfg_name)(max_position_embeddings=40, use_cache=False, attention_dropout=0.0, **fields)
+        lora = peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, modules_to_save=["lm_head"]
+        )
+        self.m = peft.get_peft_model(getattr(tf, model_name)(cfg), lora)
+        self.m.train()
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.m(input_ids=ids).logits
+
+
 class HFSpeech(nn.Module):
     """A transformers speech encoder with a sequence-classification head (conv feature encoder, grouped
     positional conv, masked mean pooling) on raw audio [B, 400]. transformers 5.x installs its output
@@ -1064,6 +1094,7 @@ HF_MORE: list[ZooCase] = (
         ZooCase("hf_t5_encoder", lambda: HFEncoderHead("t5", 3), _ids(8, 64, n_cls=3), available=has_transformers),
         ZooCase("hf_vit", lambda: HFEncoderHead("vit", 5), _dense((3, 8, 8), 5), available=has_transformers),
         ZooCase("hf_t5", lambda: HFText("t5"), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers),
+        ZooCase("hf_llama_lora", lambda: HFLoRA(), _ids(8, 64), token_loss, available=has_peft),
         ZooCase("hf_bart_cls", lambda: HFText("bart_cls"), _eos_ids(8, 64, n_cls=3), available=has_transformers),
         ZooCase("hf_wav2vec2", lambda: HFSpeech("wav2vec2", 3), _dense((400,), 3), available=has_transformers),
         ZooCase("hf_hubert", lambda: HFSpeech("hubert", 3), _dense((400,), 3), available=has_transformers),
