@@ -14,7 +14,13 @@ from grapefx.distributed import wrap as dist_wrap
 from grapefx.dynamo_backend import GrapefxBackend
 from grapefx.errors import GrapefxError, GraphBreakError
 from grapefx.grape.policy import DEFAULT_EXCLUDE, grape_parameters
-from grapefx.transformers_compat import feature_encoders, input_grad_flags_off, install_output_hooks
+from grapefx.transformers_compat import (
+    batched_experts,
+    expert_configs,
+    feature_encoders,
+    input_grad_flags_off,
+    install_output_hooks,
+)
 
 
 class PrivateModule(nn.Module):
@@ -36,6 +42,7 @@ class PrivateModule(nn.Module):
         self._compiled = torch.compile(module, backend=self.grapefx_backend, fullgraph=True, dynamic=False)
         install_output_hooks(module)  # transformers would install them inside the traced forward
         self._feature_encoders = feature_encoders(module)
+        self._expert_configs = expert_configs(module)
         self._dynamic = dynamic
         self._param_ids = [id(p) for p in module.parameters()]
         if config.distributed:  # noise on rank 0 only; GRAPE: Ĝ all-reduced by grapefx, not DDP
@@ -68,6 +75,7 @@ class PrivateModule(nn.Module):
             with (
                 torch._dynamo.config.patch(optimize_ddp=False, allow_rnn=True),
                 input_grad_flags_off(self._feature_encoders),
+                batched_experts(self._expert_configs),
             ):
                 return self._compiled(*args, **kwargs)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:

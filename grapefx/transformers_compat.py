@@ -5,7 +5,13 @@
    cannot trace. Models that always ask (Wav2Vec2, HuBERT, WavLM) then stop with a graph break.
    `install_output_hooks` installs them up front, exactly as transformers' first eager call would;
    the hooks do nothing unless an output is requested.
-2. Speech feature encoders (Wav2Vec2FeatureEncoder and its copies) set `hidden_states.requires_grad
+2. Mixture-of-experts layers (Mixtral, Qwen-MoE, ...) dispatch tokens to experts either with a
+   Python loop over the experts that hold tokens (a graph break) or with `grouped_mm`, an opaque
+   custom op. `batched_experts` switches them to transformers' own "batched_mm" implementation
+   while the compiled model runs: the same experts and routing, written as a gather of each token's
+   expert weights and batched matmuls, which grapefx splits per sample (the expert weights'
+   gradients are instantiated per sample, like any table indexed by per-sample ids).
+3. Speech feature encoders (Wav2Vec2FeatureEncoder and its copies) set `hidden_states.requires_grad
    = True` in training mode, for gradient checkpointing; Dynamo cannot trace setting the flag.
    `input_grad_flags_off` clears their `_requires_grad` while the compiled model runs. Only the
    input's own gradient depended on it, which grapefx does not compute: parameter gradients, and so
@@ -46,6 +52,29 @@ def feature_encoders(model: nn.Module) -> list[nn.Module]:
     """transformers modules that make their input require grad in training mode (`_requires_grad`)."""
     flagged = (m for m in model.modules() if isinstance(getattr(m, "_requires_grad", None), bool))
     return [m for m in flagged if _is_transformers_module(m)]
+
+
+def expert_configs(model: nn.Module) -> list[object]:
+    """The configs of transformers MoE experts modules (those with switchable implementations)."""
+    configs: dict[int, object] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if _is_transformers_module(m) and hasattr(m, "_is_expert_parallel") and hasattr(cfg, "_experts_implementation"):
+            configs.setdefault(id(cfg), cfg)
+    return list(configs.values())
+
+
+@contextlib.contextmanager
+def batched_experts(configs: list[object]) -> Iterator[None]:
+    """Run MoE experts with transformers' "batched_mm" implementation for the duration."""
+    saved = [cfg._experts_implementation for cfg in configs]
+    try:
+        for cfg in configs:
+            cfg._experts_implementation = "batched_mm"
+        yield
+    finally:
+        for cfg, value in zip(configs, saved):
+            cfg._experts_implementation = value
 
 
 @contextlib.contextmanager

@@ -27,6 +27,9 @@ def oracle_grads(
     on a batch of one (inputs keep a leading dim of 1).
     """
     m = copy.deepcopy(model).double()
+    for mod in m.modules():  # transformers MoE: the reference loop over experts (grouped_mm has no float64)
+        if hasattr(getattr(mod, "config", None), "_experts_implementation"):
+            mod.config._experts_implementation = "eager"
     params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in m.named_buffers()}
     ins = tuple(x.double() if x.is_floating_point() else x for x in inputs)
@@ -41,8 +44,8 @@ def oracle_grads(
     else:
         try:
             per_sample = vmap(grad(loss_one), in_dims=(None,) + (0,) * len(ins))(params, *ins)
-        except RuntimeError as e:  # x[bool mask] has a data-dependent size, which vmap cannot batch
-            if "dynamic shape" not in str(e):
+        except RuntimeError as e:  # x[bool mask], a loop over experts: data-dependent, vmap cannot batch it
+            if "dynamic shape" not in str(e) and "data-dependent" not in str(e):
                 raise
             per_sample = _loop_per_sample(loss_one, params, ins)
     B = inputs[0].shape[0]

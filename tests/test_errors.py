@@ -452,3 +452,23 @@ class _MaskAcrossTheBatch(nn.Module):
 def test_boolean_mask_not_led_by_the_batch_is_refused_naming_the_op() -> None:
     with pytest.raises(grapefx.GrapefxError, match=r"(?s)fc\.(weight|bias).*index"):
         _run(_MaskAcrossTheBatch(), torch.randn(5, 3, 4))
+
+
+@pytest.mark.slow
+def test_moe_load_balancing_loss_is_refused() -> None:
+    """Mixtral's auxiliary load-balancing loss (`output_router_logits=True`) multiplies router
+    statistics averaged over the whole batch: refused; the routing alone is fine
+    (zoo `hf_mixtral`)."""
+    import transformers as tf
+
+    cfg = tf.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, use_cache=False,
+        router_jitter_noise=0.0, output_router_logits=True, router_aux_loss_coef=0.01,
+    )  # fmt: skip
+    model = tf.MixtralForCausalLM(cfg)
+    model.train()
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0)
+    ids = torch.randint(0, 64, (5, 8))
+    with pytest.raises(grapefx.BatchMixingError, match=r"reduces over the batch dimension.*mixes samples"):
+        cm(input_ids=ids, labels=ids).loss.backward()

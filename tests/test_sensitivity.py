@@ -87,6 +87,7 @@ SENS = [
     ("eos_pool", "flat", "auto"),  # x[mask].view(B, -1, d): rows regrouped per sample, counts checked
     _slow("hf_bart_cls", "flat", "auto"),  # BART's EOS pooling in the real model
     _slow("hf_llama_lora", "flat", "auto"),  # peft LoRA adapters, frozen base weights
+    _slow("hf_mixtral", "flat", "auto"),  # top-2 routing, experts gathered per token (batched_mm)
     _slow("hf_wav2vec2", "flat", "auto"),  # conv feature encoder, grouped positional conv, mean pooling
     # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
     pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),

@@ -845,6 +845,13 @@ HF_TEXT: dict[str, tuple[str, str, dict[str, Any]]] = {
         {**_DECODER, "num_key_value_heads": 2, "pad_token_id": 0},
     ),
     "mistral": ("MistralConfig", "MistralForCausalLM", {**_DECODER, "num_key_value_heads": 2}),
+    # top-2 of 4 experts per token; grapefx runs the experts as transformers' "batched_mm"
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {**_DECODER, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}
+        | {"router_jitter_noise": 0.0},
+    ),
     "phi": ("PhiConfig", "PhiForCausalLM", {**_DECODER, "resid_pdrop": 0.0, "embd_pdrop": 0.0}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**_DECODER, "hidden_dropout": 0.0}),
     "t5": (
@@ -1088,7 +1095,7 @@ HF_MORE: list[ZooCase] = (
     ]
     + [
         ZooCase(f"hf_{n}", lambda n=n: HFText(n), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers)
-        for n in ("mistral", "phi", "gpt_neox")
+        for n in ("mistral", "mixtral", "phi", "gpt_neox")
     ]
     + [
         ZooCase("hf_t5_encoder", lambda: HFEncoderHead("t5", 3), _ids(8, 64, n_cls=3), available=has_transformers),
