@@ -110,3 +110,22 @@ def test_transformers_speech_model_is_prepared_without_being_changed() -> None:
     # a model without transformers modules is left alone
     assert feature_encoders(nn.Linear(2, 2)) == []
     assert cm.module is model
+
+
+def test_transformers_moe_experts_switch_to_batched_mm_only_while_compiled() -> None:
+    import transformers as tf
+
+    from grapefx.transformers_compat import batched_experts, expert_configs
+
+    cfg = tf.MixtralConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+    )  # fmt: skip
+    model = tf.MixtralForCausalLM(cfg)
+    configs = expert_configs(model)
+    assert len(configs) == 1 and configs[0]._experts_implementation != "batched_mm"
+    before = configs[0]._experts_implementation
+    with batched_experts(configs):
+        assert model.config._experts_implementation == "batched_mm"
+    assert configs[0]._experts_implementation == before
+    assert expert_configs(nn.Linear(2, 2)) == []
