@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 from grapefx.config import PrivacyConfig
 from grapefx.distributed import wrap as dist_wrap
 from grapefx.dynamo_backend import GrapefxBackend
-from grapefx.errors import GrapefxError, GraphBreakError
+from grapefx.errors import ConfigError, GrapefxError, GraphBreakError
 from grapefx.grape.policy import DEFAULT_EXCLUDE, grape_parameters
 from grapefx.transformers_compat import (
     batched_experts,
@@ -121,6 +122,28 @@ class PrivateModule(nn.Module):
 
     def parameter_names(self) -> list[str]:
         return list(self.privacy_state.param_names)
+
+    def noise_multiplier(self) -> float:
+        """σ of the coming steps: `noise_multiplier`, or the last `set_noise_multiplier`."""
+        current = self.privacy_state.noise_multiplier
+        return float(self.privacy_config.noise_multiplier) if current is None else current
+
+    def set_noise_multiplier(self, sigma: float) -> None:
+        """Use noise multiplier σ from the next backward on, without recompiling (a noise schedule:
+        `grapefx.privacy.schedulers`). The model must have been compiled with noise (σ > 0). Account
+        for each step with the σ it used (`make_private`'s engine does)."""
+        compiled = float(self.privacy_config.noise_multiplier)
+        if compiled == 0:
+            raise ConfigError(
+                "this model was compiled without noise (noise_multiplier=0), so its graphs draw none; "
+                "compile it with the schedule's first noise_multiplier to change it later"
+            )
+        if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+            raise ConfigError(f"noise_multiplier must be a finite number > 0, got {sigma!r}")
+        cfg = self.privacy_config
+        scale = cfg.gradient_noise_multiplier_at(float(sigma)) / cfg.gradient_noise_multiplier
+        self.privacy_state.noise_multiplier = float(sigma)
+        self.privacy_state.noise_scale = scale
 
     def set_noise_enabled(self, enabled: bool) -> None:
         """Turn noise off for all but the last micro-batch of a virtual (accumulated) batch."""

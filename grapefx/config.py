@@ -162,9 +162,18 @@ class PrivacyConfig:
     def gradient_noise_multiplier(self) -> float:
         """The σ the gradient's noise uses: `noise_multiplier`, less what adaptive clipping's count
         takes (σ_g = (σ⁻² − (2·σ_b)⁻²)^-½ ≥ σ)."""
-        sigma = float(self.noise_multiplier)
+        return self.gradient_noise_multiplier_at(float(self.noise_multiplier))
+
+    def gradient_noise_multiplier_at(self, sigma: float) -> float:
+        """σ_g for a noise multiplier σ (a noise schedule's current one): σ itself without adaptive
+        clipping, else (σ⁻² − (2·σ_b)⁻²)^-½, which needs σ < 2·σ_b."""
         if self.adaptive_clipping is None or sigma == 0:
             return sigma
+        if sigma >= 2 * self.count_noise_std:
+            raise ConfigError(
+                f"adaptive clipping with noise_multiplier={sigma} needs count_noise_std > noise_multiplier / 2 "
+                f"(got {self.count_noise_std})"
+            )
         return (sigma**-2 - (2 * self.count_noise_std) ** -2) ** -0.5
 
     @classmethod

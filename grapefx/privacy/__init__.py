@@ -1,5 +1,6 @@
 """Privacy machinery beside the compiler: accounting, Poisson sampling, noise / norm side channels."""
 
+from grapefx.privacy import schedulers
 from grapefx.privacy.accounting import Accountant, epsilon, noise_multiplier_for
 from grapefx.privacy.sampling import PoissonBatchSampler, collate_with_empty, poisson_loader
 
@@ -10,4 +11,5 @@ __all__ = [
     "epsilon",
     "noise_multiplier_for",
     "poisson_loader",
+    "schedulers",
 ]

@@ -189,7 +189,20 @@ class PrivacyEngine:
 
     @property
     def noise_multiplier(self) -> float:
-        return self.config["noise_multiplier"]
+        """σ of the coming steps (the accountant records each step with the σ it used)."""
+        return self.model.noise_multiplier() if self.model is not None else self.config["noise_multiplier"]
+
+    def set_noise_multiplier(self, sigma: float) -> None:
+        """Change σ from the next step on (noise schedules: `grapefx.privacy.schedulers`); `epsilon()`
+        composes the steps taken with each σ. Call it between logical steps."""
+        if self._accumulating or self.privacy_state.noise_draws > self._draws_at_step:
+            # the accountant records a step with the σ in force at optimizer.step(): it must be the
+            # σ its noise was drawn with
+            raise RuntimeError(
+                "change the noise multiplier between logical steps: after optimizer.step(), before the next "
+                "backward (a noised gradient is waiting for its step, or a virtual batch is under way)"
+            )
+        self.model.set_noise_multiplier(sigma)
 
     @property
     def max_grad_norm(self) -> float:
@@ -305,6 +318,7 @@ class PrivacyEngine:
             "noise_rng": self.privacy_state.rng_state_dict(),
             "global_rng": global_rng,
             "clip_bound": self.privacy_state.clip.state_dict() if self.privacy_state.clip is not None else None,
+            "noise_multiplier_now": self.noise_multiplier,  # a noise schedule's current σ
         }
 
     def load_state_dict(self, state: dict[str, Any], *, strict: bool = True, restore_global_rng: bool = True) -> None:
@@ -327,6 +341,9 @@ class PrivacyEngine:
         self.accountant.load_state_dict(state["accountant"])
         if self.privacy_state.clip is not None and state.get("clip_bound") is not None:
             self.privacy_state.clip.load_state_dict(state["clip_bound"])
+        now = state.get("noise_multiplier_now")
+        if now is not None and self.config["noise_multiplier"] > 0 and now != self.noise_multiplier:
+            self.model.set_noise_multiplier(now)
         if saved.get("secure_mode") == self.config["secure_mode"]:
             self.loader.load_state_dict(state["sampler"])
             self.privacy_state.load_rng_state_dict(state["noise_rng"])

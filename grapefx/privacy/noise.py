@@ -62,6 +62,10 @@ class PrivacyState:
     philox_key: int | None = None  # CPU Philox kernel: the key (from the seed) and the streams drawn
     philox_streams: int = 0
     clip: ClipBoundState | None = None  # adaptive clipping: the bound and its update
+    # a noise schedule: the current σ (None: the compiled one) and σ_g(current) / σ_g(compiled), by
+    # which the noise ops scale the std the graphs pass them (so a new σ never recompiles)
+    noise_multiplier: float | None = None
+    noise_scale: float = 1.0
     id: int = field(default_factory=lambda: next(_ids))
     _generators: dict[torch.device, torch.Generator] = field(default_factory=dict)
 
@@ -168,6 +172,8 @@ def _add_noise_(grad: torch.Tensor, std: torch.Tensor, state: PrivacyState) -> N
     state.noise_draws += 1
     if not state.noise_local:  # distributed: rank 0 draws this step's noise, once for all ranks
         return
+    if state.noise_scale != 1.0:
+        std = std * state.noise_scale
     native = _native_kernel(grad.device, state)
     if native is not None:
         key, stream = state.next_philox_draw()
