@@ -341,8 +341,13 @@ class PrivacyEngine:
         self.accountant.load_state_dict(state["accountant"])
         if self.privacy_state.clip is not None and state.get("clip_bound") is not None:
             self.privacy_state.clip.load_state_dict(state["clip_bound"])
-        now = state.get("noise_multiplier_now")
-        if now is not None and self.config["noise_multiplier"] > 0 and now != self.noise_multiplier:
+        # a noise schedule's current σ, when this engine continues the same run (with other settings
+        # loaded non-strictly, this engine's σ stands)
+        now, same_sigma = (
+            state.get("noise_multiplier_now"),
+            saved.get("noise_multiplier") == self.config["noise_multiplier"],
+        )
+        if now is not None and same_sigma and self.config["noise_multiplier"] > 0 and now != self.noise_multiplier:
             self.model.set_noise_multiplier(now)
         if saved.get("secure_mode") == self.config["secure_mode"]:
             self.loader.load_state_dict(state["sampler"])
