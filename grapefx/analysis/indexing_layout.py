@@ -185,9 +185,7 @@ def _masked_put_rule(p: Any, n: fx.Node) -> Any:
     if len(v_shape) != len(base_shape) - len(shape_of(mask)) + 1:
         return UNKNOWN
     want = _masked_layout(p, n, lb, base_shape, mask, v_shape[0])
-    if want is UNKNOWN or (lv is not None and lv != want):
-        return UNKNOWN
-    return plain
+    return plain if want is not UNKNOWN and lv == want else UNKNOWN
 
 
 def index_put_rule(p: Any, n: fx.Node) -> Any:
