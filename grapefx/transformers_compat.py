@@ -1,4 +1,4 @@
-"""Two habits of Hugging Face transformers models that break Dynamo's single graph, undone for grapefx.
+"""Three habits of Hugging Face transformers models that break Dynamo's single graph, undone for grapefx.
 
 1. Output-capturing hooks (transformers 5.x, `utils/output_capturing.py`) are installed lazily, on
    the first forward that asks for hidden states or attentions, under a `threading.Lock` that Dynamo
