@@ -11,6 +11,7 @@ function as the compiled model.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -756,12 +757,20 @@ class ResNetGN(nn.Module):
         return self.fc(self.pool(h).flatten(1))
 
 
-def has_transformers() -> bool:
+def _importable(name: str) -> bool:
     try:
-        import transformers  # noqa: F401
+        importlib.import_module(name)
     except Exception:  # noqa: BLE001
         return False
     return True
+
+
+def has_transformers() -> bool:
+    return _importable("transformers")
+
+
+def has_peft() -> bool:
+    return _importable("peft")
 
 
 class HFGPT2(nn.Module):
@@ -923,14 +932,6 @@ class HFEncoderHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.m(**{self.key: x}).last_hidden_state[:, 0])
-
-
-def has_peft() -> bool:
-    try:
-        import peft  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
 
 
 class HFLoRA(nn.Module):
