@@ -159,7 +159,8 @@ def test_zoo_flat(zc: ZooCase, reduction: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("zc", [pytest.param(c, id=c.name) for c in HF_MORE])
 def test_more_transformers_families(zc: ZooCase) -> None:
-    """ALBERT, ELECTRA, DistilBERT, Mistral, Phi, GPT-NeoX, T5, ViT, Wav2Vec2, HuBERT, WavLM from transformers."""
+    """More transformers families (tests/zoo.py HF_MORE): encoders, decoders incl. Mixtral, T5, ViT, BART's
+    classification head, the speech encoders, and a peft LoRA model."""
     run_against_oracle(zc, reduction="sum")
 
 
