@@ -12,6 +12,7 @@ from grapefx.errors import (
 )
 from grapefx.losses import per_sample_token_mean, sequence_cross_entropy
 from grapefx.model_fixes import replace_batch_norm
+from grapefx.prepare import prepare
 from grapefx.privacy.engine import DPOptimizer, PrivacyEngine, make_private
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "compile",
     "make_private",
     "per_sample_token_mean",
+    "prepare",
     "replace_batch_norm",
     "sequence_cross_entropy",
 ]

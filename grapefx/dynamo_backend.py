@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,7 @@ from grapefx.passes.tracing import retrace
 from grapefx.privacy.adaptive_clipping import ClipBoundState
 from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
 from grapefx.schedule.reorder import copy_graph_module
+from grapefx.transformers_compat import unprepared_hint
 
 log = logging.getLogger("grapefx")
 aten = torch.ops.aten
@@ -92,7 +94,12 @@ def _require_one_graph() -> None:
     raise GraphBreakError(
         "grapefx needs the whole model (and loss, if compiled) in one graph: per-sample clipping "
         "split over several graphs would clip each part separately. Use grapefx.compile(...) or "
-        "torch.compile(..., backend=grapefx.backend(...), fullgraph=True)."
+        "torch.compile(..., backend=grapefx.backend(...), fullgraph=True)"
+        + (
+            " (a Hugging Face transformers model: call grapefx.prepare(model) before torch.compile)."
+            if "transformers" in sys.modules
+            else "."
+        )
     )
 
 
@@ -143,6 +150,9 @@ class GrapefxBackend:
             try:
                 new_gm = self._privatize(bw_gm, bw_inputs, capture, shared)
             except GrapefxError as e:
+                hint = unprepared_hint(shared.get("culprit_modules", []))
+                if hint and e.args and isinstance(e.args[0], str):
+                    e.args = (e.args[0] + hint, *e.args[1:])
                 # torch compiles a dynamic-shape backward eagerly inside the forward's compile and
                 # defers its errors to the backward call; on torch 2.14 a guard failure in between
                 # (the batch size specialized by the very op refused here) would hide this message.
@@ -179,6 +189,9 @@ class GrapefxBackend:
         layouts = analyze_layouts(fw_gm, capture.batch_size, seeds)
         check_forward(fw_gm, layouts)
         shared["forward_culprits"] = tuple(describe_node(n) for n in layouts.unknown_ops)
+        shared["culprit_modules"] = [
+            cls for n in layouts.unknown_ops for _, cls in (n.meta.get("nn_module_stack") or {}).values()
+        ]
         shared["forward_layouts"] = layouts.layouts
         shared["masked_rows"] = layouts.masked_rows
         outputs = list(fw_gm.graph.output_node().args[0])

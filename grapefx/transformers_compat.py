@@ -17,6 +17,10 @@
    input's own gradient depended on it, which grapefx does not compute: parameter gradients, and so
    the clipped and noised ones, are unchanged.
 
+`grapefx.compile` applies all three, the last two only while its compiled model runs. Users of the
+plain path, `torch.compile(model, backend=grapefx.backend(...))`, call `grapefx.prepare(model)` once
+before compiling: Dynamo traces before any backend sees the model, so the backend cannot do it for them.
+
 Nothing here imports transformers: models that do not come from it are left alone.
 """
 
@@ -62,6 +66,29 @@ def expert_configs(model: nn.Module) -> list[object]:
         if _is_transformers_module(m) and hasattr(m, "_is_expert_parallel") and hasattr(cfg, "_experts_implementation"):
             configs.setdefault(id(cfg), cfg)
     return list(configs.values())
+
+
+def apply_for_good(model: nn.Module) -> None:
+    """All three fixes, permanently (`grapefx.prepare`, for the plain torch.compile backend)."""
+    install_output_hooks(model)
+    for cfg in expert_configs(model):
+        cfg._experts_implementation = "batched_mm"
+    for encoder in feature_encoders(model):
+        encoder._requires_grad = False
+
+
+def unprepared_hint(module_classes: list[object]) -> str:
+    """A sentence telling the user to call `grapefx.prepare` when the op grapefx refuses sits in a
+    transformers mixture-of-experts layer that still dispatches tokens its own (per-batch) way.
+    `module_classes`: classes from fx `nn_module_stack` metadata (types, or their qualified names)."""
+    names = [f"{c.__module__}.{c.__qualname__}" if isinstance(c, type) else str(c) for c in module_classes]
+    if any(n.startswith("transformers.") and n.endswith("Experts") for n in names):
+        return (
+            " This is a transformers mixture-of-experts layer: with the plain torch.compile backend, call "
+            "grapefx.prepare(model) before compiling (it switches the experts to per-token batched "
+            "matmuls; grapefx.compile does this for you)."
+        )
+    return ""
 
 
 @contextlib.contextmanager

@@ -472,3 +472,24 @@ def test_moe_load_balancing_loss_is_refused() -> None:
     ids = torch.randint(0, 64, (5, 8))
     with pytest.raises(grapefx.BatchMixingError, match=r"reduces over the batch dimension.*mixes samples"):
         cm(input_ids=ids, labels=ids).loss.backward()
+
+
+@pytest.mark.slow
+def test_unprepared_moe_on_the_plain_backend_names_grapefx_prepare() -> None:
+    """Without `grapefx.prepare`, Mixtral's experts sort tokens across the batch: the refusal names
+    the experts module and says to call `grapefx.prepare(model)`."""
+    import transformers as tf
+
+    cfg = tf.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, use_cache=False,
+        router_jitter_noise=0.0,
+    )  # fmt: skip
+    model = tf.MixtralForCausalLM(cfg)
+    model.train()
+    backend = grapefx.backend(max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
+    cm = torch.compile(model, backend=backend, fullgraph=True)
+    ids = torch.randint(0, 64, (5, 8))
+    with pytest.raises(grapefx.UnsupportedOpError, match=r"(?s)MixtralExperts.*grapefx\.prepare\(model\)"):
+        logits = cm(input_ids=ids).logits
+        F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="sum").backward()

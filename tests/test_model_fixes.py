@@ -129,3 +129,36 @@ def test_transformers_moe_experts_switch_to_batched_mm_only_while_compiled() -> 
         assert model.config._experts_implementation == "batched_mm"
     assert configs[0]._experts_implementation == before
     assert expert_configs(nn.Linear(2, 2)) == []
+
+
+def test_prepare_applies_the_model_workarounds_for_good() -> None:
+    """`grapefx.prepare` (for the plain torch.compile backend): hooks installed, encoder flag cleared,
+    experts on batched_mm, permanently; other models untouched. The oracle checks of prepared
+    models on the plain backend run with -m slow (test_zoo_oracle.py)."""
+    import transformers as tf
+
+    from grapefx.transformers_compat import unprepared_hint
+    from tests.zoo import HFSpeech
+
+    speech = HFSpeech("wav2vec2", 3)
+    assert grapefx.prepare(speech) is speech
+    assert speech.m.wav2vec2._output_capturing_hooks_installed
+    assert speech.m.wav2vec2.feature_extractor._requires_grad is False
+    cfg = tf.MixtralConfig(
+        vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
+    )  # fmt: skip
+    moe = grapefx.prepare(tf.MixtralForCausalLM(cfg))
+    assert moe.config._experts_implementation == "batched_mm"
+    plain = nn.Linear(2, 2)
+    assert grapefx.prepare(plain) is plain
+    with torch._dynamo.config.patch(allow_rnn=False):  # RNNs: Dynamo unrolls them instead of breaking
+        grapefx.prepare(plain)
+        assert torch._dynamo.config.allow_rnn is False
+        grapefx.prepare(nn.Sequential(nn.Linear(2, 2), nn.GRU(2, 2)))
+        assert torch._dynamo.config.allow_rnn is True
+    # the refusal's hint names grapefx.prepare only for transformers experts modules
+    experts = type(moe.model.layers[0].mlp.experts)
+    assert "grapefx.prepare(model)" in unprepared_hint([nn.Linear, experts])
+    assert "grapefx.prepare(model)" in unprepared_hint([f"{experts.__module__}.{experts.__qualname__}"])
+    assert unprepared_hint([nn.Linear, type(speech.m)]) == ""

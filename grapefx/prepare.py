@@ -1,0 +1,33 @@
+"""`grapefx.prepare(model)`: what `grapefx.compile` does to a model before tracing it, for users of
+the plain path, `torch.compile(model, backend=grapefx.backend(...), fullgraph=True)`.
+
+Dynamo traces the model before any backend sees it, so the backend cannot undo what would break
+the single graph grapefx needs: that has to happen to the model (and Dynamo's config) up front.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from grapefx.transformers_compat import apply_for_good
+
+
+def prepare(model: nn.Module) -> nn.Module:
+    """Make `model` traceable in one graph by Dynamo for the grapefx backend, in place; returns it.
+
+    - Hugging Face transformers models (`grapefx/transformers_compat.py`): installs the
+      output-capturing hooks now, switches mixture-of-experts layers to transformers' "batched_mm"
+      experts and clears speech feature encoders' `_requires_grad` flag, for good. `grapefx.compile`
+      does the last two only while its compiled model runs. Parameters, routing and outputs are
+      unchanged; an eager call of the model no longer makes the feature encoder's output require
+      grad, which only gradient checkpointing over a frozen encoder relied on.
+    - nn.RNN / GRU / LSTM: sets `torch._dynamo.config.allow_rnn = True` (process-wide), so Dynamo
+      unrolls them instead of breaking the graph.
+
+    Any other model is returned untouched, so calling it on every model is safe.
+    """
+    apply_for_good(model)
+    if any(isinstance(m, nn.RNNBase) for m in model.modules()):
+        torch._dynamo.config.allow_rnn = True
+    return model
