@@ -26,6 +26,7 @@ from grapefx.analysis.capture import Capture, capture_inputs
 from grapefx.analysis.forward_checks import check_forward
 from grapefx.analysis.indexing_layout import BatchIndex, masked_selections
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, analyze_layouts
+from grapefx.analysis.row_independence import rowwise_selections
 from grapefx.config import PrivacyConfig
 from grapefx.decompositions import decomposition_table
 from grapefx.distributed.wrap import check_backend_call
@@ -141,7 +142,7 @@ class GrapefxBackend:
             # a mean over ignore_index-padded targets raises at run time
             guard_mean_losses(fw_gm, shared.get("forward_layouts", {}))
             # x[mask] read per sample: every sample must select as many rows, checked at run time
-            guard_masked_rows(fw_gm, shared.get("masked_rows", {}))
+            guard_masked_rows(fw_gm, shared.get("guarded_rows", {}))
             self.graphs["forward"] = fw_gm
             return self._codegen(fw_gm, fw_inputs, is_backward=False)
 
@@ -195,6 +196,12 @@ class GrapefxBackend:
         shared["forward_layouts"] = layouts.layouts
         shared["masked_rows"] = layouts.masked_rows
         outputs = list(fw_gm.graph.output_node().args[0])
+        # x[mask] rows used one by one (a masked-token loss) are per sample whatever each sample's
+        # count; the others are read as B equal blocks, checked on every step
+        rowwise = rowwise_selections(
+            fw_gm, layouts.layouts, layouts.masked_rows, layouts.batch_reductions, _user_outputs(outputs)
+        )
+        shared["guarded_rows"] = {n: v for n, v in layouts.masked_rows.items() if n not in rowwise}
         shared["saved"] = {n.name: _saved_seed(n, layouts) for n in outputs if isinstance(n, fx.Node)}
         shared["tangent_layouts"] = _tangent_layouts(outputs, layouts.layouts)
         available = {n.name for n in fw_gm.graph.nodes if n.op == "placeholder"} | set(shared["saved"])
@@ -343,6 +350,16 @@ def _saved_seed(node: fx.Node, layouts: LayoutResult) -> Any:
     if node in layouts.bag_offsets:
         return BagOffsets(layouts.bag_offsets[node])
     return layouts.layouts.get(node)
+
+
+def _user_outputs(outputs: list[Any]) -> set[fx.Node]:
+    """The forward outputs the compiled function returns to its caller (not the saved tensors)."""
+    ctx = torch._guards.TracingContext.try_get()
+    meta = getattr(ctx, "fw_metadata", None)
+    if meta is None:
+        return {n for n in outputs if isinstance(n, fx.Node)}  # unknown: treat every output as seen
+    first = meta.num_mutated_inp_runtime_indices
+    return {n for n in outputs[first : first + len(meta.output_info)] if isinstance(n, fx.Node)}
 
 
 def _tangent_layouts(outputs: list[Any], layouts: dict[fx.Node, Any]) -> list[Any]:

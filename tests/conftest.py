@@ -11,7 +11,9 @@ import torch
 # `import oracle` / `import zoo` from test modules, whichever directory pytest is started from.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (pyproject's addopts: two workers) one thread per worker keeps the two
+# workers from fighting over CI's two cores; run serially (-n 0), a test gets two.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 # Every compiled model of one class shares the class's `forward` code object, so Dynamo's per-code
 # cache collects one entry per compiled instance (and per B=1 / dynamic-B graph). The default limit

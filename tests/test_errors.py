@@ -454,6 +454,81 @@ def test_boolean_mask_not_led_by_the_batch_is_refused_naming_the_op() -> None:
         _run(_MaskAcrossTheBatch(), torch.randn(5, 3, 4))
 
 
+class _MaskedTokenVariant(nn.Module):
+    """A masked-token loss over `logits[mask]` written two ways that need equal counts per sample:
+    the head applied after the selection, or a mean over the selected rows."""
+
+    def __init__(self, head_after_selection: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 6)
+        self.head_after_selection = head_after_selection
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # x [B, T, 4], labels [B, T]
+        h = torch.tanh(self.fc(x))
+        mask = labels != -100
+        if self.head_after_selection:
+            return F.cross_entropy(self.head(h[mask]), labels[mask], reduction="sum")
+        return F.cross_entropy(self.head(h)[mask], labels[mask])  # a mean over the batch's rows
+
+
+def _masked_labels(B: int, T: int) -> torch.Tensor:
+    labels = torch.randint(0, 6, (B, T))
+    labels[0, : T - 1] = -100  # sample 0 selects one row, the others more
+    return labels
+
+
+def test_layer_applied_to_masked_rows_is_refused_with_the_fix() -> None:
+    cm = grapefx.compile(_MaskedTokenVariant(True), max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
+    with pytest.raises(grapefx.UnsupportedOpError, match=r"(?s)`head\.weight`.*boolean mask.*head\(h\)\[mask\]"):
+        cm(torch.randn(4, 5, 4), _masked_labels(4, 5)).backward()
+
+
+def test_mean_over_masked_rows_with_unequal_counts_raises() -> None:
+    """The mean divides by the whole batch's count of rows: refused on a step where samples select
+    different numbers; the message names the per-row sum that needs no equal counts."""
+    cm = grapefx.compile(_MaskedTokenVariant(False), max_grad_norm=1.0, noise_multiplier=0.0)
+    with pytest.raises(grapefx.BatchMixingError, match=r"(?s)select 1, 5, 5, 5.*reduction='sum'"):
+        cm(torch.randn(4, 5, 4), _masked_labels(4, 5)).backward()
+
+
+class _ReturnsMaskedRows(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head(x)[labels != -100]
+
+
+class _NumbersMaskedRows(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        rows = self.head(x)[labels != -100]
+        position = torch.arange(rows.shape[0], dtype=rows.dtype)  # a row's place among all samples' rows
+        return (rows.tanh().sum(-1) * position).sum()
+
+
+def test_masked_rows_numbered_across_the_batch_keep_the_count_check() -> None:
+    """Weighting each row by its index in x[mask] makes a sample's loss depend on how many rows the
+    samples before it selected: not row by row, so equal counts are required."""
+    cm = grapefx.compile(_NumbersMaskedRows(), max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
+    with pytest.raises(grapefx.BatchMixingError, match=r"select 1, 5, 5, 5"):
+        cm(torch.randn(4, 5, 4), _masked_labels(4, 5)).backward()
+
+
+def test_masked_rows_returned_to_the_caller_keep_the_count_check() -> None:
+    """The loss computed outside from x[mask]'s rows is out of grapefx's sight (a mean over all rows
+    would divide by the batch's count): the rows are read per sample only with equal counts."""
+    cm = grapefx.compile(_ReturnsMaskedRows(), max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
+    labels = _masked_labels(4, 5)
+    with pytest.raises(grapefx.BatchMixingError, match=r"select 1, 5, 5, 5"):
+        F.cross_entropy(cm(torch.randn(4, 5, 4), labels), labels[labels != -100], reduction="sum").backward()
+
+
 @pytest.mark.slow
 def test_moe_load_balancing_loss_is_refused() -> None:
     """Mixtral's auxiliary load-balancing loss (`output_router_logits=True`) multiplies router

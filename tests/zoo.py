@@ -357,6 +357,46 @@ def _eos_ids(T: int, vocab: int, n_cls: int, n_eos: int = 2) -> InputFn:
     return f
 
 
+class MaskedTokenLM(nn.Module):
+    """A masked-token (MLM-style) loss computed inside the model: cross-entropy over the tokens whose
+    label is not -100, picked with a boolean mask over [B, T] (`logits[mask]`) and summed. Samples
+    pick different numbers of tokens; the rows are used one by one, so no count check applies.
+    Input [B, 2, T]: token ids, then labels; returns each batch's summed loss (`summed_loss`)."""
+
+    def __init__(self, vocab: int = 16, d: int = 8) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.fc = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids, labels = x[:, 0], x[:, 1]
+        logits = self.head(self.norm(torch.tanh(self.fc(self.emb(ids)))))
+        mask = labels != -100
+        rows = logits[mask].view(-1, logits.shape[-1])  # a view that keeps the rows whole
+        return F.cross_entropy(rows, labels[mask], reduction="sum")
+
+
+def summed_loss(out: Tensor, y: Tensor, reduction: str) -> Tensor:
+    """For models that return their batch's summed loss: 'mean' divides by the batch size."""
+    return out if reduction == "sum" else out / y.shape[0]
+
+
+def _masked_labels(T: int, vocab: int) -> InputFn:
+    """[B, 2, T]: ids, and labels equal to the ids at about a third of the positions (at least one
+    per sample), -100 elsewhere; dummy targets [B]."""
+
+    def f(B: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        ids = torch.randint(0, vocab, (B, T), generator=g)
+        picked = torch.rand(B, T, generator=g) < 0.35
+        picked[torch.arange(B), torch.randint(0, T, (B,), generator=g)] = True
+        labels = torch.where(picked, ids, torch.full_like(ids, -100))
+        return torch.stack([ids, labels], dim=1), torch.zeros(B, dtype=torch.long)
+
+    return f
+
+
 class AlongDims(nn.Module):
     """Ops that select, order or summarize along a non-batch dim: F.normalize (vector norm), topk,
     sort, max / median / kthvalue over a dim, amax, and unfold (sliding windows)."""
@@ -1068,6 +1108,7 @@ ZOO: list[ZooCase] = [
     ZooCase("constants_over_batch", lambda: ConstantsOverBatch(), _dense((6, 8), 4)),
     ZooCase("last_token_pool", lambda: LastTokenPool(), _ids(7, 20, n_cls=3, pad_frac=0.3), tags={"embedding"}),
     ZooCase("eos_pool", lambda: EosPool(), _eos_ids(7, 20, n_cls=3), tags={"embedding"}),
+    ZooCase("masked_tokens", lambda: MaskedTokenLM(), _masked_labels(9, 16), summed_loss, tags={"embedding"}),
     ZooCase("mha_tmajor", lambda: MHANet(batch_first=False), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("mha_batch_first", lambda: MHANet(batch_first=True), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("gpt", lambda: TinyGPT(), _ids(8, 32), token_loss, tags={"gpt", "embedding"}),

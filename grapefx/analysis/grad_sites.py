@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from grapefx.analysis.layout import UNKNOWN, LayoutResult
+from grapefx.analysis.layout import MASKED_ROWS_SITE, UNKNOWN, LayoutResult
 from grapefx.errors import BatchMixingError, UnsupportedOpError, describe_node
 
 aten = torch.ops.aten
@@ -178,6 +178,14 @@ def _unknown_error(
             continue
         seen.add(n)
         if n in layouts.unknown_ops:
+            if layouts.unknown_ops[n] == MASKED_ROWS_SITE:
+                return UnsupportedOpError(
+                    f"Cannot derive per-sample gradients for parameter `{name}`: {describe_node(n)} "
+                    "is applied to rows selected with a boolean mask (x[mask]), whose rows grapefx "
+                    "cannot attribute to samples inside a gradient. Apply the layer before the "
+                    "selection (e.g. `head(h)[mask]` instead of `head(h[mask])`), or select exactly "
+                    "as many rows per sample and regroup them with `.view(B, -1, d)`."
+                )
             culprit = describe_node(n)
             break
         stack.extend(a for a in n.all_input_nodes if layouts.layouts.get(a) is UNKNOWN)

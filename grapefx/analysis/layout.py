@@ -44,6 +44,10 @@ class LayoutResult:
     row_counts: dict[Any, Any] = field(default_factory=dict)
 
 
+# unknown_ops' reason for a gradient contraction over the rows of x[mask]
+MASKED_ROWS_SITE = "a contraction over rows selected with a boolean mask"
+
+
 def _prod(xs: list[Any]) -> Any:
     return sympy.Mul(*xs) if xs else sympy.Integer(1)
 
@@ -80,9 +84,15 @@ def _norm_dim(d: int, ndim: int) -> int:
 
 class _Propagator:
     def __init__(
-        self, gm: fx.GraphModule, batch: Any, seeds: dict[str, Any], checked_rows: frozenset[Any] | None = None
+        self,
+        gm: fx.GraphModule,
+        batch: Any,
+        seeds: dict[str, Any],
+        checked_rows: frozenset[Any] | None = None,
+        forward: bool = False,
     ) -> None:
         self.gm = gm
+        self.forward = forward
         self.batch = batch
         self.seeds = seeds
         self.res = LayoutResult()
@@ -208,12 +218,15 @@ class _Propagator:
                     lay = self.rule(node)
                 except (IndexError, TypeError, ValueError):
                     lay = UNKNOWN
-                if node in self.res.batch_reductions and self._reads_masked_rows(node):
-                    del self.res.batch_reductions[node]  # a grad site over rows counted per sample by
-                    lay = UNKNOWN  # the data: the rules need a per-sample size they can compute with
+                if not self.forward and node in self.res.batch_reductions and self._reads_masked_rows(node):
+                    # a grad site over rows counted per sample by the data: the rules need a per-sample
+                    # size they can compute with (in a forward graph, such a reduction is the loss)
+                    del self.res.batch_reductions[node]
+                    lay = UNKNOWN
+                    self.res.unknown_ops[node] = MASKED_ROWS_SITE
                 self.res.layouts[node] = lay
                 if lay is UNKNOWN and not any(self.lay(a) is UNKNOWN for a in self.tensor_args(node)):
-                    self.res.unknown_ops[node] = str(node.target)
+                    self.res.unknown_ops.setdefault(node, str(node.target))
             elif node.op in ("output", "get_attr"):  # get_attr: a tensor constant, batch-free
                 self.res.layouts[node] = None
             else:
@@ -916,13 +929,13 @@ def analyze_layouts(
     # A forward graph: read the row counts of the selections the rules accept as B·c, and only those
     # (a refused one's count must not make anything downstream look per sample): drop the refused
     # ones until none is left (each round can only refuse more).
-    propagator = _Propagator(gm, batch, seeds)
+    propagator = _Propagator(gm, batch, seeds, forward=True)
     while True:
         result = propagator.run()
         accepted = frozenset(rows for _, rows in result.masked_rows.values())
         if accepted == frozenset(rows for _, rows in propagator.masked.values()):
             return result
-        propagator = _Propagator(gm, batch, seeds, accepted)
+        propagator = _Propagator(gm, batch, seeds, accepted, forward=True)
 
 
 def numel_sym(shape: list[Any]) -> Any:

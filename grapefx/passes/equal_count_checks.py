@@ -29,7 +29,10 @@ def require_equal_counts(rows: torch.Tensor, mask: torch.Tensor, where: str) -> 
             f"when every sample selects as many; this batch's samples select {listed}. Make every "
             "sample select the same number of rows (e.g. exactly one EOS token per sequence for a "
             "BART-style classification head), or pool each sample on its own, e.g. with "
-            "h[torch.arange(B), index] where index holds one position per sample."
+            "h[torch.arange(B), index] where index holds one position per sample. A loss over the "
+            "selected rows needs no equal counts when it is a sum of one term per row "
+            "(`F.cross_entropy(logits[mask], labels[mask], reduction='sum')`, divided by a constant "
+            "if you like): a mean over the rows divides by the count of the whole batch."
         )
     return rows.clone()
 

@@ -1,0 +1,157 @@
+"""Which boolean-mask selections x[mask] are used row by row only, so that no sample count matters.
+
+The layout analysis reads the N rows of x[mask] as B blocks of c rows (indexing_layout.py), which
+holds only when every sample selects the same number of rows; the forward checks that at run time
+(passes/equal_count_checks.py). Many uses never look at the blocks, though: a masked-token loss,
+`F.cross_entropy(logits[mask], labels[mask], reduction="sum")`, computes one term per row and sums
+them all. Each row belongs to one sample, so such a use is per sample whatever the counts are, and
+the check would refuse batches that are fine (samples with different numbers of masked tokens).
+
+A selection is row-wise when everything computed from its rows, up to where they leave the rows
+dim, is
+- an op that works on each row alone: pointwise ops, views / permutes that keep the rows dim whole,
+  softmax / gather / reductions along other dims, a matmul with a batch-free right operand;
+- a float `sum` over all rows (the loss; check_forward verifies it is linear up to the output);
+- the scatter back through the same mask (index_put), a size read only as a shape or by torch's
+  own assertions, or a tensor saved for the backward (which refuses grad sites over rows);
+and no op combines rows of selections made with different masks. A mean over rows, a count of
+rows, a view that splits them into samples, rows returned to the caller or anything else keeps
+the run-time check.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from grapefx.analysis.layout_types import BatchLayout
+
+aten = torch.ops.aten
+
+# ops whose output row j reads only input row j when the layout rules keep the rows dim whole
+_ROW_BY_ROW = {
+    aten.clone,
+    aten._to_copy,
+    aten.alias,
+    aten.detach,
+    aten.view,
+    aten._unsafe_view,
+    aten.reshape,
+    aten.unsqueeze,
+    aten.squeeze,
+    aten.permute,
+    aten.transpose,
+    aten.t,
+    aten.expand,
+    aten._log_softmax,
+    aten._softmax,
+    aten.gather,
+    aten.where,
+    aten.masked_fill,
+    aten.clamp,
+    aten.sum,
+    aten.amax,
+    aten.amin,
+    aten.mean,
+    aten.mm,
+    aten.addmm,
+}
+_SUMS = (aten.sum.dim_IntList, aten.sum.default)
+_COMPARISONS = (operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne)
+# not creation ops (zeros / full of the rows' length): their cumsum would number the rows across samples
+_SHAPE_TAKERS = {aten.view, aten._unsafe_view, aten.reshape, aten.expand}
+_ASSERTS = {aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default}
+
+
+def rowwise_selections(
+    gm: fx.GraphModule,
+    layouts: dict[fx.Node, Any],
+    masked_rows: dict[fx.Node, tuple[fx.Node, Any]],
+    batch_reductions: dict[fx.Node, str],
+    user_outputs: set[fx.Node],
+) -> set[fx.Node]:
+    """The nodes of `masked_rows` (x[mask] selections and index_put writes of their rows; the forward
+    layout analysis) whose rows are used row by row only: they need no equal-count check.
+    `user_outputs`: the forward outputs the caller sees. Rows returned to it keep the check: the
+    loss it computes from them (a mean over all rows?) is out of sight."""
+    selections = {n for n in masked_rows if n.target in (aten.index.Tensor, aten._unsafe_index.Tensor)}
+    origin: dict[fx.Node, frozenset[fx.Node]] = {s: frozenset([s]) for s in selections}
+    bad: set[fx.Node] = set()
+    writes: dict[fx.Node, frozenset[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node in selections or node.op != "call_function" and node.op != "output":
+            continue
+        row_inputs = [a for a in node.all_input_nodes if a in origin]
+        if not row_inputs:
+            continue
+        sels = frozenset().union(*(origin[a] for a in row_inputs))
+        masks = {masked_rows[s][0] for s in sels}
+        if len(masks) != 1 or node.op == "output" and any(a in user_outputs for a in row_inputs):
+            bad |= sels
+            continue
+        verdict = _use(node, row_inputs, layouts, batch_reductions, next(iter(masks)))
+        if verdict is None:
+            bad |= sels
+        elif verdict == "rows":
+            origin[node] = sels
+        elif verdict == "write":
+            writes[node] = sels
+    good = selections - bad
+    return good | {w for w, sels in writes.items() if w in masked_rows and sels <= good}
+
+
+def _use(
+    node: fx.Node, row_inputs: list[fx.Node], layouts: dict[fx.Node, Any], reductions: dict[fx.Node, str], mask: fx.Node
+) -> str | None:
+    """How `node` uses rows: "rows" (its output is rows again), "end" (they stop here, row-wise),
+    "write" (index_put back through `mask`), or None (a use that needs equal counts)."""
+    if node.op == "output":
+        return "end"
+    target = node.target
+    if target is aten.sym_size.int:  # the rows' count: a shape, never a number in the loss
+        return "end" if _only_asserted(node) else None
+    packet = getattr(target, "overloadpacket", None)
+    if packet is aten.index_put:
+        indices, values = node.args[1], node.args[2]
+        same = len(indices) == 1 and indices[0] is mask and values in row_inputs and node.args[0] not in row_inputs
+        return "write" if same else None
+    if node in reductions:  # over the rows: only a float sum of them all (the loss) is row-wise
+        x = node.args[0]
+        val = x.meta.get("val") if isinstance(x, fx.Node) else None
+        floating = isinstance(val, torch.Tensor) and val.is_floating_point()
+        return "end" if target in _SUMS and floating and layouts.get(node) is None else None
+    if packet is None or not (packet in _ROW_BY_ROW or torch.Tag.pointwise in target.tags):
+        return None
+    if packet in (aten.mm, aten.addmm) and node.args[-1] in row_inputs:
+        return None  # rows as the contraction's right operand: a product over rows
+    out = layouts.get(node)
+    ref = layouts.get(row_inputs[0])
+    if not (isinstance(out, BatchLayout) and isinstance(ref, BatchLayout)):
+        return None
+    keeps_rows = sympy.expand(out.outer - 1) == 0 and sympy.expand(out.inner - ref.inner) == 0
+    same_inputs = all(_same_rows(layouts.get(a), ref) for a in row_inputs)
+    return "rows" if keeps_rows and same_inputs else None
+
+
+def _same_rows(lay: Any, ref: BatchLayout) -> bool:
+    return isinstance(lay, BatchLayout) and lay.outer == ref.outer and lay.inner == ref.inner
+
+
+def _only_asserted(size: fx.Node) -> bool:
+    """A size read only as a shape (a view of the rows), by torch's own range assertions (u0 >= 0),
+    or saved for the backward: not as a number that enters the loss."""
+    for user in size.users:
+        if user.op == "output":
+            continue
+        if user.target in _COMPARISONS and all(u.target in _ASSERTS for u in user.users):
+            continue
+        packet = getattr(user.target, "overloadpacket", None)
+        in_shape = any(isinstance(a, (list, tuple)) and size in a for a in user.args)
+        if packet in _SHAPE_TAKERS and in_shape and size not in user.args:
+            continue
+        return False
+    return True
