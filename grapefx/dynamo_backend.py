@@ -65,6 +65,19 @@ def _configure_torch() -> None:
     for name, floor in (("recompile_limit", 64), ("cache_size_limit", 64), ("accumulated_recompile_limit", 1024)):
         if hasattr(dyn, name) and getattr(dyn, name) < floor:
             setattr(dyn, name, floor)
+    eager_backward_log = logging.getLogger("torch._functorch._aot_autograd.graph_compile")
+    if not any(isinstance(f, _DeferredRefusalFilter) for f in eager_backward_log.filters):
+        eager_backward_log.addFilter(_DeferredRefusalFilter())
+
+
+class _DeferredRefusalFilter(logging.Filter):
+    """With dynamic shapes AOTAutograd compiles the backward inside the forward's compile and, when
+    that fails, logs the whole traceback as a warning and tries again at the backward call. A grapefx
+    refusal is raised there, with its message; the logged copy before it is noise, dropped here."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, GrapefxError)
 
 
 def _unfused_rnns(gm: fx.GraphModule) -> contextlib.AbstractContextManager:
