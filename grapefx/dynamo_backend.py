@@ -155,7 +155,7 @@ class GrapefxBackend:
             # a mean over ignore_index-padded targets raises at run time
             guard_mean_losses(fw_gm, shared.get("forward_layouts", {}))
             # x[mask] read per sample: every sample must select as many rows, checked at run time
-            guard_masked_rows(fw_gm, shared.get("guarded_rows", {}))
+            guard_masked_rows(fw_gm, shared.get("guarded_rows", {}), shared.get("forward_layouts", {}))
             self.graphs["forward"] = fw_gm
             return self._codegen(fw_gm, fw_inputs, is_backward=False)
 

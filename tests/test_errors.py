@@ -460,18 +460,22 @@ class _MaskedTokenVariant(nn.Module):
     """A masked-token loss over `logits[mask]` written two ways that need equal counts per sample:
     the head applied after the selection, or a mean over the selected rows."""
 
-    def __init__(self, head_after_selection: bool) -> None:
+    def __init__(self, head_after_selection: bool, flat: bool = False) -> None:
         super().__init__()
         self.fc = nn.Linear(4, 4)
         self.head = nn.Linear(4, 6)
         self.head_after_selection = head_after_selection
+        self.flat = flat
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # x [B, T, 4], labels [B, T]
         h = torch.tanh(self.fc(x))
         mask = labels != -100
         if self.head_after_selection:
             return F.cross_entropy(self.head(h[mask]), labels[mask], reduction="sum")
-        return F.cross_entropy(self.head(h)[mask], labels[mask])  # a mean over the batch's rows
+        logits = self.head(h)
+        if self.flat:  # the mask over the flattened [B·T] tokens
+            logits, labels, mask = logits.view(-1, 6), labels.reshape(-1), mask.reshape(-1)
+        return F.cross_entropy(logits[mask], labels[mask])  # a mean over the batch's rows
 
 
 def _masked_labels(B: int, T: int) -> torch.Tensor:
@@ -504,10 +508,12 @@ def test_layer_applied_to_masked_rows_is_refused_with_the_fix() -> None:
     assert logging.getLogger("torch._functorch._aot_autograd.graph_compile").filters  # grapefx's filter
 
 
-def test_mean_over_masked_rows_with_unequal_counts_raises() -> None:
+@pytest.mark.parametrize("flat", [False, True], ids=["mask_BT", "mask_flattened"])
+def test_mean_over_masked_rows_with_unequal_counts_raises(flat: bool) -> None:
     """The mean divides by the whole batch's count of rows: refused on a step where samples select
-    different numbers; the message names the per-row sum that needs no equal counts."""
-    cm = grapefx.compile(_MaskedTokenVariant(False), max_grad_norm=1.0, noise_multiplier=0.0)
+    different numbers (counted per sample from a [B, T] or a flattened [B·T] mask); the message
+    names the per-row sum that needs no equal counts."""
+    cm = grapefx.compile(_MaskedTokenVariant(False, flat), max_grad_norm=1.0, noise_multiplier=0.0)
     with pytest.raises(grapefx.BatchMixingError, match=r"(?s)select 1, 5, 5, 5.*reduction='sum'"):
         cm(torch.randn(4, 5, 4), _masked_labels(4, 5)).backward()
 

@@ -361,10 +361,14 @@ class MaskedTokenLM(nn.Module):
     """A masked-token (MLM-style) loss computed inside the model: cross-entropy over the tokens whose
     label is not -100, picked with a boolean mask over [B, T] (`logits[mask]`) and summed. Samples
     pick different numbers of tokens; the rows are used one by one, so no count check applies.
-    Input [B, 2, T]: token ids, then labels; returns each batch's summed loss (`summed_loss`)."""
+    Input [B, 2, T]: token ids, then labels; returns each batch's summed loss (`summed_loss`).
+    `flat`: the mask over the flattened tokens instead, `logits.view(-1, V)[labels.view(-1) != -100]`
+    (older Hugging Face token-classification heads). `mean`: the mean over all selected rows, per
+    sample only when every sample selects as many (checked at run time; `rows_mean_loss`)."""
 
-    def __init__(self, vocab: int = 16, d: int = 8) -> None:
+    def __init__(self, vocab: int = 16, d: int = 8, flat: bool = False, mean: bool = False) -> None:
         super().__init__()
+        self.flat, self.reduction = flat, "mean" if mean else "sum"
         self.emb = nn.Embedding(vocab, d)
         self.fc = nn.Linear(d, d)
         self.norm = nn.LayerNorm(d)
@@ -373,9 +377,11 @@ class MaskedTokenLM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         ids, labels = x[:, 0], x[:, 1]
         logits = self.head(self.norm(torch.tanh(self.fc(self.emb(ids)))))
+        if self.flat:
+            logits, labels = logits.view(-1, logits.shape[-1]), labels.reshape(-1)
         mask = labels != -100
         rows = logits[mask].view(-1, logits.shape[-1])  # a view that keeps the rows whole
-        return F.cross_entropy(rows, labels[mask], reduction="sum")
+        return F.cross_entropy(rows, labels[mask], reduction=self.reduction)
 
 
 def summed_loss(out: Tensor, y: Tensor, reduction: str) -> Tensor:
@@ -383,14 +389,23 @@ def summed_loss(out: Tensor, y: Tensor, reduction: str) -> Tensor:
     return out if reduction == "sum" else out / y.shape[0]
 
 
-def _masked_labels(T: int, vocab: int) -> InputFn:
+def rows_mean_loss(out: Tensor, y: Tensor, reduction: str) -> Tensor:
+    """For models that return the mean over B samples' equally many rows: 'sum' multiplies by B."""
+    return out * y.shape[0] if reduction == "sum" else out
+
+
+def _masked_labels(T: int, vocab: int, per_sample: int | None = None) -> InputFn:
     """[B, 2, T]: ids, and labels equal to the ids at about a third of the positions (at least one
-    per sample), -100 elsewhere; dummy targets [B]."""
+    per sample; exactly `per_sample` when given), -100 elsewhere; dummy targets [B]."""
 
     def f(B: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
         ids = torch.randint(0, vocab, (B, T), generator=g)
         picked = torch.rand(B, T, generator=g) < 0.35
         picked[torch.arange(B), torch.randint(0, T, (B,), generator=g)] = True
+        if per_sample is not None:
+            picked = torch.zeros(B, T, dtype=torch.bool)
+            for i in range(B):
+                picked[i, torch.randperm(T, generator=g)[:per_sample]] = True
         labels = torch.where(picked, ids, torch.full_like(ids, -100))
         return torch.stack([ids, labels], dim=1), torch.zeros(B, dtype=torch.long)
 
@@ -1109,6 +1124,8 @@ ZOO: list[ZooCase] = [
     ZooCase("last_token_pool", lambda: LastTokenPool(), _ids(7, 20, n_cls=3, pad_frac=0.3), tags={"embedding"}),
     ZooCase("eos_pool", lambda: EosPool(), _eos_ids(7, 20, n_cls=3), tags={"embedding"}),
     ZooCase("masked_tokens", lambda: MaskedTokenLM(), _masked_labels(9, 16), summed_loss, tags={"embedding"}),
+    ZooCase("masked_tokens_flat", lambda: MaskedTokenLM(flat=True), _masked_labels(9, 16), summed_loss),
+    ZooCase("masked_mean_flat", lambda: MaskedTokenLM(flat=True, mean=True), _masked_labels(9, 16, 3), rows_mean_loss),
     ZooCase("mha_tmajor", lambda: MHANet(batch_first=False), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("mha_batch_first", lambda: MHANet(batch_first=True), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("gpt", lambda: TinyGPT(), _ids(8, 32), token_loss, tags={"gpt", "embedding"}),

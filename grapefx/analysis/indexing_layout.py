@@ -98,12 +98,17 @@ def masked_selections(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, Any]]:
     return out
 
 
+def _leading_batch(lay: Any) -> bool:
+    """The batch leads dim 0, each sample's part of it a static count: [B, ...] or flattened [B·T, ...]."""
+    return isinstance(lay, BatchLayout) and lay.dim == 0 and lay.outer == 1 and sympy.sympify(lay.inner).is_Integer
+
+
 def _masked_layout(p: Any, node: fx.Node, x_lay: Any, x_shape: list[Any], mask: fx.Node, rows: Any) -> Any:
-    """x[mask] (rows `rows`, read through the equal-count substitution as B·c) when the batch is
-    plain dim 0 of x and of the mask and the mask covers x's leading dims: dim 0 with inner c."""
-    plain = BatchLayout(0, sympy.Integer(1), sympy.Integer(1))
+    """x[mask] (rows `rows`, read through the equal-count substitution as B·c) when the batch leads
+    dim 0 of x and of the mask alike ([B, T] masks, or flattened [B·T] ones) and the mask covers x's
+    leading dims: the rows are sample-major, dim 0 with inner c."""
     m_shape = shape_of(mask)
-    if p.lay(mask) != plain or x_lay != plain or node not in p.masked or len(m_shape) > len(x_shape):
+    if not _leading_batch(x_lay) or p.lay(mask) != x_lay or node not in p.masked or len(m_shape) > len(x_shape):
         return UNKNOWN
     if any(sympy.expand(a - b) != 0 for a, b in zip(m_shape, x_shape)):
         return UNKNOWN
@@ -173,19 +178,18 @@ def _masked_put_rule(p: Any, n: fx.Node) -> Any:
     """index_put(base, [mask], values): the backward of x[mask] (values laid out as x[mask]'s rows,
     base the zeros it scatters into) or a masked write; per sample where x[mask] would be."""
     base, mask, values = n.args[0], n.args[1][0], n.args[2]
-    lb, lv = p.lay(base), p.lay(values)
-    plain = BatchLayout(0, sympy.Integer(1), sympy.Integer(1))
+    lb, lv, lm = p.lay(base), p.lay(values), p.lay(mask)
     base_shape, v_shape = shape_of(base), shape_of(values)
-    if lb is None and base_shape and sympy.expand(base_shape[0] - p.batch) == 0:
-        lb = plain  # zeros shaped like x: the batch sits where the mask puts it
-    if lb != plain or p.lay(mask) != plain:
+    if lb is None and _leading_batch(lm) and base_shape and sympy.expand(base_shape[0] - p.batch * lm.inner) == 0:
+        lb = lm  # zeros shaped like x: the batch sits where the mask puts it
+    if not _leading_batch(lb) or lm != lb:
         return UNKNOWN
     if lv is None:  # batch-free values written where each sample's own mask says
-        return plain
+        return lb
     if len(v_shape) != len(base_shape) - len(shape_of(mask)) + 1:
         return UNKNOWN
     want = _masked_layout(p, n, lb, base_shape, mask, v_shape[0])
-    return plain if want is not UNKNOWN and lv == want else UNKNOWN
+    return lb if want is not UNKNOWN and lv == want else UNKNOWN
 
 
 def index_put_rule(p: Any, n: fx.Node) -> Any:

@@ -10,6 +10,8 @@ through a check op that raises on a step where the counts differ.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
@@ -18,10 +20,11 @@ from grapefx.passes.loss_checks import route_through_check
 
 
 @torch.library.custom_op("grapefx::require_equal_counts", mutates_args=())
-def require_equal_counts(rows: torch.Tensor, mask: torch.Tensor, where: str) -> torch.Tensor:
-    """A copy of `rows` if every sample (dim 0 of `mask`) selects as many rows; raises otherwise.
-    One host synchronization per step on a GPU."""
-    counts = mask.reshape(mask.shape[0], -1).sum(dim=1)
+def require_equal_counts(rows: torch.Tensor, mask: torch.Tensor, where: str, lead: int) -> torch.Tensor:
+    """A copy of `rows` if every sample selects as many rows; raises otherwise. Sample i owns `lead`
+    consecutive entries of the mask's dim 0 (1 for a [B, T] mask, T for a flattened [B·T] one). One
+    host synchronization per step on a GPU."""
+    counts = mask.reshape(mask.shape[0] // lead, -1).sum(dim=1)
     if counts.numel() and bool((counts != counts[0]).any()):
         listed = ", ".join(str(int(c)) for c in counts[:8]) + (", ..." if counts.numel() > 8 else "")
         raise BatchMixingError(
@@ -38,18 +41,22 @@ def require_equal_counts(rows: torch.Tensor, mask: torch.Tensor, where: str) -> 
 
 
 @require_equal_counts.register_fake
-def _(rows: torch.Tensor, mask: torch.Tensor, where: str) -> torch.Tensor:
+def _(rows: torch.Tensor, mask: torch.Tensor, where: str, lead: int) -> torch.Tensor:
     return torch.empty_like(rows)
 
 
-def guard_masked_rows(gm: fx.GraphModule, masked_rows: dict[fx.Node, tuple[fx.Node, object]]) -> int:
+def guard_masked_rows(
+    gm: fx.GraphModule, masked_rows: dict[fx.Node, tuple[fx.Node, object]], layouts: dict[fx.Node, Any]
+) -> int:
     """Route every selection of `masked_rows` (node -> (mask, row count), the forward's layout
-    analysis) through `require_equal_counts`; returns how many."""
+    analysis; `layouts`: its batch layouts) through `require_equal_counts`; returns how many."""
     guarded = 0
     for node, (mask, _) in masked_rows.items():
         if node.graph is not gm.graph:
             continue
-        route_through_check(gm, node, torch.ops.grapefx.require_equal_counts.default, (mask, describe_node(node)))
+        lead = int(layouts[mask].inner)  # indexing_layout accepts masks whose dim 0 is B·lead, lead static
+        check = torch.ops.grapefx.require_equal_counts.default
+        route_through_check(gm, node, check, (mask, describe_node(node), lead))
         guarded += 1
     if guarded:
         gm.recompile()
