@@ -110,7 +110,7 @@ def _require_one_graph() -> None:
         "split over several graphs would clip each part separately. Use grapefx.compile(...) or "
         "torch.compile(..., backend=grapefx.backend(...), fullgraph=True)"
         + (
-            " (a Hugging Face transformers model: call grapefx.prepare(model) before torch.compile)."
+            " (for a Hugging Face transformers model, call grapefx.prepare(model) before torch.compile)."
             if "transformers" in sys.modules
             else "."
         )
