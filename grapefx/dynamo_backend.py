@@ -40,6 +40,7 @@ from grapefx.passes.grape_project import projection_index
 from grapefx.passes.interp import ViewTolerantInterpreter
 from grapefx.passes.loss_checks import guard_mean_losses
 from grapefx.passes.noise_in_place import lower_for_execution
+from grapefx.passes.pad_masked_rows import pad_masked_row_sites
 from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.recompute_operands import find_recipes
 from grapefx.passes.schedule_memory import schedule_memory
@@ -243,6 +244,10 @@ class GrapefxBackend:
                 seeds[ph.name] = shared["saved"][ph.name]
         for t, lay in zip(tangents, tangent_layouts):
             seeds[t.name] = lay
+        checked_rows = frozenset(rows for _, rows in shared.get("masked_rows", {}).values())
+        if checked_rows:  # layers applied to x[mask] rows: their sites read the rows padded to [B·T]
+            layouts = analyze_layouts(bw_gm, shared["batch"], seeds, checked_rows)
+            bw_gm = pad_masked_row_sites(bw_gm, layouts) or bw_gm
 
         def build(
             ghost: frozenset[str], instantiate: frozenset[str] = frozenset()
@@ -258,7 +263,7 @@ class GrapefxBackend:
                 ghost,
                 instantiate,
                 shared.get("forward_culprits", ()),
-                frozenset(rows for _, rows in shared.get("masked_rows", {}).values()),
+                checked_rows,
             )
 
         new_gm, plan, memory_plan = schedule_memory(build, bw_gm, self.config, shared.get("recipes"))

@@ -457,8 +457,9 @@ def test_boolean_mask_not_led_by_the_batch_is_refused_naming_the_op() -> None:
 
 
 class _MaskedTokenVariant(nn.Module):
-    """A masked-token loss over `logits[mask]` written two ways that need equal counts per sample:
-    the head applied after the selection, or a mean over the selected rows."""
+    """A masked-token loss over `logits[mask]` written two ways that grapefx cannot read per sample
+    for every batch: the head applied to rows selected from the input (no mask in the backward
+    graph to put them back by sample), or a mean over the selected rows (equal counts only)."""
 
     def __init__(self, head_after_selection: bool, flat: bool = False) -> None:
         super().__init__()
@@ -468,10 +469,10 @@ class _MaskedTokenVariant(nn.Module):
         self.flat = flat
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # x [B, T, 4], labels [B, T]
-        h = torch.tanh(self.fc(x))
         mask = labels != -100
-        if self.head_after_selection:
-            return F.cross_entropy(self.head(h[mask]), labels[mask], reduction="sum")
+        if self.head_after_selection:  # x needs no gradient: the backward never sees the mask
+            return F.cross_entropy(self.head(x[mask]), labels[mask], reduction="sum")
+        h = torch.tanh(self.fc(x))
         logits = self.head(h)
         if self.flat:  # the mask over the flattened [B·T] tokens
             logits, labels, mask = logits.view(-1, 6), labels.reshape(-1), mask.reshape(-1)
@@ -493,9 +494,11 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
-def test_layer_applied_to_masked_rows_is_refused_with_the_fix() -> None:
-    """Also: the refusal is raised once, at the backward, without torch first logging its traceback
-    (AOTAutograd's eager backward compile under dynamic shapes)."""
+def test_layer_applied_to_masked_input_rows_is_refused_with_the_fix() -> None:
+    """A layer on rows selected from a trainable layer's output works (zoo `masked_rows_head`); on
+    rows of an input, the mask is not in the backward graph. Also: the refusal is raised once, at
+    the backward, without torch first logging its traceback (AOTAutograd's eager backward compile
+    under dynamic shapes)."""
     cm = grapefx.compile(_MaskedTokenVariant(True), max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
     log, seen = logging.getLogger("torch._functorch._aot_autograd.graph_compile"), _Records()
     log.addHandler(seen)

@@ -87,6 +87,7 @@ SENS = [
     ("eos_pool", "flat", "auto"),  # x[mask].view(B, -1, d): rows regrouped per sample, counts checked
     ("masked_tokens", "flat", "auto"),  # CE over logits[mask] inside the model: counts differ per sample
     ("masked_tokens_flat", "flat", "auto"),  # the same over a flattened [B·T] mask
+    ("masked_rows_head", "flat", "auto"),  # head(norm(h[mask])): weight gradients over unequal rows
     _slow("hf_bart_cls", "flat", "auto"),  # BART's EOS pooling in the real model
     _slow("hf_llama_lora", "flat", "auto"),  # peft LoRA adapters, frozen base weights
     _slow("hf_mixtral", "flat", "auto"),  # top-2 routing, experts gathered per token (batched_mm)

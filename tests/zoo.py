@@ -364,11 +364,15 @@ class MaskedTokenLM(nn.Module):
     Input [B, 2, T]: token ids, then labels; returns each batch's summed loss (`summed_loss`).
     `flat`: the mask over the flattened tokens instead, `logits.view(-1, V)[labels.view(-1) != -100]`
     (older Hugging Face token-classification heads). `mean`: the mean over all selected rows, per
-    sample only when every sample selects as many (checked at run time; `rows_mean_loss`)."""
+    sample only when every sample selects as many (checked at run time; `rows_mean_loss`).
+    `layers_after`: the norm and the head applied to the selected rows, `head(norm(h[mask]))` (a
+    sparse prediction head: their weight gradients sum over rows that samples own unequally)."""
 
-    def __init__(self, vocab: int = 16, d: int = 8, flat: bool = False, mean: bool = False) -> None:
+    def __init__(
+        self, vocab: int = 16, d: int = 8, flat: bool = False, mean: bool = False, layers_after: bool = False
+    ) -> None:
         super().__init__()
-        self.flat, self.reduction = flat, "mean" if mean else "sum"
+        self.flat, self.reduction, self.layers_after = flat, "mean" if mean else "sum", layers_after
         self.emb = nn.Embedding(vocab, d)
         self.fc = nn.Linear(d, d)
         self.norm = nn.LayerNorm(d)
@@ -376,10 +380,13 @@ class MaskedTokenLM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         ids, labels = x[:, 0], x[:, 1]
-        logits = self.head(self.norm(torch.tanh(self.fc(self.emb(ids)))))
+        h = torch.tanh(self.fc(self.emb(ids)))
         if self.flat:
-            logits, labels = logits.view(-1, logits.shape[-1]), labels.reshape(-1)
+            h, labels = h.view(-1, h.shape[-1]), labels.reshape(-1)
         mask = labels != -100
+        if self.layers_after:
+            return F.cross_entropy(self.head(self.norm(h[mask])), labels[mask], reduction=self.reduction)
+        logits = self.head(self.norm(h))
         rows = logits[mask].view(-1, logits.shape[-1])  # a view that keeps the rows whole
         return F.cross_entropy(rows, labels[mask], reduction=self.reduction)
 
@@ -1125,7 +1132,17 @@ ZOO: list[ZooCase] = [
     ZooCase("eos_pool", lambda: EosPool(), _eos_ids(7, 20, n_cls=3), tags={"embedding"}),
     ZooCase("masked_tokens", lambda: MaskedTokenLM(), _masked_labels(9, 16), summed_loss, tags={"embedding"}),
     ZooCase("masked_tokens_flat", lambda: MaskedTokenLM(flat=True), _masked_labels(9, 16), summed_loss),
+    ZooCase("masked_rows_head", lambda: MaskedTokenLM(layers_after=True), _masked_labels(9, 16), summed_loss),
+    ZooCase(
+        "masked_rows_head_flat", lambda: MaskedTokenLM(flat=True, layers_after=True), _masked_labels(9, 16), summed_loss
+    ),
     ZooCase("masked_mean_flat", lambda: MaskedTokenLM(flat=True, mean=True), _masked_labels(9, 16, 3), rows_mean_loss),
+    ZooCase(
+        "masked_rows_head_mean",
+        lambda: MaskedTokenLM(layers_after=True, mean=True),
+        _masked_labels(9, 16, 3),
+        rows_mean_loss,
+    ),
     ZooCase("mha_tmajor", lambda: MHANet(batch_first=False), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("mha_batch_first", lambda: MHANet(batch_first=True), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("gpt", lambda: TinyGPT(), _ids(8, 32), token_loss, tags={"gpt", "embedding"}),

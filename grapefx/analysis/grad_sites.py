@@ -181,10 +181,11 @@ def _unknown_error(
             if layouts.unknown_ops[n] == MASKED_ROWS_SITE:
                 return UnsupportedOpError(
                     f"Cannot derive per-sample gradients for parameter `{name}`: {describe_node(n)} "
-                    "is applied to rows selected with a boolean mask (x[mask]), whose rows grapefx "
-                    "cannot attribute to samples inside a gradient. Apply the layer before the "
-                    "selection (e.g. `head(h)[mask]` instead of `head(h[mask])`), or select exactly "
-                    "as many rows per sample and regroup them with `.view(B, -1, d)`."
+                    "is applied to rows selected with a boolean mask (x[mask]), and the backward "
+                    "graph holds no mask to tell which sample owns each row (it keeps the mask only "
+                    "when the selected tensor needs a gradient: a trainable layer before the "
+                    "selection). Apply the layer before the selection (e.g. `head(h)[mask]` instead "
+                    "of `head(h[mask])`)."
                 )
             culprit = describe_node(n)
             break

@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from grapefx.analysis.layout_types import UNKNOWN, BatchLayout, shape_of, to_sym
+from grapefx.passes import masked_rows_op  # noqa: F401 - registers grapefx::pad_masked_rows
 
 aten = torch.ops.aten
 
@@ -83,7 +84,7 @@ def masked_selections(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, Any]]:
     selection by one boolean mask whose row count is a size only the data fixes."""
     out = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) not in RULES:
+        if node.op != "call_function" or getattr(node.target, "overloadpacket", None) not in _SELECTIONS:
             continue
         indices = list(node.args[1])
         if len(indices) != 1 or not _is_mask(indices[0]):
@@ -96,6 +97,9 @@ def masked_selections(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, Any]]:
             if isinstance(expr, sympy.Symbol):
                 out[node] = (indices[0], expr)
     return out
+
+
+_SELECTIONS = (aten.index, aten._unsafe_index, aten.index_put, aten._unsafe_index_put)
 
 
 def _leading_batch(lay: Any) -> bool:
@@ -264,7 +268,22 @@ def _base_layouts(p: Any, n: fx.Node, indices: list[Any], lv: Any, rank: int) ->
     return out
 
 
+def _pad_masked_rows_rule(p: Any, n: fx.Node) -> Any:
+    """grapefx::pad_masked_rows(rows, mask, dim): x[mask]'s rows back in the mask's positions, the
+    mask's dims flattened into `dim` (passes/pad_masked_rows.py). Per sample, whatever each sample's
+    row count, when `rows` were selected by this very mask (the same unbacked count)."""
+    rows, mask, dim = n.args
+    lr, lm, shape = p.lay(rows), p.lay(mask), shape_of(rows)
+    if not _leading_batch(lm) or not isinstance(lr, BatchLayout) or lr.dim != dim or lr.outer != 1:
+        return UNKNOWN
+    counts = p.res.row_counts
+    if not any(m is mask and sympy.expand(counts[u] - shape[dim]) == 0 for m, u in p.masked.values()):
+        return UNKNOWN
+    return BatchLayout(dim, sympy.Integer(1), sympy.simplify(sympy.Mul(*shape_of(mask)) / p.batch))
+
+
 RULES = {
+    torch.ops.grapefx.pad_masked_rows: _pad_masked_rows_rule,
     aten.index: index_rule,
     aten._unsafe_index: index_rule,
     aten.index_put: index_put_rule,

@@ -443,7 +443,8 @@ def _conv_backward(p: _Propagator, n: fx.Node) -> Any:
     for lay in (lg, lx):
         if lay is not None and (lay is UNKNOWN or lay.dim != 0 or not lay.plain):
             return UNKNOWN
-    p.res.batch_reductions[n] = "convolution_backward"
+    if _sums_parameter_grads(n):
+        p.res.batch_reductions[n] = "convolution_backward"
     return (lg if lg is not None else lx, None, None)
 
 
@@ -488,7 +489,8 @@ def _layer_norm_backward(p: _Propagator, n: fx.Node) -> Any:
         return UNKNOWN
     if any(p.lay(a) is not None for a in affine) or lx.dim >= len(shape_of(x)) - len(normalized_shape):
         return UNKNOWN
-    p.res.batch_reductions[n] = "norm_backward"  # the weight / bias gradients sum over the batch
+    if _sums_parameter_grads(n):  # the weight / bias gradients sum over the batch
+        p.res.batch_reductions[n] = "norm_backward"
     return (lx, None, None)
 
 
@@ -499,8 +501,16 @@ def _group_norm_backward(p: _Propagator, n: fx.Node) -> Any:
         return UNKNOWN
     if any(p.lay(a) != lx for a in (grad, mean, rstd)) or p.lay(weight) is not None:
         return UNKNOWN
-    p.res.batch_reductions[n] = "norm_backward"
+    if _sums_parameter_grads(n):
+        p.res.batch_reductions[n] = "norm_backward"
     return (lx, None, None)
+
+
+def _sums_parameter_grads(n: fx.Node) -> bool:
+    """A convolution / norm backward asked for its weight or bias gradient (output_mask, the last
+    argument): a batch sum. One asked for the input gradient alone keeps the batch."""
+    mask = n.args[-1]
+    return not isinstance(mask, (list, tuple)) or any(mask[1:])
 
 
 def _batch_norm(p: _Propagator, n: fx.Node) -> Any:

@@ -10,10 +10,12 @@ the check would refuse batches that are fine (samples with different numbers of 
 A selection is row-wise when everything computed from its rows, up to where they leave the rows
 dim, is
 - an op that works on each row alone: pointwise ops, views / permutes that keep the rows dim whole,
-  softmax / gather / reductions along other dims, a matmul with a batch-free right operand;
+  softmax / gather / reductions along other dims, a matmul with a batch-free right operand, a
+  layer norm, dropout or embedding lookup of each row;
 - a float `sum` over all rows (the loss; check_forward verifies it is linear up to the output);
 - the scatter back through the same mask (index_put), a size read only as a shape or by torch's
-  own assertions, or a tensor saved for the backward (which refuses grad sites over rows);
+  own assertions, or a tensor saved for the backward (grad sites over rows read them put back
+  in their [B·T] places: passes/pad_masked_rows.py);
 and no op combines rows of selections made with different masks. A mean over rows, a count of
 rows, a view that splits them into samples, rows returned to the caller or anything else keeps
 the run-time check.
@@ -59,7 +61,10 @@ _ROW_BY_ROW = {
     aten.mean,
     aten.mm,
     aten.addmm,
+    aten.embedding,
 }
+# ops with several outputs that each keep the rows (a layer norm's output, mean and rstd)
+_ROW_BY_ROW_TUPLES = {aten.native_layer_norm, aten.native_dropout}
 _SUMS = (aten.sum.dim_IntList, aten.sum.default)
 _COMPARISONS = (operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne)
 # not creation ops (zeros / full of the rows' length): their cumsum would number the rows across samples
@@ -114,7 +119,14 @@ def _use(
     target = node.target
     if target is aten.sym_size.int:  # the rows' count: a shape, never a number in the loss
         return "end" if _only_asserted(node) else None
+    if target is operator.getitem:  # an output of a row-by-row op with several, checked there (below)
+        return "rows" if isinstance(layouts.get(node), BatchLayout) else None
     packet = getattr(target, "overloadpacket", None)
+    if packet in _ROW_BY_ROW_TUPLES:
+        outs = layouts.get(node)
+        ref = layouts.get(row_inputs[0])
+        rows = isinstance(outs, tuple) and all(o is None or _keeps_rows(o, ref, row_inputs, layouts) for o in outs)
+        return "rows" if rows else None
     if packet is aten.index_put:
         indices, values = node.args[1], node.args[2]
         same = len(indices) == 1 and indices[0] is mask and values in row_inputs and node.args[0] not in row_inputs
@@ -128,13 +140,15 @@ def _use(
         return None
     if packet in (aten.mm, aten.addmm) and node.args[-1] in row_inputs:
         return None  # rows as the contraction's right operand: a product over rows
-    out = layouts.get(node)
-    ref = layouts.get(row_inputs[0])
+    return "rows" if _keeps_rows(layouts.get(node), layouts.get(row_inputs[0]), row_inputs, layouts) else None
+
+
+def _keeps_rows(out: Any, ref: Any, row_inputs: list[fx.Node], layouts: dict[fx.Node, Any]) -> bool:
+    """Output layout `out` holds the rows of input layout `ref` whole, and every row input agrees."""
     if not (isinstance(out, BatchLayout) and isinstance(ref, BatchLayout)):
-        return None
+        return False
     keeps_rows = sympy.expand(out.outer - 1) == 0 and sympy.expand(out.inner - ref.inner) == 0
-    same_inputs = all(_same_rows(layouts.get(a), ref) for a in row_inputs)
-    return "rows" if keeps_rows and same_inputs else None
+    return keeps_rows and all(_same_rows(layouts.get(a), ref) for a in row_inputs)
 
 
 def _same_rows(lay: Any, ref: BatchLayout) -> bool:
