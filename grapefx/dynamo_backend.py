@@ -245,9 +245,13 @@ class GrapefxBackend:
         for t, lay in zip(tangents, tangent_layouts):
             seeds[t.name] = lay
         checked_rows = frozenset(rows for _, rows in shared.get("masked_rows", {}).values())
-        if checked_rows:  # layers applied to x[mask] rows: their sites read the rows padded to [B·T]
-            layouts = analyze_layouts(bw_gm, shared["batch"], seeds, checked_rows)
-            bw_gm = pad_masked_row_sites(bw_gm, layouts) or bw_gm
+        # layers applied to x[mask] rows: their sites read the rows padded to [B·T]; a refused site
+        # hides the ones behind it (its input gradient is unknown), hence rounds until none is left
+        while checked_rows:
+            padded = pad_masked_row_sites(bw_gm, analyze_layouts(bw_gm, shared["batch"], seeds, checked_rows))
+            if padded is None:
+                break
+            bw_gm = padded
 
         def build(
             ghost: frozenset[str], instantiate: frozenset[str] = frozenset()

@@ -365,8 +365,9 @@ class MaskedTokenLM(nn.Module):
     `flat`: the mask over the flattened tokens instead, `logits.view(-1, V)[labels.view(-1) != -100]`
     (older Hugging Face token-classification heads). `mean`: the mean over all selected rows, per
     sample only when every sample selects as many (checked at run time; `rows_mean_loss`).
-    `layers_after`: the norm and the head applied to the selected rows, `head(norm(h[mask]))` (a
-    sparse prediction head: their weight gradients sum over rows that samples own unequally)."""
+    `layers_after`: a dense layer, the norm and the head applied to the selected rows,
+    `head(norm(gelu(dense(h[mask]))))` (a sparse prediction head, as ModernBERT's: their weight
+    gradients sum over rows that samples own unequally)."""
 
     def __init__(
         self, vocab: int = 16, d: int = 8, flat: bool = False, mean: bool = False, layers_after: bool = False
@@ -377,6 +378,8 @@ class MaskedTokenLM(nn.Module):
         self.fc = nn.Linear(d, d)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab)
+        if layers_after:
+            self.dense = nn.Linear(d, d)
 
     def forward(self, x: Tensor) -> Tensor:
         ids, labels = x[:, 0], x[:, 1]
@@ -385,7 +388,8 @@ class MaskedTokenLM(nn.Module):
             h, labels = h.view(-1, h.shape[-1]), labels.reshape(-1)
         mask = labels != -100
         if self.layers_after:
-            return F.cross_entropy(self.head(self.norm(h[mask])), labels[mask], reduction=self.reduction)
+            rows = self.norm(F.gelu(self.dense(h[mask])))
+            return F.cross_entropy(self.head(rows), labels[mask], reduction=self.reduction)
         logits = self.head(self.norm(h))
         rows = logits[mask].view(-1, logits.shape[-1])  # a view that keeps the rows whole
         return F.cross_entropy(rows, labels[mask], reduction=self.reduction)
@@ -1018,6 +1022,39 @@ class HFLoRA(nn.Module):
         return self.m(input_ids=ids).logits
 
 
+class HFSparseMLM(nn.Module):
+    """transformers' ModernBERT masked LM with `sparse_prediction=True`: the prediction head (dense,
+    GELU, LayerNorm, decoder) runs on the masked tokens only, `head(h[labels != -100])`, and the
+    model returns its own loss. Input [B, 2, T]: ids, then labels (-100 where not predicted);
+    `num_items_in_batch=1` makes that loss the sum over the predicted tokens (`summed_loss`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import transformers as tf
+
+        cfg = tf.ModernBertConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=40,
+            global_attn_every_n_layers=1,
+            sparse_prediction=True,
+            pad_token_id=0,
+            cls_token_id=1,
+            sep_token_id=2,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        self.m = tf.ModernBertForMaskedLM(cfg)
+        self.m.train()
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids, labels = x[:, 0].contiguous(), x[:, 1].contiguous()  # ModernBERT views labels flat
+        return self.m(input_ids=ids, labels=labels, num_items_in_batch=1).loss
+
+
 class HFSpeech(nn.Module):
     """A transformers speech encoder with a sequence-classification head (conv feature encoder, grouped
     positional conv, masked mean pooling) on raw audio [B, 400]. transformers 5.x installs its output
@@ -1180,6 +1217,7 @@ HF_MORE: list[ZooCase] = (
         ZooCase("hf_llama_lora", lambda: HFLoRA(), _ids(8, 64), token_loss, available=has_peft),
         ZooCase("hf_bart_cls", lambda: HFText("bart_cls"), _eos_ids(8, 64, n_cls=3), available=has_transformers),
         ZooCase("hf_wav2vec2", lambda: HFSpeech("wav2vec2", 3), _dense((400,), 3), available=has_transformers),
+        ZooCase("hf_modernbert_sparse", HFSparseMLM, _masked_labels(8, 64), summed_loss, available=has_transformers),
         ZooCase("hf_hubert", lambda: HFSpeech("hubert", 3), _dense((400,), 3), available=has_transformers),
         ZooCase("hf_wavlm", lambda: HFSpeech("wavlm", 3), _dense((400,), 3), available=has_transformers),
         # pools the last non-pad token: h[arange(B), last]
