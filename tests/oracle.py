@@ -30,6 +30,10 @@ def oracle_grads(
     for mod in m.modules():  # transformers MoE: the reference loop over experts (grouped_mm has no float64)
         if hasattr(getattr(mod, "config", None), "_experts_implementation"):
             mod.config._experts_implementation = "eager"
+        if getattr(mod, "gradient_checkpointing", False):  # torch.func cannot run checkpoint's hooks;
+            mod.gradient_checkpointing = False  # recomputing activations changes no gradient
+        if getattr(mod, "_require_grads_hook", None) is not None:  # set with checkpointing: requires_grad_()
+            mod.disable_input_require_grads()  # on the embeddings' output, which torch.func refuses
     params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in m.named_buffers()}
     ins = tuple(x.double() if x.is_floating_point() else x for x in inputs)

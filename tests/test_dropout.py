@@ -24,18 +24,28 @@ SEED = 123
 
 
 class DropNet(nn.Module):
-    """Linear -> GELU -> dropout -> Linear on [B, T, d] tokens; `mask` replaces the dropout draw."""
+    """Linear -> GELU -> dropout -> Linear on [B, T, d] tokens; `mask` replaces the dropout draw.
+    `checkpointed`: the first three under activation checkpointing while compiled, so the backward
+    recomputes the dropout and must replay the mask the forward drew (eagerly: run plainly)."""
 
-    def __init__(self, d: int = 8, h: int = 16, n_out: int = 5) -> None:
+    def __init__(self, d: int = 8, h: int = 16, n_out: int = 5, checkpointed: bool = False) -> None:
         super().__init__()
         self.fc1 = nn.Linear(d, h)
         self.drop = nn.Dropout(P)
         self.fc2 = nn.Linear(h, n_out)
+        self.checkpointed = checkpointed
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        h = F.gelu(self.fc1(x))
-        h = self.drop(h) if mask is None else h * mask
+        if mask is None and self.checkpointed and torch.compiler.is_compiling():
+            h = torch.utils.checkpoint.checkpoint(self._dropped, x, use_reentrant=False)
+        elif mask is None:
+            h = self._dropped(x)
+        else:
+            h = F.gelu(self.fc1(x)) * mask
         return self.fc2(h).mean(1)
+
+    def _dropped(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(F.gelu(self.fc1(x)))
 
 
 def _recorded_mask(model: DropNet, x: torch.Tensor) -> torch.Tensor:
@@ -65,9 +75,16 @@ def test_dropout_matches_oracle_with_the_drawn_masks(codegen: str) -> None:
     check_dropout_against_oracle(codegen)
 
 
-def check_dropout_against_oracle(codegen: str, device: str = "cpu") -> None:
+@pytest.mark.parametrize("codegen", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_checkpointed_dropout_replays_the_drawn_masks(codegen: str) -> None:
+    """Activation checkpointing recomputes the dropout in the backward, through torch's RNG-state
+    replay (analysis/rng_replay.py): a fresh draw there would not match the oracle."""
+    check_dropout_against_oracle(codegen, checkpointed=True)
+
+
+def check_dropout_against_oracle(codegen: str, device: str = "cpu", checkpointed: bool = False) -> None:
     torch.manual_seed(0)
-    model = DropNet().to(device)
+    model = DropNet(checkpointed=checkpointed).to(device)
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(6, 4, 8, generator=g) * 2, torch.randint(0, 5, (6,), generator=g)
     x, y = x.to(device), y.to(device)

@@ -148,7 +148,7 @@ HEAVY = ("gpt_tied", "resnet_gn", "vit", "hf_gpt2", "mha_tmajor", "vit_qkv_unbin
 # mean variants with -m slow, to keep the default suite near 10 minutes on 2 cores
 HEAVY += ("weight_norm", "along_dims", "constants_over_batch", "instance_norm", "last_token_pool", "embedding_bags")
 HEAVY += ("conv_transpose", "bilinear")
-HEAVY += ("gpt",)  # its mean reduction is also checked with the loss inside (test_loss_inside)
+HEAVY += ("gpt", "gpt_checkpointed")  # its mean reduction is also checked with the loss inside (test_loss_inside)
 # transformers models beyond GPT-2 run with -m slow in both reductions (~10 s each); the patterns
 # they exercise (shared ids, cumsum positions, tensor constants) are in `encoder_ids` by default
 SLOW_ALWAYS = ("hf_bert", "hf_roberta", "hf_llama", "hf_opt")

@@ -577,13 +577,23 @@ class MHANet(nn.Module):
 
 class TinyGPT(nn.Module):
     """Token embedding + learned positional parameter (broadcast over the batch) + pre-LN blocks +
-    final LN + head; `tied=True` computes logits = h @ emb.weight.T."""
+    final LN + head; `tied=True` computes logits = h @ emb.weight.T. `checkpointed`: each block
+    under activation checkpointing while compiled (the backward recomputes it, replaying the
+    attention kernel's RNG state); eagerly, e.g. in the oracle (torch.func cannot run checkpoint's
+    saved-tensor hooks), the same blocks run plainly."""
 
     def __init__(
-        self, vocab: int = 32, d: int = 16, heads: int = 2, n_layer: int = 2, max_t: int = 16, tied: bool = False
+        self,
+        vocab: int = 32,
+        d: int = 16,
+        heads: int = 2,
+        n_layer: int = 2,
+        max_t: int = 16,
+        tied: bool = False,
+        checkpointed: bool = False,
     ) -> None:
         super().__init__()
-        self.tied = tied
+        self.tied, self.checkpointed = tied, checkpointed
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Parameter(torch.randn(1, max_t, d) * 0.1)
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(n_layer))
@@ -595,7 +605,10 @@ class TinyGPT(nn.Module):
         T = ids.shape[1]
         h = self.tok(ids) + self.pos[:, :T]
         for blk in self.blocks:
-            h = blk(h)
+            if self.checkpointed and torch.compiler.is_compiling():
+                h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False)
+            else:
+                h = blk(h)
         h = self.ln_f(h)
         if self.tied:
             return h @ self.tok.weight.T
@@ -1022,6 +1035,15 @@ class HFLoRA(nn.Module):
         return self.m(input_ids=ids).logits
 
 
+class HFCheckpointed(HFText):
+    """transformers' Llama with `gradient_checkpointing_enable()`: the backward recomputes every
+    decoder layer, attention kernel included (replayed with its saved RNG state)."""
+
+    def __init__(self) -> None:
+        super().__init__("llama")
+        self.m.gradient_checkpointing_enable({"use_reentrant": False})
+
+
 class HFSparseMLM(nn.Module):
     """transformers' ModernBERT masked LM with `sparse_prediction=True`: the prediction head (dense,
     GELU, LayerNorm, decoder) runs on the masked tokens only, `head(h[labels != -100])`, and the
@@ -1184,6 +1206,7 @@ ZOO: list[ZooCase] = [
     ZooCase("mha_batch_first", lambda: MHANet(batch_first=True), _dense((5, 8), 4), tags={"attention"}),
     ZooCase("gpt", lambda: TinyGPT(), _ids(8, 32), token_loss, tags={"gpt", "embedding"}),
     ZooCase("gpt_tied", lambda: TinyGPT(tied=True), _ids(8, 32), token_loss, tags={"gpt", "embedding"}),
+    ZooCase("gpt_checkpointed", lambda: TinyGPT(checkpointed=True), _ids(8, 32), token_loss, tags={"gpt"}),
     ZooCase("cls_scale", lambda: ClsScaleNet(), _dense((4, 8), 4)),
     ZooCase("frozen", lambda: FrozenMLP(), _dense((10,), 5)),
     ZooCase("vit", lambda: TinyViT(), _dense((3, 8, 8), 5), tags={"attention", "conv"}),
@@ -1218,6 +1241,7 @@ HF_MORE: list[ZooCase] = (
         ZooCase("hf_bart_cls", lambda: HFText("bart_cls"), _eos_ids(8, 64, n_cls=3), available=has_transformers),
         ZooCase("hf_wav2vec2", lambda: HFSpeech("wav2vec2", 3), _dense((400,), 3), available=has_transformers),
         ZooCase("hf_modernbert_sparse", HFSparseMLM, _masked_labels(8, 64), summed_loss, available=has_transformers),
+        ZooCase("hf_llama_checkpointed", HFCheckpointed, _ids(8, 64), token_loss, available=has_transformers),
         ZooCase("hf_hubert", lambda: HFSpeech("hubert", 3), _dense((400,), 3), available=has_transformers),
         ZooCase("hf_wavlm", lambda: HFSpeech("wavlm", 3), _dense((400,), 3), available=has_transformers),
         # pools the last non-pad token: h[arange(B), last]

@@ -24,6 +24,7 @@ from grapefx.analysis.bag_layout import BagOffsets, bag_length
 from grapefx.analysis.indexing_layout import RULES as _INDEXING_RULES
 from grapefx.analysis.indexing_layout import BatchIndex, batch_index_position, masked_selections
 from grapefx.analysis.layout_types import UNKNOWN, BatchLayout, equal_count_rows, shape_of, to_sym
+from grapefx.analysis.rng_replay import wrapped_op
 from grapefx.analysis.selection_layout import RULES as _SELECTION_RULES
 
 aten = torch.ops.aten
@@ -176,6 +177,13 @@ class _Propagator:
             if isinstance(src, (tuple, list)):
                 return src[args[1]]
             return UNKNOWN if src is not None else None
+        wrapped = wrapped_op(node)
+        if wrapped is not None:  # a random op replayed by activation checkpointing: the op itself
+            call, returns_state = wrapped
+            if call.meta["val"] is None:  # no value to read the op's output shapes from
+                return UNKNOWN
+            lay = self.rule(call)  # type: ignore[arg-type]
+            return (None, lay) if returns_state else lay
         if not isinstance(t, torch._ops.OpOverload):
             ins = [self.lay(a) for a in self.tensor_args(node)]
             return None if all(i is None for i in ins) else UNKNOWN
