@@ -79,6 +79,12 @@ class PrivacyConfig:
     # the barrier; `memory_budget` (bytes of the backward's estimated peak) plans until it fits.
     memory_policy: str = "balanced"
     memory_budget: int | None = None
+    # Flat / automatic clipping in two backward passes (passes/two_pass.py): the first computes only
+    # the per-sample norms, the second replays the backward with the loss gradient weighted per
+    # sample. For activation checkpointing: one pass must hold every layer's recomputed operands
+    # until all norms are known, two passes hold what non-private training holds, for a second
+    # backward (recomputation included).
+    two_pass: bool = False
     # Data-parallel training (torch.distributed, model wrapped as DDP(grapefx.compile(model))): each
     # rank divides by a run-time denominator (global / world size, so DDP's averaging gives the global
     # result), only rank 0 adds noise, GRAPE's projected gradients are all-reduced in the backward.
@@ -116,6 +122,14 @@ class PrivacyConfig:
                 "strategy='grape' needs the projected parameter names: use grapefx.compile(model, "
                 "strategy='grape', ...) (default policy) or pass grape_params=(...)"
             )
+        if self.two_pass and (self.clipping == "per_layer" or self.strategy == "grape"):
+            raise ConfigError(
+                "two_pass=True is for flat / automatic clipping with strategy 'auto', 'ghost' or "
+                f"'instantiate' (got clipping={self.clipping!r}, strategy={self.strategy!r}); per-layer "
+                "clipping needs no second pass: it finishes each parameter right after its own norm"
+            )
+        if self.two_pass and self.distributed:
+            raise ConfigError("two_pass=True is not yet checked with data-parallel training: use one pass there")
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise ConfigError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
         if self.automatic_gamma <= 0:

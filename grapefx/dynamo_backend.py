@@ -45,6 +45,7 @@ from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.recompute_operands import find_recipes
 from grapefx.passes.schedule_memory import schedule_memory
 from grapefx.passes.tracing import retrace
+from grapefx.passes.two_pass import checkpointing_hint
 from grapefx.privacy.adaptive_clipping import ClipBoundState
 from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
 from grapefx.schedule.reorder import copy_graph_module
@@ -272,6 +273,11 @@ class GrapefxBackend:
 
         new_gm, plan, memory_plan = schedule_memory(build, bw_gm, self.config, shared.get("recipes"))
         plan.memory = memory_plan
+        hint = checkpointing_hint(
+            bw_gm, memory_plan.peak, memory_plan.original_peak, self.config.two_pass, self.config.clipping
+        )
+        if hint:
+            warnings.warn(hint, stacklevel=2)
         self.plans.append(plan)
         self.state.param_names = [g.name for g in plan.grads]  # columns of per_layer_norms()
         for name, proj in plan.projections.items():

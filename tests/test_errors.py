@@ -118,6 +118,25 @@ def test_bad_config_values_are_rejected() -> None:
         grapefx.PrivacyConfig(loss_reduction="avg")
     with pytest.raises(grapefx.ConfigError, match="unknown grapefx option"):
         grapefx.PrivacyConfig.from_options({"max_grad_nrom": 1.0})
+    with pytest.raises(grapefx.ConfigError, match="two_pass=True is for flat / automatic"):
+        grapefx.PrivacyConfig(two_pass=True, clipping="per_layer")
+
+
+def test_two_pass_with_the_loss_inside_is_refused() -> None:
+    """The second pass weights the loss gradient per sample: a loss summed inside the compiled
+    module hands the backward a scalar, with no sample to weight."""
+
+    class SummedLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(self.fc(x), y, reduction="sum")
+
+    cm = grapefx.compile(SummedLoss(), noise_multiplier=0.0, loss_reduction="sum", two_pass=True)
+    with pytest.raises(grapefx.GrapefxError, match=r"(?s)two_pass=True.*tangents_1.*outside the compiled module"):
+        cm(torch.randn(5, 4), torch.randint(0, 3, (5,))).backward()
 
 
 def test_non_finite_per_sample_norm_is_reported_with_parameter_names() -> None:

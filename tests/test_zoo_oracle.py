@@ -76,6 +76,7 @@ def run_against_oracle(
     device: str = "cpu",
     rtol: float = RTOL,
     plain_backend: bool = False,
+    two_pass: bool = False,
 ) -> None:
     """`plain_backend`: compile with `torch.compile(backend=grapefx.backend(...))` after
     `grapefx.prepare(model)` instead of `grapefx.compile` (no dynamic batch marking there: Dynamo
@@ -108,6 +109,7 @@ def run_against_oracle(
         codegen=codegen,
         expected_batch_size=expected_batch_size,
         seed=0,
+        two_pass=two_pass,
     )
     if plain_backend:
         backend = grapefx.backend(**options)
@@ -236,6 +238,23 @@ def test_per_layer_clipping_of_ghost_norms() -> None:
 )
 def test_automatic_clipping(zc: ZooCase, reduction: str) -> None:
     run_against_oracle(zc, reduction=reduction, clipping="automatic")
+
+
+@pytest.mark.parametrize(
+    "name,reduction,clipping",
+    [
+        ("gpt_checkpointed", "sum", "flat"),
+        ("gpt_checkpointed", "mean", "automatic"),
+        ("mlp", "sum", "flat"),
+        ("conv2d", "mean", "flat"),
+        pytest.param("gpt_tied", "sum", "flat", marks=pytest.mark.slow),
+        pytest.param("embedding_bags", "mean", "flat", marks=pytest.mark.slow),
+    ],
+)
+def test_two_pass(name: str, reduction: str, clipping: str) -> None:
+    """Flat / automatic clipping in two backward passes (norms, then the backward again with the loss
+    gradient weighted per sample): the same clipped sums."""
+    run_against_oracle(case(name), reduction=reduction, clipping=clipping, two_pass=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,7 +33,9 @@ def merge_common_subexpressions(gm: fx.GraphModule) -> int:
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or not _is_pure(node.target) or _storages(node) & protected:
             continue
-        key = (node.target, _freeze(node.args), _freeze(node.kwargs))
+        # two-pass clipping recomputes on purpose: its second pass must not read the first's values
+        second_pass = node.meta.get("grapefx", {}).get("pass") == "two_pass"
+        key = (node.target, _freeze(node.args), _freeze(node.kwargs), second_pass)
         if _contains(key, _UNHASHABLE):
             continue
         kept = first.setdefault(key, node)
