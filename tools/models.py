@@ -129,8 +129,10 @@ class GPT(nn.Module):
         heads: int = 4,
         max_t: int = 512,
         pos: str = "embedding",
+        checkpointed: bool = False,
     ) -> None:
         super().__init__()
+        self.checkpointed = checkpointed  # every block under activation checkpointing (case M3C)
         if pos not in ("param", "embedding"):
             raise ValueError(f"pos must be 'param' or 'embedding', got {pos!r}")
         self.pos_style = pos
@@ -160,7 +162,7 @@ class GPT(nn.Module):
         else:
             h = self.tok(ids) + self.pos[:, :T]
         for blk in self.blocks:
-            h = blk(h)
+            h = torch.utils.checkpoint.checkpoint(blk, h, use_reentrant=False) if self.checkpointed else blk(h)
         return self.head(self.ln_f(h))
 
 
@@ -279,9 +281,10 @@ def _vit(g: torch.Generator, B: int, T: int | None):
     return ViT(), torch.randn(B, 3, 32, 32, generator=g), torch.randint(0, 10, (B,), generator=g), class_loss
 
 
-def _gpt(vocab: int = 8192, d: int = 256, n_layer: int = 4, heads: int = 4, max_t: int = 512):
+def _gpt(vocab: int = 8192, d: int = 256, n_layer: int = 4, heads: int = 4, max_t: int = 512, checkpointed=False):
     def build(g: torch.Generator, B: int, T: int, pos: str = "embedding"):
         model = GPT(vocab=vocab, d=d, n_layer=n_layer, heads=heads, max_t=max(max_t, T), pos=pos)
+        model.checkpointed = checkpointed
         ids = torch.randint(0, vocab, (B, T + 1), generator=g)
         return model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), token_loss
 
@@ -294,13 +297,22 @@ def _llama(g: torch.Generator, B: int, T: int):
     return model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), token_loss
 
 
-GPT_CASES = ("M3", "M4", "H", "GPT-S")
+GPT_CASES = ("M3", "M3C", "DC", "M4", "H", "GPT-S")
 
 CASES: dict[str, tuple[str, int, int | None, Callable]] = {
     "M1": ("MLP 784-512-512-10", 256, None, _m1),
     "M2": ("CNN 3 conv + GroupNorm + linear, 32x32x3", 64, None, _m2),
     "M3": ("GPT decoder V=8192 d=256 L=4 H=4", 16, 128, _gpt()),
     "M4": ("GPT decoder V=8192 d=256 L=4 H=4", 4, 512, _gpt()),
+    # M3 with every block under activation checkpointing (torch.utils.checkpoint, non-reentrant); DC:
+    # deeper, smaller vocabulary, where the blocks' activations (not the logits) fill the memory
+    "M3C": ("GPT decoder V=8192 d=256 L=4 H=4, checkpointed blocks", 16, 128, _gpt(checkpointed=True)),
+    "DC": (
+        "GPT decoder V=2048 d=256 L=8 H=4, checkpointed blocks",
+        16,
+        128,
+        _gpt(vocab=2048, n_layer=8, checkpointed=True),
+    ),
     # parameter-heavy: 27M parameters, few tokens per step, so optimizer state dominates memory
     "H": ("GPT decoder V=8192 d=512 L=6 H=8 (parameter-heavy, Adam)", 4, 64, _gpt(d=512, n_layer=6, heads=8, max_t=64)),
     "ViT": ("ViT-tiny-like: 4x4 patches of 32x32x3, d=192, 3 heads, 6 layers", 32, None, _vit),

@@ -65,6 +65,8 @@ def grapefx_kwargs(variant: str) -> dict:
         kw["clipping"] = "per_layer"
     elif variant.startswith("grape"):
         kw.update(strategy="grape", rank=int(variant[len("grape") :]))
+    elif variant == "twopass":  # flat clipping in two backward passes (activation checkpointing)
+        kw["two_pass"] = True
     elif variant == "minmem":
         kw["memory_policy"] = "min-memory"
     elif variant == "nonoise":  # sigma = 0: the cost of clipping alone, without the Gaussian draws
