@@ -38,7 +38,12 @@ _MULTI_OUTPUT_TARGETS = {
 def pad_masked_row_sites(gm: fx.GraphModule, layouts: LayoutResult) -> fx.GraphModule | None:
     """A copy of backward graph `gm` whose grad sites over x[mask] rows read padded operands
     (`layouts`: gm's batch layouts); None when there is no such site this pass can rewrite."""
-    masks = {rows: mask for mask, rows in masked_selections(gm).values()}
+    # the mask of each row count; a count torch proved equal for two masks (rows of both combined)
+    # names neither: such sites stay refused rather than padded by the wrong mask
+    found: dict[Any, set[fx.Node]] = {}
+    for mask, rows in masked_selections(gm).values():
+        found.setdefault(rows, set()).add(mask)
+    masks = {rows: next(iter(ms)) for rows, ms in found.items() if len(ms) == 1}
     plans = {}
     for site, why in layouts.unknown_ops.items():
         padding = _padding(site, layouts, masks) if why == MASKED_ROWS_SITE else None
