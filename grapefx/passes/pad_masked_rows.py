@@ -44,9 +44,12 @@ def pad_masked_row_sites(gm: fx.GraphModule, layouts: LayoutResult) -> fx.GraphM
     for mask, rows in masked_selections(gm).values():
         found.setdefault(rows, set()).add(mask)
     masks = {rows: next(iter(ms)) for rows, ms in found.items() if len(ms) == 1}
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     plans = {}
     for site, why in layouts.unknown_ops.items():
         padding = _padding(site, layouts, masks) if why == MASKED_ROWS_SITE else None
+        if padding and any(position[mask] > position[site] for mask, _ in padding.values()):
+            padding = None  # a mask computed after the site (never seen): keep the refusal
         if padding:
             plans[site] = padding
     if not plans:

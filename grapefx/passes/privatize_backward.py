@@ -183,8 +183,9 @@ def privatize_backward(
                 for g in grads:
                     with provenance("noise", "noise", g.name):
                         finished[g.name] = add_noise(second[g.out_node], config, state_id, state["denom"], C)
-            for g in grads if not config.two_pass else ():
-                finished[g.name] = _finish(g, site_ctx[g.name], w, state["denom"], C)
+            else:
+                for g in grads:
+                    finished[g.name] = _finish(g, site_ctx[g.name], w, state["denom"], C)
         if config.distributed and plan.projections:  # DP-GRAPE: all-reduce the r-dimensional Ĝ only
             with provenance("grape_project", "all_reduce_projected", "*"):
                 projs = {p.index: p for p in plan.projections.values()}
