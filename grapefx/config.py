@@ -128,8 +128,6 @@ class PrivacyConfig:
                 f"'instantiate' (got clipping={self.clipping!r}, strategy={self.strategy!r}); per-layer "
                 "clipping needs no second pass: it finishes each parameter right after its own norm"
             )
-        if self.two_pass and self.distributed:
-            raise ConfigError("two_pass=True is not yet checked with data-parallel training: use one pass there")
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise ConfigError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
         if self.automatic_gamma <= 0:

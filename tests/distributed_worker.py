@@ -240,6 +240,8 @@ def _scenarios(rank: int, device: str) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for strategy, reduction in (("auto", "sum"), ("auto", "mean"), ("grape", "mean")):
         results[f"exact/{strategy}/{reduction}"] = _exact(rank, device, strategy, reduction)
+    two_pass = {"noise_multiplier": 0.0, "loss_reduction": "mean", "seed": 3, "two_pass": True}
+    results["exact/two_pass/mean"] = run_steps(rank, device, two_pass, SPLITS)
     results["noise"] = noise_runs(rank, device)
     adaptive = {"loss_reduction": "mean", "expected_batch_size": 8, "seed": 3}
     clean = {"count_noise_std": 0.0, "learning_rate": 0.5}

@@ -72,6 +72,12 @@ def test_bk_gradients_equal_single_process_on_global_batch(ranks, reduction: str
     _check_exact(ranks, f"exact/auto/{reduction}", len(SPLITS) if reduction == "mean" else 2)
 
 
+def test_two_pass_gradients_equal_single_process_on_global_batch(ranks) -> None:
+    """two_pass=True (norms, then the backward replayed with per-sample weighted tangents) under
+    data parallelism: the run-time global denominator and rank 0's noise are those of one pass."""
+    _check_exact(ranks, "exact/two_pass/mean", len(SPLITS))
+
+
 def test_grape_gradients_equal_single_process_on_global_batch(ranks) -> None:
     """GRAPE: Ĝ (all-reduced in the backward) and the back-projected p.grad equal the single-process
     ones; the projected weights are left out of DDP's reducer. DDP all-reduces only the dense
