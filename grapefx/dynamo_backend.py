@@ -8,6 +8,7 @@ Dynamo graph ──capture──► AOTAutograd (core-aten decompositions, min-c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import warnings
@@ -45,7 +46,7 @@ from grapefx.passes.privatize_backward import BackwardPlan, privatize_backward
 from grapefx.passes.recompute_operands import find_recipes
 from grapefx.passes.schedule_memory import schedule_memory
 from grapefx.passes.tracing import retrace
-from grapefx.passes.two_pass import checkpointing_hint
+from grapefx.passes.two_pass import checkpointing_hint, wants_two_passes
 from grapefx.privacy.adaptive_clipping import ClipBoundState
 from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
 from grapefx.schedule.reorder import copy_graph_module
@@ -254,28 +255,38 @@ class GrapefxBackend:
                 break
             bw_gm = padded
 
-        def build(
-            ghost: frozenset[str], instantiate: frozenset[str] = frozenset()
-        ) -> tuple[fx.GraphModule, BackwardPlan]:
-            return privatize_backward(
-                bw_gm,
-                bw_inputs,
-                seeds,
-                shared["batch"],
-                params,
-                self.config,
-                self.state.id,
-                ghost,
-                instantiate,
-                shared.get("forward_culprits", ()),
-                checked_rows,
-            )
+        def plan_with(config: PrivacyConfig) -> tuple[fx.GraphModule, BackwardPlan, Any]:
+            def build(
+                ghost: frozenset[str], instantiate: frozenset[str] = frozenset()
+            ) -> tuple[fx.GraphModule, BackwardPlan]:
+                return privatize_backward(
+                    bw_gm,
+                    bw_inputs,
+                    seeds,
+                    shared["batch"],
+                    params,
+                    config,
+                    self.state.id,
+                    ghost,
+                    instantiate,
+                    shared.get("forward_culprits", ()),
+                    checked_rows,
+                )
 
-        new_gm, plan, memory_plan = schedule_memory(build, bw_gm, self.config, shared.get("recipes"))
+            return schedule_memory(build, bw_gm, config, shared.get("recipes"))
+
+        new_gm, plan, memory_plan = plan_with(self.config)
+        if wants_two_passes(bw_gm, self.config, memory_plan.peak):
+            # min-memory / an unmet budget under activation checkpointing: plan the two-pass
+            # backward too, and keep it if it peaks lower (it is refused without per-sample tangents)
+            with contextlib.suppress(GrapefxError):
+                two = plan_with(dataclasses.replace(self.config, two_pass=True))
+                if two[2].peak < memory_plan.peak:
+                    two[2].notes.append(f"two passes (one pass: estimated peak {memory_plan.peak} bytes)")
+                    new_gm, plan, memory_plan = two
         plan.memory = memory_plan
-        hint = checkpointing_hint(
-            bw_gm, memory_plan.peak, memory_plan.original_peak, self.config.two_pass, self.config.clipping
-        )
+        two_pass = self.config.two_pass or any(n.startswith("two passes") for n in memory_plan.notes)
+        hint = checkpointing_hint(bw_gm, memory_plan.peak, memory_plan.original_peak, two_pass, self.config.clipping)
         if hint:
             warnings.warn(hint, stacklevel=2)
         self.plans.append(plan)

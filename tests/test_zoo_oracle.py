@@ -77,6 +77,7 @@ def run_against_oracle(
     rtol: float = RTOL,
     plain_backend: bool = False,
     two_pass: bool = False,
+    memory_policy: str = "balanced",
 ) -> None:
     """`plain_backend`: compile with `torch.compile(backend=grapefx.backend(...))` after
     `grapefx.prepare(model)` instead of `grapefx.compile` (no dynamic batch marking there: Dynamo
@@ -110,6 +111,7 @@ def run_against_oracle(
         expected_batch_size=expected_batch_size,
         seed=0,
         two_pass=two_pass,
+        memory_policy=memory_policy,
     )
     if plain_backend:
         backend = grapefx.backend(**options)
@@ -257,6 +259,12 @@ def test_two_pass(name: str, reduction: str, clipping: str) -> None:
     gradient weighted per sample): the same clipped sums."""
     clipping, _, codegen = clipping.partition("-")
     run_against_oracle(case(name), reduction=reduction, clipping=clipping, codegen=codegen or "eager", two_pass=True)
+
+
+def test_min_memory_under_activation_checkpointing() -> None:
+    """memory_policy="min-memory" plans two passes for a checkpointed model when they peak lower
+    (tests/test_schedule.py); the gradients stay exact."""
+    run_against_oracle(case("gpt_checkpointed"), reduction="mean", memory_policy="min-memory")
 
 
 # ----------------------------------------------------------------------------------------------

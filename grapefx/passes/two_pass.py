@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 
 from grapefx.analysis.layout import BatchLayout, LayoutResult
+from grapefx.config import PrivacyConfig
 from grapefx.errors import GrapefxError
 from grapefx.passes.interp import call_node
 
@@ -63,16 +64,29 @@ def weighted_replay(gm: fx.GraphModule, env: dict[fx.Node, Any], scaled: dict[fx
 HINT_PEAK_RATIO = 1.5
 
 
+def recomputes(original: fx.GraphModule) -> bool:
+    """The backward recomputes checkpointed activations (AOTAutograd tags those nodes)."""
+    return any("recompute" in n.meta for n in original.graph.nodes)
+
+
+def wants_two_passes(original: fx.GraphModule, config: PrivacyConfig, one_pass_peak: int) -> bool:
+    """Whether the memory planner should also try two passes: activation checkpointing under
+    memory_policy="min-memory", or a memory_budget one pass does not meet."""
+    if config.two_pass or config.clipping == "per_layer" or config.strategy == "grape":
+        return False
+    over_budget = config.memory_budget is not None and one_pass_peak > config.memory_budget
+    return (config.memory_policy == "min-memory" or over_budget) and recomputes(original)
+
+
 def checkpointing_hint(original: fx.GraphModule, peak: int, original_peak: int, two_pass: bool, clipping: str) -> str:
     """A warning for activation checkpointing under single-pass flat clipping, where the rewrite
     keeps every layer's recomputed operands until all norms are known; empty when it does not apply."""
-    recomputes = any("recompute" in n.meta for n in original.graph.nodes)
-    if not recomputes or two_pass or clipping == "per_layer" or peak <= HINT_PEAK_RATIO * original_peak:
+    if not recomputes(original) or two_pass or clipping == "per_layer" or peak <= HINT_PEAK_RATIO * original_peak:
         return ""
     return (
         "grapefx: this model uses activation checkpointing, and single-pass flat clipping holds every "
         "layer's recomputed operands until all per-sample norms are known: the private backward's "
         f"estimated peak is {peak / 2**20:.1f} MB against {original_peak / 2**20:.1f} MB non-private. "
-        "two_pass=True keeps checkpointing's savings at the cost of a second backward; "
-        "clipping='per_layer' keeps them in one pass."
+        "two_pass=True (or memory_policy='min-memory', which plans it) keeps checkpointing's savings "
+        "at the cost of a second backward; clipping='per_layer' keeps them in one pass."
     )
