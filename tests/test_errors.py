@@ -122,20 +122,22 @@ def test_bad_config_values_are_rejected() -> None:
         grapefx.PrivacyConfig(two_pass=True, clipping="per_layer")
 
 
-def test_two_pass_with_the_loss_inside_is_refused() -> None:
-    """The second pass weights the loss gradient per sample: a loss summed inside the compiled
-    module hands the backward a scalar, with no sample to weight."""
+def test_two_pass_refuses_a_batch_wide_loss_term_next_to_per_sample_ones() -> None:
+    """The second pass weights each sample's gradient where it first has a batch dim; a loss term
+    over the whole batch (`h.sum()`) adds a gradient every sample shares to the already weighted
+    one there, which no per-sample weight can split."""
 
-    class SummedLoss(nn.Module):
+    class BatchTerm(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc = nn.Linear(4, 3)
+            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
 
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return F.cross_entropy(self.fc(x), y, reduction="sum")
+            h = torch.tanh(self.fc1(x))
+            return F.cross_entropy(self.fc2(h), y, reduction="sum") + h.sum()
 
-    cm = grapefx.compile(SummedLoss(), noise_multiplier=0.0, loss_reduction="sum", two_pass=True)
-    with pytest.raises(grapefx.GrapefxError, match=r"(?s)two_pass=True.*tangents_1.*outside the compiled module"):
+    cm = grapefx.compile(BatchTerm(), noise_multiplier=0.0, loss_reduction="sum", two_pass=True)
+    with pytest.raises(grapefx.GrapefxError, match=r"(?s)two_pass=True.*shared by the whole batch.*two_pass=False"):
         cm(torch.randn(5, 4), torch.randint(0, 3, (5,))).backward()
 
 

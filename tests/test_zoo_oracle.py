@@ -243,22 +243,26 @@ def test_automatic_clipping(zc: ZooCase, reduction: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name,reduction,clipping",
+    "name,options",
     [
-        ("gpt_checkpointed", "sum", "flat"),
-        ("gpt_checkpointed", "mean", "automatic"),
-        ("mlp", "sum", "flat"),
-        ("conv2d", "mean", "flat"),
-        pytest.param("gpt_tied", "sum", "flat", marks=pytest.mark.slow),
-        pytest.param("embedding_bags", "mean", "flat", marks=pytest.mark.slow),
-        pytest.param("gpt_checkpointed", "mean", "flat-inductor", marks=pytest.mark.slow),
+        ("gpt_checkpointed", {}),
+        ("gpt_checkpointed", {"reduction": "mean", "clipping": "automatic"}),
+        ("gpt_checkpointed", {"reduction": "mean", "loss_inside": True}),
+        ("mlp", {"loss_inside": True}),
+        ("conv2d", {"reduction": "mean"}),
+        ("masked_rows_head", {}),  # the loss inside, over x[mask] rows: weighted row by row
+        pytest.param("masked_tokens_flat", {"reduction": "mean"}, marks=pytest.mark.slow),
+        pytest.param("gpt_tied", {}, marks=pytest.mark.slow),
+        pytest.param("embedding_bags", {"reduction": "mean"}, marks=pytest.mark.slow),
+        pytest.param("gpt_checkpointed", {"reduction": "mean", "codegen": "inductor"}, marks=pytest.mark.slow),
+        pytest.param("hf_modernbert_sparse", {}, marks=pytest.mark.slow),
     ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "sum",
 )
-def test_two_pass(name: str, reduction: str, clipping: str) -> None:
-    """Flat / automatic clipping in two backward passes (norms, then the backward again with the loss
-    gradient weighted per sample): the same clipped sums."""
-    clipping, _, codegen = clipping.partition("-")
-    run_against_oracle(case(name), reduction=reduction, clipping=clipping, codegen=codegen or "eager", two_pass=True)
+def test_two_pass(name: str, options: dict) -> None:
+    """Flat / automatic clipping in two backward passes (norms, then the backward again with each
+    sample's gradient weighted where it first has a batch dim): the same clipped sums."""
+    run_against_oracle(case(name), two_pass=True, **options)
 
 
 def test_min_memory_under_activation_checkpointing() -> None:

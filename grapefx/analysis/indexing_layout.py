@@ -102,6 +102,15 @@ def masked_selections(gm: fx.GraphModule) -> dict[fx.Node, tuple[fx.Node, Any]]:
 _SELECTIONS = (aten.index, aten._unsafe_index, aten.index_put, aten._unsafe_index_put)
 
 
+def masks_by_row_count(gm: fx.GraphModule) -> dict[Any, fx.Node]:
+    """{unbacked row count: the one mask whose selections have it}; a count torch proved equal for
+    two masks (rows of both combined) names neither."""
+    found: dict[Any, set[fx.Node]] = {}
+    for mask, rows in masked_selections(gm).values():
+        found.setdefault(rows, set()).add(mask)
+    return {rows: next(iter(masks)) for rows, masks in found.items() if len(masks) == 1}
+
+
 def _leading_batch(lay: Any) -> bool:
     """The batch leads dim 0, each sample's part of it a static count: [B, ...] or flattened [B·T, ...]."""
     return isinstance(lay, BatchLayout) and lay.dim == 0 and lay.outer == 1 and sympy.sympify(lay.inner).is_Integer

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from grapefx.analysis.indexing_layout import masked_selections  # also registers grapefx::pad_masked_rows
+from grapefx.analysis.indexing_layout import masks_by_row_count  # also registers grapefx::pad_masked_rows
 from grapefx.analysis.layout import MASKED_ROWS_SITE, BatchLayout, LayoutResult
 
 _PAD = torch.ops.grapefx.pad_masked_rows.default
@@ -38,12 +38,7 @@ _MULTI_OUTPUT_TARGETS = {
 def pad_masked_row_sites(gm: fx.GraphModule, layouts: LayoutResult) -> fx.GraphModule | None:
     """A copy of backward graph `gm` whose grad sites over x[mask] rows read padded operands
     (`layouts`: gm's batch layouts); None when there is no such site this pass can rewrite."""
-    # the mask of each row count; a count torch proved equal for two masks (rows of both combined)
-    # names neither: such sites stay refused rather than padded by the wrong mask
-    found: dict[Any, set[fx.Node]] = {}
-    for mask, rows in masked_selections(gm).values():
-        found.setdefault(rows, set()).add(mask)
-    masks = {rows: next(iter(ms)) for rows, ms in found.items() if len(ms) == 1}
+    masks = masks_by_row_count(gm)  # ambiguous counts stay refused rather than padded by a wrong mask
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     plans = {}
     for site, why in layouts.unknown_ops.items():

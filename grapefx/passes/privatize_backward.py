@@ -49,7 +49,7 @@ from grapefx.passes.grape_project import (
 from grapefx.passes.interp import call_node, make_lookup
 from grapefx.passes.per_sample_norms import per_sample_norm_sq, plan_norms
 from grapefx.passes.tracing import retrace
-from grapefx.passes.two_pass import weighted_replay, weighted_tangents
+from grapefx.passes.two_pass import weighted_replay
 from grapefx.rules.registry import NormChoice, SiteContext, rule_for
 
 aten = torch.ops.aten
@@ -177,9 +177,7 @@ def privatize_backward(
                 w = flat_weights(norms, state["scale"], state["denom"], config, C)
             if config.two_pass:  # the clipped sums from a second backward with weighted tangents
                 with provenance("two_pass", "weighted_replay", "*"):
-                    tangents = [n for n in placeholders if n.name.startswith("tangents")]
-                    scaled = weighted_tangents(tangents, [env[t] for t in tangents], layouts, w)
-                    second = weighted_replay(gm, env, scaled)
+                    second = weighted_replay(gm, env, layouts, w)
                 for g in grads:
                     with provenance("noise", "noise", g.name):
                         finished[g.name] = add_noise(second[g.out_node], config, state_id, state["denom"], C)

@@ -1,62 +1,116 @@
 """The second pass of two-pass clipping (PrivacyConfig.two_pass): the backward replayed with the
 loss gradient weighted per sample.
 
-Every grad site is linear in the gradient flowing into the backward (the tangents), and a sample's
-share of a tangent is its rows along the tangent's batch dim. Scaling those rows by w_i (the clip
-factor, loss scale and denominator of `clip_factors.flat_weights`) and running the original backward
-again gives Σ_i w_i g_i at every parameter output: the clipped sum, with no operand of the first
-pass kept past the norms. That is what activation checkpointing needs: its recomputed activations
-live for one layer's backward in each pass, never across the barrier.
+Every grad site is linear in the gradient flowing into the backward (the tangents). Where that
+gradient first has a batch dim, sample i's share is its rows there: a tangent with a batch dim (the
+loss computed outside the compiled module), or the first batched node a batch-free gradient feeds
+(a loss summed inside it). Scaling those rows by w_i (the clip factor, loss scale and denominator of
+`clip_factors.flat_weights`) and running the original backward again gives Σ_i w_i g_i at every
+parameter output: the clipped sum, with no operand of the first pass kept past the norms. That is
+what activation checkpointing needs: its recomputed activations live for one layer's backward in
+each pass, never across the barrier.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import sympy
 import torch
 import torch.fx as fx
 
+from grapefx.analysis.indexing_layout import masks_by_row_count
 from grapefx.analysis.layout import BatchLayout, LayoutResult
 from grapefx.config import PrivacyConfig
 from grapefx.errors import GrapefxError
 from grapefx.passes.interp import call_node
 
 
-def weighted_tangents(
-    tangents: list[fx.Node], values: list[torch.Tensor], layouts: LayoutResult, w: torch.Tensor
-) -> dict[fx.Node, torch.Tensor]:
-    """Each tangent with its batch rows scaled by `w` [B]."""
-    out = {}
-    for node, value in zip(tangents, values):
-        lay = layouts.layouts.get(node)
-        if value is None:
-            continue
-        if not isinstance(lay, BatchLayout) or not sympy.sympify(lay.outer * lay.inner).is_Integer:
-            raise GrapefxError(
-                f"two_pass=True weights the loss gradient per sample, but the backward input {node.name} "
-                "has no per-sample layout (a loss reduced inside the compiled module?). Compute the loss "
-                "outside the compiled module, or use two_pass=False."
-            )
-        outer, inner = int(lay.outer), int(lay.inner)
-        per_row = w.reshape(1, -1, 1).expand(outer, -1, inner).reshape(-1)
-        shape = [1] * value.dim()
-        shape[lay.dim] = -1
-        out[node] = value * per_row.reshape(shape).to(value.dtype)
-    return out
-
-
-def weighted_replay(gm: fx.GraphModule, env: dict[fx.Node, Any], scaled: dict[fx.Node, torch.Tensor]) -> dict:
-    """The whole backward again, from its inputs in `env` with the tangents of `scaled` swapped in;
-    returns every node's value (dead ones are dropped when the rewrite is traced)."""
-    second: dict[fx.Node, Any] = {n: env[n] for n in gm.graph.nodes if n.op == "placeholder"}
-    second.update(scaled)
+def weighted_replay(
+    gm: fx.GraphModule, env: dict[fx.Node, Any], layouts: LayoutResult, w: torch.Tensor
+) -> dict[fx.Node, Any]:
+    """The whole backward again from its inputs in `env`, each sample's gradient weighted by w_i
+    where it first has a batch dim; returns every node's value (dead ones are dropped when the
+    rewrite is traced). That frontier is a tangent with a batch dim (the loss outside the compiled
+    module), or the first batched node fed by a batch-free value computed from the tangents (the
+    loss summed inside: the scalar gradient meets the saved per-sample activations there). Every
+    value computed from the tangents is linear in them, so weighting there weights each sample's
+    whole contribution once; batch sums past it are grad sites, which feed parameters only."""
+    from_tangents: set[fx.Node] = set()
+    second: dict[fx.Node, Any] = {}
+    row_masks = masks_by_row_count(gm)
     for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            second[node] = env[node]
+            if node.name.startswith("tangents"):
+                from_tangents.add(node)
+                if second[node] is not None and layouts.layouts.get(node) is not None:
+                    second[node] = _weighted(node, second[node], layouts, w, row_masks, second)
+            continue
         if node.op == "get_attr":
             second[node] = getattr(gm, node.target)
-        elif node.op == "call_function":
-            second[node] = call_node(node, second.__getitem__)
+            continue
+        if node.op != "call_function":
+            continue
+        second[node] = call_node(node, second.__getitem__)
+        inputs = [a for a in node.all_input_nodes if a in from_tangents]
+        if not inputs:
+            continue
+        from_tangents.add(node)
+        entering = any(layouts.layouts.get(a) is None for a in inputs)
+        if not entering or layouts.layouts.get(node) is None or node.target is operator.getitem:
+            continue
+        if any(layouts.layouts.get(a) is not None for a in inputs):
+            # a gradient already weighted meets one still shared by all samples: weighting the sum
+            # would weight the first twice
+            raise GrapefxError(
+                f"two_pass=True: {node.name} ({node.target}) adds a per-sample gradient to one shared by "
+                "the whole batch (e.g. a loss term over the batch inside the compiled module next to "
+                "per-sample terms). Use two_pass=False, or compute the loss outside the compiled module."
+            )
+        second[node] = _weighted(node, second[node], layouts, w, row_masks, second)
     return second
+
+
+def _weighted(
+    node: fx.Node,
+    value: Any,
+    layouts: LayoutResult,
+    w: torch.Tensor,
+    row_masks: dict[Any, fx.Node],
+    values: dict[fx.Node, Any],
+) -> torch.Tensor:
+    """`value` (node's) with its rows of sample i scaled by w_i along its batch layout; rows of
+    x[mask] (`row_masks`: row count -> mask) by the weight of the sample each row came from."""
+    lay = layouts.layouts.get(node)
+    if isinstance(value, torch.Tensor) and isinstance(lay, BatchLayout) and lay.outer == 1:
+        size = node.meta["val"].shape[lay.dim]
+        expr = sympy.sympify(size.node.expr) if isinstance(size, torch.SymInt) else None
+        mask = row_masks.get(expr)
+        mask_lay = layouts.layouts.get(mask)
+        if mask is not None and isinstance(mask_lay, BatchLayout) and sympy.sympify(mask_lay.inner).is_Integer:
+            m = values[mask]
+            per_entry = w.repeat_interleave(int(mask_lay.inner)).reshape(-1, *[1] * (m.dim() - 1))
+            return _scaled(value, per_entry.expand(m.shape)[m], lay.dim)
+    if (
+        not isinstance(value, torch.Tensor)
+        or not isinstance(lay, BatchLayout)
+        or not sympy.sympify(lay.outer * lay.inner).is_Integer
+    ):
+        raise GrapefxError(
+            f"two_pass=True weights each sample's gradient where it first has a batch dim, but "
+            f"{node.name} ({node.target}) has no per-sample layout grapefx can weight (rows of x[mask], "
+            "or several outputs). Use two_pass=False, or compute the loss outside the compiled module."
+        )
+    outer, inner = int(lay.outer), int(lay.inner)
+    return _scaled(value, w.reshape(1, -1, 1).expand(outer, -1, inner).reshape(-1), lay.dim)
+
+
+def _scaled(value: torch.Tensor, per_row: torch.Tensor, dim: int) -> torch.Tensor:
+    shape = [1] * value.dim()
+    shape[dim] = -1
+    return value * per_row.reshape(shape).to(value.dtype)
 
 
 # single-pass clipping holding more than this multiple of the non-private backward's estimated peak,
