@@ -88,6 +88,10 @@ SENS = [
     ("masked_tokens", "flat", "auto"),  # CE over logits[mask] inside the model: counts differ per sample
     ("masked_tokens_flat", "flat", "auto"),  # the same over a flattened [B·T] mask
     ("masked_rows_head", "flat", "auto"),  # head(norm(h[mask])): weight gradients over unequal rows
+    ("gpt_checkpointed", "flat", "auto"),  # blocks recomputed in the backward, attention RNG replayed
+    # "two_pass": strategy "auto" with two_pass=True (norms, then the backward with weighted gradients)
+    ("gpt_checkpointed", "flat", "two_pass"),  # weighted tangents (the loss outside)
+    ("masked_rows_head", "flat", "two_pass"),  # the loss inside: x[mask] rows weighted by their sample
     _slow("hf_bart_cls", "flat", "auto"),  # BART's EOS pooling in the real model
     _slow("hf_llama_lora", "flat", "auto"),  # peft LoRA adapters, frozen base weights
     _slow("hf_mixtral", "flat", "auto"),  # top-2 routing, experts gathered per token (batched_mm)
@@ -105,8 +109,15 @@ def test_remove_one_sensitivity(name: str, clipping: str, strategy: str) -> None
     x, y = zc.batch(B)
     C, norms = median_norm(model, zc, x, y)
     assert (norms > C * 1.01).any(), "some samples must be clipped for the check to bite"
+    two_pass = strategy == "two_pass"
     cm = grapefx.compile(
-        model, max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum", clipping=clipping, strategy=strategy
+        model,
+        max_grad_norm=C,
+        noise_multiplier=0.0,
+        loss_reduction="sum",
+        clipping=clipping,
+        strategy="auto" if two_pass else strategy,
+        two_pass=two_pass,
     )
     full = step(cm, model, zc, x, y)
     assert torch.isfinite(full).all()

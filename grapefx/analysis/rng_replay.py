@@ -35,7 +35,9 @@ class WrappedCall:
 
     @property
     def all_input_nodes(self) -> list[fx.Node]:
-        return [a for a in fx.node.map_aggregate((self.args, self.kwargs), lambda a: a) if isinstance(a, fx.Node)]
+        found: list[fx.Node] = []
+        fx.node.map_arg((self.args, self.kwargs), lambda a: found.append(a) or a)
+        return list(dict.fromkeys(found))
 
 
 def wrapped_op(node: fx.Node) -> tuple[WrappedCall, bool] | None:

@@ -23,7 +23,7 @@ import torch.fx as fx
 from grapefx.analysis.indexing_layout import masks_by_row_count
 from grapefx.analysis.layout import BatchLayout, LayoutResult
 from grapefx.config import PrivacyConfig
-from grapefx.errors import GrapefxError
+from grapefx.errors import GrapefxError, describe_node
 from grapefx.passes.interp import call_node
 
 
@@ -65,7 +65,7 @@ def weighted_replay(
             # a gradient already weighted meets one still shared by all samples: weighting the sum
             # would weight the first twice
             raise GrapefxError(
-                f"two_pass=True: {node.name} ({node.target}) adds a per-sample gradient to one shared by "
+                f"two_pass=True: {describe_node(node)} adds a per-sample gradient to one shared by "
                 "the whole batch (e.g. a loss term over the batch inside the compiled module next to "
                 "per-sample terms). Use two_pass=False, or compute the loss outside the compiled module."
             )
@@ -100,7 +100,7 @@ def _weighted(
     ):
         raise GrapefxError(
             f"two_pass=True weights each sample's gradient where it first has a batch dim, but "
-            f"{node.name} ({node.target}) has no per-sample layout grapefx can weight (rows of x[mask], "
+            f"{describe_node(node)} has no per-sample layout grapefx can weight (rows of x[mask], "
             "or several outputs). Use two_pass=False, or compute the loss outside the compiled module."
         )
     outer, inner = int(lay.outer), int(lay.inner)
