@@ -15,6 +15,7 @@ from grapefx.distributed import wrap as dist_wrap
 from grapefx.dynamo_backend import GrapefxBackend
 from grapefx.errors import ConfigError, GrapefxError, GraphBreakError
 from grapefx.grape.policy import DEFAULT_EXCLUDE, grape_parameters
+from grapefx.privacy.clip_groups import resolve_clip_groups
 from grapefx.transformers_compat import (
     batched_experts,
     expert_configs,
@@ -221,4 +222,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         distributed=dist_wrap.resolve(distributed),
         **options,
     )
+    if config.clipping == "group":  # patterns that miss a parameter, or match none, fail here
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        resolve_clip_groups(trainable, config.clip_groups, strict=True)
     return PrivateModule(model, config)

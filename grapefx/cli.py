@@ -91,7 +91,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("privacy / compile options (grapefx.compile)")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C (default 1.0)")
     g.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma: noise std is sigma*C (default 1.0)")
-    g.add_argument("--clipping", default="flat", choices=("flat", "per_layer", "automatic"), help="default flat")
+    g.add_argument(
+        "--clipping", default="flat", choices=("flat", "per_layer", "group", "automatic"), help="default flat"
+    )
+    g.add_argument(
+        "--clip-groups",
+        default=None,
+        help="with --clipping group: 'module' (one group per module), or groups of parameter name patterns, "
+        "groups separated by ';', patterns by ',' (e.g. 'embed.*;blocks.*,head.*')",
+    )
     g.add_argument(
         "--strategy",
         default="auto",
@@ -164,6 +172,7 @@ def compile_and_run(args: argparse.Namespace) -> dict[str, Any]:
         noise_multiplier=args.noise_multiplier,
         loss_reduction=args.loss_reduction,
         clipping=args.clipping,
+        clip_groups=_clip_groups(args.clip_groups),
         strategy=args.strategy,
         codegen=args.codegen,
         rank=args.rank,
@@ -191,6 +200,13 @@ def compile_and_run(args: argparse.Namespace) -> dict[str, Any]:
         "batch_size": batch,
         "loss": loss_name,
     }
+
+
+def _clip_groups(spec: str | None) -> str | list[list[str]] | None:
+    """--clip-groups: 'module', or 'a.*,b.*;c.*' (groups by ';', patterns by ',')."""
+    if spec is None or spec == "module":
+        return spec
+    return [[p.strip() for p in group.split(",") if p.strip()] for group in spec.split(";")]
 
 
 def _progress(message: str) -> None:

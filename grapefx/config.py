@@ -7,8 +7,9 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from grapefx.errors import ConfigError
+from grapefx.privacy.clip_groups import normalize_clip_groups
 
-CLIPPING_MODES = ("flat", "per_layer", "automatic")
+CLIPPING_MODES = ("flat", "per_layer", "group", "automatic")
 REDUCTIONS = ("mean", "sum")
 STRATEGIES = ("auto", "ghost", "instantiate", "grape")
 CODEGENS = ("eager", "inductor")
@@ -95,6 +96,11 @@ class PrivacyConfig:
     # bound, which then follows a quantile of the per-sample norms (flat clipping only; data-parallel:
     # the ranks' counts are summed).
     adaptive_clipping: AdaptiveClipping | None = None
+    # clipping="group" (grapefx/privacy/clip_groups.py): "module" or name patterns per group; each
+    # group is clipped on its own to C_g, sum of C_g^2 = C^2, in proportion to `clip_group_shares`
+    # (one positive number per declared group; equal if None).
+    clip_groups: Any = None
+    clip_group_shares: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_grad_norm, (int, float)) and self.max_grad_norm > 0):
@@ -122,12 +128,13 @@ class PrivacyConfig:
                 "strategy='grape' needs the projected parameter names: use grapefx.compile(model, "
                 "strategy='grape', ...) (default policy) or pass grape_params=(...)"
             )
-        if self.two_pass and (self.clipping == "per_layer" or self.strategy == "grape"):
+        if self.two_pass and (self.clipping in ("per_layer", "group") or self.strategy == "grape"):
             raise ConfigError(
                 "two_pass=True is for flat / automatic clipping with strategy 'auto', 'ghost' or "
                 f"'instantiate' (got clipping={self.clipping!r}, strategy={self.strategy!r}); per-layer "
-                "clipping needs no second pass: it finishes each parameter right after its own norm"
+                "and group clipping need no second pass: they finish each group right after its own norms"
             )
+        self._check_clip_groups()
         if self.memory_budget is not None and self.memory_budget <= 0:
             raise ConfigError(f"memory_budget must be a positive number of bytes, got {self.memory_budget}")
         if self.automatic_gamma <= 0:
@@ -136,6 +143,28 @@ class PrivacyConfig:
             object.__setattr__(self, "adaptive_clipping", AdaptiveClipping(**self.adaptive_clipping))
         if self.adaptive_clipping is not None:
             self._check_adaptive_clipping()
+
+    def _check_clip_groups(self) -> None:
+        if self.clipping != "group":
+            if self.clip_groups is not None or self.clip_group_shares is not None:
+                raise ConfigError(f"clip_groups / clip_group_shares need clipping='group' (got {self.clipping!r})")
+            return
+        if not self.clip_groups:
+            raise ConfigError(
+                "clipping='group' needs clip_groups: grapefx.compile(model, clipping='group', "
+                "clip_groups='module') or a list of groups of parameter name patterns"
+            )
+        groups = normalize_clip_groups(self.clip_groups)
+        object.__setattr__(self, "clip_groups", groups)
+        if self.clip_group_shares is not None:
+            if groups == "module":
+                raise ConfigError("clip_group_shares needs explicit clip_groups (not 'module'): one share per group")
+            shares = tuple(float(s) for s in self.clip_group_shares)
+            if len(shares) != len(groups) or not all(math.isfinite(s) and s > 0 for s in shares):
+                raise ConfigError(
+                    f"clip_group_shares needs one positive number per group ({len(groups)} groups), got {shares}"
+                )
+            object.__setattr__(self, "clip_group_shares", shares)
 
     def _check_adaptive_clipping(self) -> None:
         if self.clipping != "flat":

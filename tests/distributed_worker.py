@@ -242,6 +242,9 @@ def _scenarios(rank: int, device: str) -> dict[str, Any]:
         results[f"exact/{strategy}/{reduction}"] = _exact(rank, device, strategy, reduction)
     two_pass = {"noise_multiplier": 0.0, "loss_reduction": "mean", "seed": 3, "two_pass": True}
     results["exact/two_pass/mean"] = run_steps(rank, device, two_pass, SPLITS)
+    group = {"noise_multiplier": 0.0, "loss_reduction": "mean", "clipping": "group"}
+    group["clip_groups"] = [["0.*", "2.*"], "*"]
+    results["exact/group/mean"] = run_steps(rank, device, group, SPLITS)
     results["noise"] = noise_runs(rank, device)
     adaptive = {"loss_reduction": "mean", "expected_batch_size": 8, "seed": 3}
     clean = {"count_noise_std": 0.0, "learning_rate": 0.5}

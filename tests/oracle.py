@@ -20,11 +20,14 @@ def oracle_grads(
     clipping: str = "flat",
     expected_batch_size: int | None = None,
     gamma: float = 0.01,
+    groups: list[list[str]] | None = None,
+    shares: list[float] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Σ_i c_i g_i / denom for every trainable parameter, float64; also the per-sample norms.
 
     per_sample_loss(model_output_for_one_sample, *other_inputs_for_one_sample) -> scalar, called
-    on a batch of one (inputs keep a leading dim of 1).
+    on a batch of one (inputs keep a leading dim of 1). clipping="group": `groups` lists the
+    parameter names clipped together, to C·s_g/‖s‖ with `shares` s (equal if None).
     """
     m = copy.deepcopy(model).double()
     for mod in m.modules():  # transformers MoE: the reference loop over experts (grouped_mm has no float64)
@@ -60,6 +63,14 @@ def oracle_grads(
         c = {k: (C / (norms + 1e-6)).clamp(max=1.0) for k in params}
     elif clipping == "automatic":
         c = {k: C / (norms + gamma) for k in params}
+    elif clipping == "group":
+        assert groups is not None and sorted(n for g in groups for n in g) == sorted(params), groups
+        s = shares or [1.0] * len(groups)
+        c = {}
+        for g, share in zip(groups, s):
+            bound = C * share / math.sqrt(sum(x * x for x in s))
+            norm = torch.cat([per_sample[k].reshape(B, -1) for k in g], dim=1).norm(dim=1)
+            c.update(dict.fromkeys(g, (bound / (norm + 1e-6)).clamp(max=1.0)))
     else:
         cp = C / math.sqrt(len(params))
         c = {k: (cp / (per_sample[k].reshape(B, -1).norm(dim=1) + 1e-6)).clamp(max=1.0) for k in params}

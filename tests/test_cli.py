@@ -177,6 +177,18 @@ def test_inspect_text_triple_factory_per_layer(capsys: pytest.CaptureFixture) ->
     assert "4 trainable parameters" in text and "estimated peak memory" in text
 
 
+@pytest.mark.parametrize("groups", ["module", "0.*;2.weight,2.bias"])
+def test_inspect_group_clipping(groups: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", f"{ABS}:regression", "--clipping", "group", "--clip-groups", groups]) == 0
+    text = capsys.readouterr().out
+    assert "clipping=group" in text and "4 trainable parameters" in text
+
+
+def test_inspect_group_clipping_names_unmatched_parameters(capsys: pytest.CaptureFixture) -> None:
+    assert main(["inspect", f"{ABS}:regression", "--clipping", "group", "--clip-groups", "0.*"]) != 0
+    assert "['2.weight', '2.bias'] match no group" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

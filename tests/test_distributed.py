@@ -78,6 +78,11 @@ def test_two_pass_gradients_equal_single_process_on_global_batch(ranks) -> None:
     _check_exact(ranks, "exact/two_pass/mean", len(SPLITS))
 
 
+def test_group_clipping_gradients_equal_single_process_on_global_batch(ranks) -> None:
+    """clipping="group": each group finished on its own, with the run-time global denominator."""
+    _check_exact(ranks, "exact/group/mean", len(SPLITS))
+
+
 def test_grape_gradients_equal_single_process_on_global_batch(ranks) -> None:
     """GRAPE: Ĝ (all-reduced in the backward) and the back-projected p.grad equal the single-process
     ones; the projected weights are left out of DDP's reducer. DDP all-reduces only the dense

@@ -122,6 +122,32 @@ def test_bad_config_values_are_rejected() -> None:
         grapefx.PrivacyConfig(two_pass=True, clipping="per_layer")
 
 
+def test_bad_clip_groups_are_rejected_naming_the_parameters() -> None:
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    model[2].bias.requires_grad_(False)  # frozen: needs no group
+
+    def compile_with(**kw):  # noqa: ANN003, ANN202
+        return grapefx.compile(model, clipping="group", **kw)
+
+    with pytest.raises(grapefx.ConfigError, match=r"\['2.weight'\] match no group.*'\*'"):
+        compile_with(clip_groups=[["0.*"]])
+    with pytest.raises(grapefx.ConfigError, match=r"groups \[\['dec.\*'\]\] match no trainable parameter"):
+        compile_with(clip_groups=[["0.*"], ["dec.*"], "*"])
+    with pytest.raises(grapefx.ConfigError, match="one positive number per group"):
+        compile_with(clip_groups=["0.*", "*"], clip_group_shares=[1.0])
+    with pytest.raises(grapefx.ConfigError, match="not 'module'"):
+        compile_with(clip_groups="module", clip_group_shares=[1.0, 2.0])
+    with pytest.raises(grapefx.ConfigError, match="'module' .* or a list"):
+        compile_with(clip_groups="modules")
+    with pytest.raises(grapefx.ConfigError, match="needs clip_groups"):
+        compile_with()
+    with pytest.raises(grapefx.ConfigError, match="need clipping='group'"):
+        grapefx.compile(model, clip_groups="module")
+    with pytest.raises(grapefx.ConfigError, match="two_pass=True is for flat / automatic"):
+        compile_with(clip_groups="module", two_pass=True)
+    assert compile_with(clip_groups=[["0.*"], "2.*"]).privacy_config.clip_groups == (("0.*",), ("2.*",))
+
+
 def test_two_pass_refuses_a_batch_wide_loss_term_next_to_per_sample_ones() -> None:
     """The second pass weights each sample's gradient where it first has a batch dim; a loss term
     over the whole batch (`h.sum()`) adds a gradient every sample shares to the already weighted

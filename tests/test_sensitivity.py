@@ -65,6 +65,9 @@ SENS = [
     ("norm_layouts", "per_layer", "auto"),
     ("mlp", "per_layer", "auto"),
     pytest.param("gpt", "per_layer", "auto", marks=pytest.mark.slow),
+    ("mlp", "group", "auto"),  # clip_groups="module": weight and bias of each layer together
+    ("conv2d", "group", "auto"),
+    _slow("gpt", "group", "auto"),
     ("mlp", "automatic", "auto"),
     ("embedding_bag", "automatic", "auto"),
     ("long_tokens", "flat", "ghost"),  # blocked Grams, tied cross terms, positions' lookup norm
@@ -118,6 +121,7 @@ def test_remove_one_sensitivity(name: str, clipping: str, strategy: str) -> None
         clipping=clipping,
         strategy="auto" if two_pass else strategy,
         two_pass=two_pass,
+        **({"clip_groups": "module"} if clipping == "group" else {}),
     )
     full = step(cm, model, zc, x, y)
     assert torch.isfinite(full).all()

@@ -78,6 +78,8 @@ def run_against_oracle(
     plain_backend: bool = False,
     two_pass: bool = False,
     memory_policy: str = "balanced",
+    clip_groups: str | list[list[str]] | None = None,
+    clip_group_shares: list[float] | None = None,
 ) -> None:
     """`plain_backend`: compile with `torch.compile(backend=grapefx.backend(...))` after
     `grapefx.prepare(model)` instead of `grapefx.compile` (no dynamic batch marking there: Dynamo
@@ -89,6 +91,7 @@ def run_against_oracle(
     def psl(out, y):
         return zc.loss(out, y, reduction)
 
+    oracle_groups = clip_groups if isinstance(clip_groups, list) else None
     _, big_norms = oracle_grads(model, batches[big], psl, 1.0, reduction)
     C = choose_C(big_norms)
     if clipping == "per_layer":
@@ -97,6 +100,17 @@ def run_against_oracle(
         C = math.sqrt(P) * float(pn.flatten().median())
         cp = C / math.sqrt(P)
         assert (pn > cp * 1.001).any() and (pn < cp * 0.999).any(), "per-layer clipping must be exercised"
+    elif clipping == "group":  # clip_groups: "module", or exact parameter names (the oracle matches no patterns)
+        if clip_groups == "module":
+            oracle_groups = module_groups(model)
+        pn = per_param_norms(model, *batches[big], zc, reduction)
+        names = [k for k, v in model.named_parameters() if v.requires_grad]
+        shares = clip_group_shares or [1.0] * len(oracle_groups)
+        fractions = [s / math.sqrt(sum(x * x for x in shares)) for s in shares]
+        gn = [pn[:, [names.index(n) for n in g]].norm(dim=1) / f for g, f in zip(oracle_groups, fractions)]
+        gn = torch.stack(gn, 1)
+        C = float(gn.flatten().median())  # group g is clipped where its norm exceeds C·f_g
+        assert (gn > C * 1.001).any() and (gn < C * 0.999).any(), "group clipping must be exercised"
     else:
         assert (big_norms > C * 1.001).any() and (big_norms < C * 0.999).any(), big_norms
 
@@ -113,6 +127,8 @@ def run_against_oracle(
         two_pass=two_pass,
         memory_policy=memory_policy,
     )
+    if clipping == "group":
+        options.update(clip_groups=clip_groups, clip_group_shares=clip_group_shares)
     if plain_backend:
         backend = grapefx.backend(**options)
         cm = torch.compile(grapefx.prepare(target), backend=backend, fullgraph=True)
@@ -128,7 +144,15 @@ def run_against_oracle(
         assert loss.dim() == 0
         loss.backward()
         ref, norms = oracle_grads(
-            model, (x, y), psl, C, reduction, clipping=clipping, expected_batch_size=expected_batch_size
+            model,
+            (x, y),
+            psl,
+            C,
+            reduction,
+            clipping=clipping,
+            expected_batch_size=expected_batch_size,
+            groups=oracle_groups,
+            shares=clip_group_shares,
         )
         try:
             assert_grads_match(model, ref, rtol=rtol)
@@ -223,6 +247,44 @@ def test_loss_inside(name: str, reduction: str) -> None:
 )
 def test_per_layer_clipping(zc: ZooCase, reduction: str) -> None:
     run_against_oracle(zc, reduction=reduction, clipping="per_layer")
+
+
+def module_groups(model: nn.Module) -> list[list[str]]:
+    """Trainable parameters grouped by the module that holds them (what clip_groups='module' means)."""
+    groups: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(name.rpartition(".")[0], []).append(name)
+    return list(groups.values())
+
+
+def blocks_of(model: nn.Module, k: int) -> list[list[str]]:
+    """The trainable parameters in k consecutive blocks (a "group-wise" split by depth)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    cuts = [len(names) * j // k for j in range(k + 1)]
+    return [names[a:b] for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+@pytest.mark.parametrize(
+    "name,grouping,reduction,strategy",
+    [
+        ("mlp", "module", "sum", "auto"),
+        ("conv2d", "module", "mean", "auto"),  # weight and bias of a convolution: one weighted backward
+        ("gpt_tied", "blocks3", "sum", "auto"),  # a tied weight's cross terms inside one group
+        ("long_tokens", "blocks2", "mean", "ghost"),  # blocked Grams
+        ("norm_layouts", "module", "sum", "instantiate"),
+        ("masked_rows_head", "blocks2", "sum", "auto"),
+    ],
+)
+def test_group_clipping(name: str, grouping: str, reduction: str, strategy: str) -> None:
+    """clipping='group': each group of parameters clipped on its own to C·s_g/‖s‖ (unequal shares for
+    the block splits), against the oracle clipping the same groups."""
+    zc = case(name)
+    groups = "module" if grouping == "module" else blocks_of(zc.make(), int(grouping[len("blocks") :]))
+    shares = None if grouping == "module" else [1.0 + j for j in range(len(groups))]
+    run_against_oracle(
+        zc, reduction=reduction, clipping="group", strategy=strategy, clip_groups=groups, clip_group_shares=shares
+    )
 
 
 def test_per_layer_clipping_of_ghost_norms() -> None:

@@ -43,6 +43,10 @@ class Stage:
 
 
 # -- concrete sizes ------------------------------------------------------------------------------
+# a data-dependent size with no hint (torch._inductor.config.unbacked_symint_fallback)
+UNBACKED_SIZE_GUESS = 8192
+
+
 def concrete(x: Any) -> int:
     """The example value of an int / SymInt (the batch size the graph was compiled with)."""
     if isinstance(x, bool):
@@ -60,7 +64,11 @@ def concrete(x: Any) -> int:
                 return int(hint)
             env = x.node.shape_env
             values = getattr(env, "backed_var_to_val", None) or env.var_to_val
-            return int(x.node.expr.xreplace(values))
+            expr = x.node.expr.xreplace(values)
+            if expr.free_symbols:  # unbacked (a data-dependent size, e.g. x[mask]): torch 2.11's
+                # optimization_hint is missing; guess as Inductor does for such sizes
+                expr = expr.xreplace(dict.fromkeys(expr.free_symbols, UNBACKED_SIZE_GUESS))
+            return int(expr)
     return int(x)
 
 

@@ -10,18 +10,22 @@ the privacy state, read after the norms are recorded) and the gradient's noise u
 
 Per-layer clipping splits the budget evenly: parameter p is clipped to C_p = C / sqrt(P), so the
 whole gradient still has sensitivity C and noise of std σC keeps the stated guarantee. It needs no
-global norm, so each parameter is finished as soon as its own norm is known (FlashDP).
+global norm, so each parameter is finished as soon as its own norm is known (FlashDP). Group clipping
+(`grapefx/privacy/clip_groups.py`) does the same for groups of parameters, each to its C_g.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
 import grapefx.privacy.adaptive_clipping  # noqa: F401 - registers grapefx::clip_bound
 from grapefx.config import PrivacyConfig
+from grapefx.privacy.clip_groups import group_bounds
+
+# clipping modes that clip groups of parameters on their own (no global norm, no barrier)
+GROUPED_MODES = ("per_layer", "group")
 
 STABILITY = 1e-6
 
@@ -46,10 +50,11 @@ def loss_scale_and_denom(
     return batch_size, denom
 
 
-def per_layer_weights(norm: torch.Tensor, n_params: int, scale: Any, denom: Any, config: PrivacyConfig) -> torch.Tensor:
-    """Weights of one parameter, clipped on its own to C / sqrt(P); `norm` is its [B] per-sample norm."""
-    c_p = float(config.max_grad_norm) / math.sqrt(n_params)
-    return (c_p / (norm + STABILITY)).clamp(max=1.0) * scale / denom
+def group_weights(norms: torch.Tensor, bound: float, scale: Any, denom: Any) -> torch.Tensor:
+    """Weights of one clip group (per-layer clipping: one parameter), clipped on its own to `bound`;
+    `norms` is [B, k], the per-sample norms of the group's k parameters."""
+    norm = norms[:, 0] if norms.shape[1] == 1 else norms.pow(2).sum(dim=1).sqrt()
+    return (bound / (norm + STABILITY)).clamp(max=1.0) * scale / denom
 
 
 def clip_bound(config: PrivacyConfig, recorded: torch.Tensor, state_id: int) -> float | torch.Tensor:
@@ -79,16 +84,21 @@ def recorded_norms(norm_sq: list[torch.Tensor], scale: Any, first: int, n_column
 
 
 def clip_weights(
-    norm_sq: list[torch.Tensor], batch_size: Any, config: PrivacyConfig, state_id: int
+    norm_sq: list[torch.Tensor], names: list[str], batch_size: Any, config: PrivacyConfig, state_id: int
 ) -> tuple[list[torch.Tensor], Any, float | torch.Tensor]:
-    """All parameters at once (used where the graph has no per-layer structure, e.g. B=1); also the
-    denominator and C."""
+    """All parameters (`names`, in the order of `norm_sq`) at once, used where the graph has no
+    per-layer structure (B=1); also the denominator and C."""
     scale, denom = loss_scale_and_denom(batch_size, config, state_id, norm_sq[0] if norm_sq else None)
     n = len(norm_sq)
     norms = recorded_norms(norm_sq, scale, 0, n, state_id)
     C = clip_bound(config, norms, state_id)
-    if config.clipping == "per_layer":
-        return [per_layer_weights(norms[:, j], n, scale, denom, config) for j in range(n)], denom, C
+    if config.clipping in GROUPED_MODES:
+        column = {name: j for j, name in enumerate(names)}
+        weights: dict[str, torch.Tensor] = {}
+        for members, bound in group_bounds(names, config):
+            w = group_weights(norms[:, [column[m] for m in members]], bound, scale, denom)
+            weights.update(dict.fromkeys(members, w))
+        return [weights[name] for name in names], denom, C
     w = flat_weights(norms, scale, denom, config, C)
     return [w for _ in norm_sq], denom, C
 

@@ -95,6 +95,7 @@ def single_sample_backward(
     gm: fx.GraphModule, inputs: list[Any], params: list[tuple[int, str]], config: PrivacyConfig, state_id: int
 ) -> fx.GraphModule:
     projected = _projected(set(config.grape_params or ()), params)
+    names = dict(params)
 
     def fn(*args: Any) -> Any:
         outs = list(ViewTolerantInterpreter(gm).run(*args))
@@ -104,7 +105,7 @@ def single_sample_backward(
             if i in projected:
                 outs[i], projections[i] = _project(outs[i], projected[i], config, state_id)
         norm_sq = [accumulated(outs[i]).pow(2).sum().reshape(1) for i in present]
-        weights, denom, C = clip_weights(norm_sq, 1, config, state_id)
+        weights, denom, C = clip_weights(norm_sq, [names[i] for i in present], 1, config, state_id)
         ghats = {}
         for i, w in zip(present, weights):
             outs[i] = add_noise(outs[i] * w.to(outs[i].dtype), config, state_id, denom, C)

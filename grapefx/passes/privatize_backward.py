@@ -8,7 +8,8 @@ DP-GRAPE). Then:
   - flat / automatic clipping: after the last norm (the barrier), clip factors (`clip_factors.py`),
     each site as a weighted contraction — or, where the norm instantiated per-sample values, their
     weighted sum — the original post nodes, and noise once per parameter;
-  - per-layer clipping: the same for each parameter right after its own norm (no barrier).
+  - per-layer / group clipping: the same for each parameter (group of parameters) right after its
+    own norm (its group's last norm), with no barrier.
 The weights fold in the loss scale and denominator. The rewrite is traced with make_fx on the
 backward's own fake inputs, so symbolic batch sizes carry through and the result is a plain aten
 graph that either codegen path accepts; every node records its provenance in meta["grapefx"].
@@ -30,11 +31,12 @@ from grapefx.analysis.layout import BatchLayout, LayoutResult, analyze_layouts
 from grapefx.config import PrivacyConfig
 from grapefx.distributed.ops import reduce_projected
 from grapefx.passes.clip_factors import (
+    GROUPED_MODES,
     add_noise,
     clip_bound,
     flat_weights,
+    group_weights,
     loss_scale_and_denom,
-    per_layer_weights,
     recorded_norms,
 )
 from grapefx.passes.common_subexpressions import merge_common_subexpressions
@@ -50,6 +52,7 @@ from grapefx.passes.interp import call_node, make_lookup
 from grapefx.passes.per_sample_norms import per_sample_norm_sq, plan_norms
 from grapefx.passes.tracing import retrace
 from grapefx.passes.two_pass import weighted_replay
+from grapefx.privacy.clip_groups import group_bounds
 from grapefx.rules.registry import NormChoice, SiteContext, rule_for
 
 aten = torch.ops.aten
@@ -105,8 +108,12 @@ def privatize_backward(
     output_args = gm.graph.output_node().args[0]
 
     ready_at = _ready_positions(gm, grads)
-    per_layer = config.clipping == "per_layer"
+    grouped = config.clipping in GROUPED_MODES
     index = {g.name: j for j, g in enumerate(grads)}
+    by_name = {g.name: g for g in grads}
+    # per-layer / group clipping: each group is finished when its last parameter's norm is known
+    bounds = group_bounds([g.name for g in grads], config) if grouped else []
+    group_of = {name: k for k, (members, _) in enumerate(bounds) for name in members}
 
     def private_backward(*args: Any) -> Any:
         env: dict[Any, Any] = dict(zip(placeholders, args))
@@ -116,6 +123,7 @@ def privatize_backward(
         state: dict[str, Any] = {}  # batch size, loss scale, denominator (traced values)
         site_ctx: dict[str, list[SiteContext]] = {}  # per parameter (keys are user names: keep apart)
         proj_p: dict[str, torch.Tensor] = {}  # DP-GRAPE projection per parameter
+        recorded: dict[str, torch.Tensor] = {}  # per-layer / group clipping: each parameter's [B] norms
 
         def on_ready(g: ParamGrad) -> None:
             # Norms as soon as a parameter's operands exist (their temporaries die early); in
@@ -138,12 +146,18 @@ def privatize_backward(
                     choices = plan_norms([g], {g.name: sites}, ghost, instantiate)[g.name]
                     plan.choices[g.name] = [(str(c.node), ch) for c, ch in zip(sites, choices)]
                     norm_sq[g.name] = per_sample_norm_sq(g, sites, choices, gm, env)
-            if per_layer:
+            if grouped:
                 with provenance("clip_factors", "clip", g.name):
                     col = index[g.name]
-                    norm = recorded_norms([norm_sq[g.name]], state["scale"], col, len(grads), state_id)[:, 0]
-                    w = per_layer_weights(norm, len(grads), state["scale"], state["denom"], config)
-                finished[g.name] = _finish(g, sites, w, state["denom"], float(config.max_grad_norm))
+                    recorded[g.name] = recorded_norms([norm_sq[g.name]], state["scale"], col, len(grads), state_id)
+                members, bound = bounds[group_of[g.name]]
+                if any(m not in recorded for m in members):
+                    return  # the group's other parameters are still to come
+                with provenance("clip_factors", "clip", g.name):
+                    norms = torch.cat([recorded[m] for m in members], dim=1)
+                    w = group_weights(norms, bound, state["scale"], state["denom"])
+                for m in members:
+                    finished[m] = _finish(by_name[m], site_ctx[m], w, state["denom"], float(config.max_grad_norm))
 
         def _finish(
             g: ParamGrad, sites: list[SiteContext], w: torch.Tensor, denom: Any, C: float | torch.Tensor
@@ -170,7 +184,7 @@ def privatize_backward(
                     env[node] = call_node(node, lookup)
             for g in ready_at.get(pos, []):
                 on_ready(g)
-        if not per_layer:  # flat clipping: the barrier, every norm is needed
+        if not grouped:  # flat clipping: the barrier, every norm is needed
             with provenance("clip_factors", "clip", "*"):
                 norms = recorded_norms([norm_sq[g.name] for g in grads], state["scale"], 0, len(grads), state_id)
                 C = clip_bound(config, norms, state_id)

@@ -126,7 +126,7 @@ def recomputes(original: fx.GraphModule) -> bool:
 def wants_two_passes(original: fx.GraphModule, config: PrivacyConfig, one_pass_peak: int) -> bool:
     """Whether the memory planner should also try two passes: activation checkpointing under
     memory_policy="min-memory", or a memory_budget one pass does not meet."""
-    if config.two_pass or config.clipping == "per_layer" or config.strategy == "grape":
+    if config.two_pass or config.clipping in ("per_layer", "group") or config.strategy == "grape":
         return False
     over_budget = config.memory_budget is not None and one_pass_peak > config.memory_budget
     return (config.memory_policy == "min-memory" or over_budget) and recomputes(original)
@@ -135,7 +135,9 @@ def wants_two_passes(original: fx.GraphModule, config: PrivacyConfig, one_pass_p
 def checkpointing_hint(original: fx.GraphModule, peak: int, original_peak: int, two_pass: bool, clipping: str) -> str:
     """A warning for activation checkpointing under single-pass flat clipping, where the rewrite
     keeps every layer's recomputed operands until all norms are known; empty when it does not apply."""
-    if not recomputes(original) or two_pass or clipping == "per_layer" or peak <= HINT_PEAK_RATIO * original_peak:
+    if two_pass or clipping in ("per_layer", "group") or not recomputes(original):
+        return ""
+    if peak <= HINT_PEAK_RATIO * original_peak:
         return ""
     return (
         "grapefx: this model uses activation checkpointing, and single-pass flat clipping holds every "
