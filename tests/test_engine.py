@@ -270,6 +270,18 @@ def test_checkpoint_settings_must_match_unless_not_strict(tmp_path):
     assert engine.epsilon() > epsilon(sample_rate=q, noise_multiplier=1.3, steps=2, delta=1e-5)
 
 
+def test_group_clipping_through_make_private_and_its_checkpoint(tmp_path):
+    """make_private passes clip_groups on to grapefx.compile; a checkpoint saved with other groups
+    is refused like any other privacy setting."""
+    _, (m, o, loader, engine) = _fresh(clipping="group", clip_groups="module")
+    _train(m, o, loader, engine, 2)
+    assert engine.model.privacy_config.clip_groups == "module"
+    engine.save(tmp_path / "ckpt.pt")
+    _, (m, o, loader, engine) = _fresh(clipping="group", clip_groups=[["0.*"], ["3.*"]])
+    with pytest.raises(ValueError, match="clip_groups='module' vs"):
+        engine.load(tmp_path / "ckpt.pt")
+
+
 # -- secure mode -----------------------------------------------------------------------------------
 def test_secure_normal_statistics():
     from scipy import stats

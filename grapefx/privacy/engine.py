@@ -84,6 +84,8 @@ _PRIVACY_KEYS = (  # config entries that must match between a checkpoint and the
     "secure_mode",
     "accumulation_steps",
     "adaptive_clipping",
+    "clip_groups",
+    "clip_group_shares",
 )
 _LOADER_KWARGS = (  # DataLoader settings carried over from the user's loader
     "num_workers",
@@ -370,6 +372,13 @@ class PrivacyEngine:
         self.load_state_dict(state, strict=strict, restore_global_rng=restore_global_rng)
 
 
+def _plain_groups(value: Any) -> Any:
+    """clip_groups / clip_group_shares as plain lists (checkpoints hold plain data only)."""
+    if value is None or isinstance(value, (str, int, float)):
+        return value
+    return [_plain_groups(v) for v in value]
+
+
 def _as_dict(options: Any) -> dict[str, Any] | None:
     """Adaptive clipping options as plain data (checkpoints hold plain data only)."""
     if options is None or isinstance(options, dict):
@@ -504,6 +513,8 @@ def make_private(
         "noise_multiplier": sigma,
         "max_grad_norm": float(max_grad_norm),
         "clipping": clipping,
+        "clip_groups": _plain_groups(compile_options.get("clip_groups")),
+        "clip_group_shares": _plain_groups(compile_options.get("clip_group_shares")),
         "adaptive_clipping": _as_dict(adaptive_clipping),
         "strategy": strategy,
         "expected_batch_size": expected_batch,
