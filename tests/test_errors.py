@@ -25,6 +25,17 @@ def test_batchnorm_in_training_is_refused_with_module_name() -> None:
     assert "1" in str(info.value)  # the module path `1` (Sequential index) is named
 
 
+def test_every_batchnorm_layer_is_named_in_one_error() -> None:
+    """One run lists every training-mode BatchNorm, not just the first (as Opacus' validator does)."""
+    layers = [nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.GroupNorm(2, 4)]
+    layers += [nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 2 * 2, 8), nn.BatchNorm1d(8)]
+    model = nn.Sequential(*layers)
+    with pytest.raises(grapefx.BatchMixingError, match=r"module `1 \(BatchNorm2d\)`.*2 more") as info:
+        _run(model, torch.randn(4, 3, 6, 6))
+    assert "`6 (BatchNorm2d)`" in str(info.value) and "`9 (BatchNorm1d)`" in str(info.value)
+    assert "(GroupNorm)" not in str(info.value)  # the GroupNorm layer is not a culprit
+
+
 def test_batchnorm_in_eval_mode_and_frozen_is_accepted() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     model[1].eval().requires_grad_(False)
@@ -45,6 +56,12 @@ class _CenterOverBatch(nn.Module):
 def test_reduction_over_batch_inside_model_is_refused() -> None:
     with pytest.raises(grapefx.BatchMixingError, match="mixes samples"):
         _run(_CenterOverBatch(), torch.randn(4, 5))
+
+
+def test_every_reduction_that_mixes_samples_is_named_in_one_error() -> None:
+    model = nn.Sequential(_CenterOverBatch(), nn.Tanh(), nn.Linear(3, 5), _CenterOverBatch())
+    with pytest.raises(grapefx.BatchMixingError, match=r"module `0 .*mixes samples.*1 more: .*module `3 "):
+        _run(model, torch.randn(4, 5))
 
 
 class _NonlinearLoss(nn.Module):

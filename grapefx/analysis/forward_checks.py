@@ -43,15 +43,16 @@ _LINEAR_PASSTHROUGH = {
 
 
 def check_forward(gm: fx.GraphModule, layouts: LayoutResult) -> None:
-    for node, kind in layouts.batch_reductions.items():
-        if kind == "batch_norm":
-            raise BatchMixingError(
-                f"{describe_node(node)} is BatchNorm in training mode: its statistics mix the samples "
-                "of a batch, so per-sample gradients do not exist. Replace it with GroupNorm or "
-                "LayerNorm (grapefx.replace_batch_norm(model) swaps every BatchNorm for a GroupNorm), "
-                "or freeze it with module.eval() and requires_grad_(False)."
-            )
+    batch_norms = [node for node, kind in layouts.batch_reductions.items() if kind == "batch_norm"]
+    if batch_norms:
+        raise BatchMixingError(
+            f"{describe_node(batch_norms[0])} is BatchNorm in training mode: its statistics mix the samples "
+            "of a batch, so per-sample gradients do not exist. Replace it with GroupNorm or "
+            "LayerNorm (grapefx.replace_batch_norm(model) swaps every BatchNorm for a GroupNorm), "
+            "or freeze it with module.eval() and requires_grad_(False)." + _also(batch_norms[1:])
+        )
     tainted: set[fx.Node] = set()
+    mixing: list[tuple[fx.Node, fx.Node]] = []  # (batch statistic, per-sample op using it)
     for node in gm.graph.nodes:  # topological order
         if node in layouts.batch_reductions:
             val = node.meta.get("val")
@@ -62,14 +63,34 @@ def check_forward(gm: fx.GraphModule, layouts: LayoutResult) -> None:
         if node.op != "call_function" or node in tainted:
             continue
         parents = [a for a in node.all_input_nodes if a in tainted]
-        if parents:
+        if parents and layouts.layouts.get(node) is not None:
+            mixing.append((parents[0], node))  # a batch statistic used per sample: listed below
+        elif parents:
             _check_linear_use(node, parents, layouts)
             tainted.add(node)
-    for node in layouts.batch_reductions:
-        for user in node.users:
-            lay = layouts.layouts.get(user)
-            if lay is not None and user.op != "output":
-                raise _mixing_error(node, user)
+    mixing += [
+        (node, user)
+        for node in layouts.batch_reductions
+        for user in node.users
+        if layouts.layouts.get(user) is not None and user.op != "output"
+    ]
+    if mixing:
+        error = _mixing_error(*mixing[0])
+        others = list(dict.fromkeys(node for node, _ in mixing[1:] if node is not mixing[0][0]))
+        raise BatchMixingError(str(error) + _also(others))
+
+
+# how many further culprits an error lists (the first is described in full)
+MAX_LISTED = 6
+
+
+def _also(nodes: list[fx.Node]) -> str:
+    """' Also: ...' naming the other ops that fail the same way, so that one run lists every culprit."""
+    if not nodes:
+        return ""
+    listed = ", ".join(describe_node(n) for n in nodes[:MAX_LISTED])
+    more = f" and {len(nodes) - MAX_LISTED} more" if len(nodes) > MAX_LISTED else ""
+    return f" The same holds for {len(nodes)} more: {listed}{more}."
 
 
 _LINEAR_REDUCTIONS = {aten.sum, aten.mean}
@@ -90,9 +111,6 @@ def _check_linear_reduction(node: fx.Node, kind: str) -> None:
 
 
 def _check_linear_use(node: fx.Node, parents: list[fx.Node], layouts: LayoutResult) -> None:
-    lay = layouts.layouts.get(node)
-    if lay is not None:
-        raise _mixing_error(parents[0], node)
     if node.target is operator.getitem:
         return
     packet = getattr(node.target, "overloadpacket", None)
@@ -118,7 +136,7 @@ def _check_linear_use(node: fx.Node, parents: list[fx.Node], layouts: LayoutResu
 
 def _mixing_error(reduction: fx.Node, user: fx.Node) -> BatchMixingError:
     where = module_path(reduction) or module_path(user)
-    hint = f" (module `{where}`)" if where else ""
+    hint = f" (module `{where}`)" if where and where not in describe_node(reduction) else ""
     return BatchMixingError(
         f"{describe_node(reduction)}{hint} reduces over the batch dimension and its result is used "
         f"again per sample by {describe_node(user)}: this mixes samples, so per-sample gradients "

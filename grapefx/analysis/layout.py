@@ -535,9 +535,9 @@ def _batch_norm(p: _Propagator, n: fx.Node) -> Any:
         return (lx, None, None)
     if lx is UNKNOWN or lx.dim != 0 or not lx.plain:
         return UNKNOWN
-    if training:
+    if training:  # refused by check_forward; the rest of the graph is read as if per sample, so
+        # that one error names every BatchNorm layer
         p.res.batch_reductions[n] = "batch_norm"
-        return UNKNOWN
     return tuple(lx if i == 0 else None for i in range(len(vals)))
 
 
