@@ -204,7 +204,11 @@ class GrapefxBackend:
         if capture.batch_size == 0:
             return
         layouts = analyze_layouts(fw_gm, capture.batch_size, seeds)
-        check_forward(fw_gm, layouts)
+        if capture.batch_size != 1:
+            # one sample cannot be mixed with another, and its graph's size-1 batch dim is ambiguous
+            # (a bmm lowering's view that drops size-1 dims reads as a batch reduction): the B=1
+            # backward clips the whole gradient (degenerate_batches); B >= 2 graphs are checked
+            check_forward(fw_gm, layouts)
         shared["forward_culprits"] = tuple(describe_node(n) for n in layouts.unknown_ops)
         shared["culprit_modules"] = [
             cls for n in layouts.unknown_ops for _, cls in (n.meta.get("nn_module_stack") or {}).values()

@@ -1112,6 +1112,23 @@ class HFSpeech(nn.Module):
 InputFn = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
 
 
+class ChunkScan(nn.Module):
+    """Mamba2's chunked scan as transformers writes it (Bamba, FalconH1): an einsum over the state
+    dim whose bmm lowering, in the B=1 graph, views away size-1 dims next to the batch dim, and a
+    select on the last dim feeding `ones_like`."""
+
+    def __init__(self, n: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.c, self.b, self.a = nn.Linear(n, n), nn.Linear(n, n), nn.Linear(n, n)
+        self.out = nn.Linear(heads, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, chunks, l, heads, n]
+        G = torch.einsum("bclhn,bcshn->bclsh", self.c(x), self.b(x))  # [B, chunks, l, s, heads]
+        decay = torch.exp(self.a(x).sum(-1)).permute(0, 3, 1, 2).unsqueeze(-1).expand(-1, -1, -1, -1, G.shape[3])
+        M = G * decay.permute(0, 2, 3, 4, 1) * torch.ones_like(G[..., 0]).unsqueeze(-1)
+        return self.out(M.sum(dim=(1, 2, 3)))
+
+
 @dataclass
 class ZooCase:
     name: str
@@ -1192,6 +1209,7 @@ ZOO: list[ZooCase] = [
     ZooCase("masked_tokens", lambda: MaskedTokenLM(), _masked_labels(9, 16), summed_loss, tags={"embedding"}),
     ZooCase("masked_tokens_flat", lambda: MaskedTokenLM(flat=True), _masked_labels(9, 16), summed_loss),
     ZooCase("masked_rows_head", lambda: MaskedTokenLM(layers_after=True), _masked_labels(9, 16), summed_loss),
+    ZooCase("chunk_scan", lambda: ChunkScan(), _dense((2, 4, 4, 4), 3)),
     ZooCase(
         "masked_rows_head_flat", lambda: MaskedTokenLM(flat=True, layers_after=True), _masked_labels(9, 16), summed_loss
     ),
