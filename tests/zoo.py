@@ -1129,6 +1129,25 @@ class ChunkScan(nn.Module):
         return self.out(M.sum(dim=(1, 2, 3)))
 
 
+class InPlaceSharedQuery(nn.Module):
+    """DeBERTa's relative-position query: a Linear of batch-free position embeddings, divided in
+    place (`pos_query /= scale`), then contracted with every sample's keys. Its backward reaches the
+    position parameters through copy / new_empty_strided / div after the batch contraction."""
+
+    def __init__(self, d: int = 8, positions: int = 6) -> None:
+        super().__init__()
+        self.rel = nn.Parameter(torch.randn(1, positions, d))
+        self.pos_q_proj = nn.Linear(d, d)
+        self.k = nn.Linear(d, d)
+        self.head = nn.Linear(positions, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, d]
+        pq = self.pos_q_proj(self.rel)
+        pq /= 2.0
+        att = torch.matmul(self.k(x), pq.transpose(-1, -2))  # [B, T, positions]
+        return self.head(torch.tanh(att).mean(1))
+
+
 @dataclass
 class ZooCase:
     name: str
@@ -1210,6 +1229,7 @@ ZOO: list[ZooCase] = [
     ZooCase("masked_tokens_flat", lambda: MaskedTokenLM(flat=True), _masked_labels(9, 16), summed_loss),
     ZooCase("masked_rows_head", lambda: MaskedTokenLM(layers_after=True), _masked_labels(9, 16), summed_loss),
     ZooCase("chunk_scan", lambda: ChunkScan(), _dense((2, 4, 4, 4), 3)),
+    ZooCase("in_place_shared_query", lambda: InPlaceSharedQuery(), _dense((5, 8), 3)),
     ZooCase(
         "masked_rows_head_flat", lambda: MaskedTokenLM(flat=True, layers_after=True), _masked_labels(9, 16), summed_loss
     ),

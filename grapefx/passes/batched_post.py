@@ -73,7 +73,7 @@ def _aligned(x: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _elementwise(node: fx.Node, lookup: Any, batched: set[fx.Node]) -> torch.Tensor | None:
-    """add / sub / mul / where with a leading batch dim on the batched operands. Only forms that are
+    """add / sub / mul / div / where with a leading batch dim on the batched operands. Only forms that are
     linear in the batched values: the post map of a gradient is linear, and the clipped sum is
     computed by applying the same nodes to Σ c_i g_i."""
     packet = node.target.overloadpacket
@@ -91,6 +91,8 @@ def _elementwise(node: fx.Node, lookup: Any, batched: set[fx.Node]) -> torch.Ten
         return value(0) + alpha * value(1) if packet is aten.add else value(0) - alpha * value(1)
     if packet is aten.mul and sum(is_batched[:2]) == 1:
         return value(0) * value(1)
+    if packet is aten.div and is_batched[0] and not is_batched[1] and node.kwargs.get("rounding_mode") is None:
+        return value(0) / value(1)
     if packet is aten.where and not is_batched[0] and any(is_batched[1:3]):
         if all(is_batched[i] or _is_zero(node.args[i]) for i in (1, 2)):
             return torch.where(value(0), value(1), value(2))
@@ -180,6 +182,14 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> Any:
         return aten.slice.Tensor(x, rest[0] % (x.dim() - 1) + 1, *rest[1:])
     if packet is aten.select:
         return x.select(args[1] % (x.dim() - 1) + 1, args[2])
+    # an in-place update of a batch-free tensor (`pos_query /= scale` in DeBERTa), functionalized in
+    # the backward: copy(new_empty_strided(g, ...), g), i.e. src's values in dst's shape and dtype
+    if packet is aten.new_empty_strided:
+        return x.new_empty([b] + list(node.meta["val"].shape))
+    if packet is aten.copy and args[1] in batched:
+        val = node.meta["val"]
+        src = _aligned(lookup(args[1]), val.dim())
+        return src.to(val.dtype).expand([b] + list(val.shape))
     if packet is aten.index_put:
         return _index_put(node, lookup, batched, b)
     if packet in (aten.slice_scatter, aten.select_scatter) and _is_zero_fill(args[0]):
@@ -188,7 +198,7 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> Any:
         rest = list(args[2:])
         dim = (rest[0] if rest else 0) % (base.dim() - 1) + 1
         return getattr(aten, packet._qualified_op_name.split("::")[1])(base, src, dim, *rest[1:])
-    if packet in (aten.add, aten.sub, aten.mul, aten.where):
+    if packet in (aten.add, aten.sub, aten.mul, aten.div, aten.where):
         return _elementwise(node, lookup, batched)
     if packet is aten.cat:
         return _cat(node, lookup, batched, b)
@@ -221,9 +231,9 @@ def apply_post_batched(
     for node in gm.graph.nodes:
         if node in post_nodes and node not in local:
             value = _batched(node, lookup, set(local), b)
-            if value is None:
+            if value is None:  # the rest per sample under vmap, from what the hand rules computed
                 _check_vmappable(post_nodes - set(local), b, param)
-                return _vmap_fallback(post_nodes, out_node, site_values, gm, env)
+                return _vmap_fallback(post_nodes, out_node, local, gm, env)
             local[node] = value
     return local[out_node]
 
