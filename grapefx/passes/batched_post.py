@@ -230,10 +230,12 @@ def apply_post_batched(
 
     for node in gm.graph.nodes:
         if node in post_nodes and node not in local:
+            if not any(a in local for a in node.all_input_nodes):
+                continue  # batch-free: computed on demand by `lookup`
             value = _batched(node, lookup, set(local), b)
-            if value is None:  # the rest per sample under vmap, from what the hand rules computed
-                _check_vmappable(post_nodes - set(local), b, param)
-                return _vmap_fallback(post_nodes, out_node, local, gm, env)
+            if value is None:  # no hand rule: this node alone per sample under vmap
+                _check_vmappable({node}, b, param)
+                value = _vmap_node(node, lookup, local)
             local[node] = value
     return local[out_node]
 
@@ -255,21 +257,12 @@ def _check_vmappable(nodes: set[fx.Node], b: Any, param: str) -> None:
             )
 
 
-def _vmap_fallback(
-    post_nodes: set[fx.Node],
-    out_node: fx.Node,
-    site_values: dict[fx.Node, torch.Tensor],
-    gm: fx.GraphModule,
-    env: dict,
-) -> torch.Tensor:
-    nodes = list(site_values)
+def _vmap_node(node: fx.Node, lookup: Any, local: dict) -> Any:
+    """One post node applied per sample: vmap over its batched inputs (`local`), the others shared."""
+    batched = [a for a in node.all_input_nodes if a in local]
 
     def one(*vals: Any) -> Any:
-        local = dict(zip(nodes, vals))
-        lookup = make_lookup(gm, env, local)
-        for node in gm.graph.nodes:
-            if node in post_nodes and node not in local:
-                local[node] = call_node(node, lookup)
-        return local[out_node]
+        own = dict(zip(batched, vals))
+        return call_node(node, lambda n: own[n] if n in own else lookup(n))
 
-    return torch.vmap(one)(*site_values.values())
+    return torch.vmap(one)(*[local[a] for a in batched])
