@@ -94,6 +94,7 @@ SENS = [
     ("gpt_checkpointed", "flat", "auto"),  # blocks recomputed in the backward, attention RNG replayed
     ("in_place_shared_query", "flat", "auto"),  # DeBERTa's `pos_query /= scale` after the batch sum
     ("chunk_scan", "flat", "auto"),  # Mamba2's chunked-scan einsums
+    ("shared_position_tables", "flat", "auto"),  # Whisper's / Speech2Text's position tables
     # "two_pass": strategy "auto" with two_pass=True (norms, then the backward with weighted gradients)
     ("gpt_checkpointed", "flat", "two_pass"),  # weighted tangents (the loss outside)
     ("masked_rows_head", "flat", "two_pass"),  # the loss inside: x[mask] rows weighted by their sample

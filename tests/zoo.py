@@ -1148,6 +1148,28 @@ class InPlaceSharedQuery(nn.Module):
         return self.head(torch.tanh(att).mean(1))
 
 
+class SharedPositionTables(nn.Module):
+    """Position tables as Whisper and Speech2Text read them: a learned table indexed with
+    arange(T) repeated over the batch (its backward scatters per-sample rows with batch-free ids), and
+    a sinusoidal buffer read by index_select with per-sample ids (a cumsum over tokens) flattened to 1-D."""
+
+    def __init__(self, d: int = 8, positions: int = 16) -> None:
+        super().__init__()
+        self.learned = nn.Parameter(torch.randn(positions, d) * 0.5)
+        angles = torch.arange(positions * d, dtype=torch.float32).view(positions, d)
+        self.register_buffer("sinusoids", torch.sin(angles))
+        self.proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, d]
+        B, T, _ = x.shape
+        shared = torch.arange(T, device=x.device).unsqueeze(0).repeat(B, 1)
+        own = (x[..., 0] > 0).long().cumsum(-1)  # per-sample ids
+        table = self.sinusoids.index_select(0, own.view(-1)).view(B, T, -1)
+        h = torch.tanh(self.proj(x + self.learned[shared]) + table)
+        return self.head(h.mean(1))
+
+
 @dataclass
 class ZooCase:
     name: str
@@ -1230,6 +1252,7 @@ ZOO: list[ZooCase] = [
     ZooCase("masked_rows_head", lambda: MaskedTokenLM(layers_after=True), _masked_labels(9, 16), summed_loss),
     ZooCase("chunk_scan", lambda: ChunkScan(), _dense((2, 4, 4, 4), 3)),
     ZooCase("in_place_shared_query", lambda: InPlaceSharedQuery(), _dense((5, 8), 3)),
+    ZooCase("shared_position_tables", lambda: SharedPositionTables(), _dense((6, 8), 3)),
     ZooCase(
         "masked_rows_head_flat", lambda: MaskedTokenLM(flat=True, layers_after=True), _masked_labels(9, 16), summed_loss
     ),

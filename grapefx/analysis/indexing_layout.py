@@ -173,6 +173,8 @@ def _indexed_layout(p: Any, x_lay: Any, x_rank: int, indices: list[Any]) -> Any:
 def _gathered_layout(p: Any, batched: list[fx.Node], end: int) -> Any:
     """x[idx] for a batch-free x: per-sample when every batched index tensor has the same layout at
     the same place in the broadcast (element j then reads the table at sample j's ids only)."""
+    if not batched:  # batch-free ids into batch-free data
+        return None
     lays = {p.lay(t) for t in batched}
     from_right = {len(shape_of(t)) - p.lay(t).dim for t in batched}
     if len(lays) != 1 or len(from_right) != 1:
@@ -242,6 +244,10 @@ def _scatter_into_table(p: Any, n: fx.Node, indices: list[Any], lv: Any, rank: i
     accumulate = n.args[3] if len(n.args) > 3 else n.kwargs.get("accumulate", False)
     leading = all(t is not None for t in indices)
     want = _indexed_layout(p, None, rank, indices)
+    if want is None and lv.dim == 0 and lv.plain and len(shape_of(values)) == _indexed_rank(rank, indices):
+        # ids shared by every sample, expanded to the batch (Whisper's positions: arange(T) repeated
+        # B times): each sample's rows are written where its own row of ids says
+        want = lv
     if not accumulate or not leading or not _is_zeros(base) or not isinstance(want, BatchLayout):
         return UNKNOWN
     if lv.moved(lv.dim + _indexed_rank(rank, indices) - len(shape_of(values))) != want:

@@ -590,10 +590,16 @@ def _index_along(p: _Propagator, n: fx.Node) -> Any:
     # gather / scatter / index_select / index_add (roll decomposes to index_select): per-sample when
     # every batch operand shares the layout and the indexed dim is not the batch dim.
     x, d = n.args[0], n.args[1]
+    dim = _norm_dim(d, len(shape_of(x)))
+    if n.target.overloadpacket is aten.index_select and p.lay(x) is None:
+        # a batch-free table read with per-sample ids flattened to 1-D (Speech2Text's sinusoidal
+        # positions): entry j of dim `dim` belongs to the sample index entry j does
+        li = p.lay(n.args[2])
+        return li if li is None or li is UNKNOWN else li.moved(dim)
     res = p.broadcast(n, [a for a in p.tensor_args(n)])
     if res is None or res is UNKNOWN:
         return res
-    if _norm_dim(d, len(shape_of(x))) == res.dim:
+    if dim == res.dim:
         return UNKNOWN
     for a in p.tensor_args(n):
         la = p.lay(a)

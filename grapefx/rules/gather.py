@@ -21,7 +21,12 @@ class GatherRule(SiteRule):
     def per_sample(self, site: SiteContext) -> torch.Tensor:
         base, indices, values = site.node.args[:3]
         b = site.batch_size
-        rows = expose_batch(site.value(values), site.layout(values), b)
+        if all(site.layout(t) is None for t in indices if isinstance(t, fx.Node)):
+            # ids shared by all samples, expanded to the batch: they line up with the values' leading
+            # batch dim as they are (the layout analysis admits this form only)
+            rows = site.value(values)
+        else:
+            rows = expose_batch(site.value(values), site.layout(values), b)
         index = []
         for t in indices:
             lay = site.layout(t) if isinstance(t, fx.Node) else None
