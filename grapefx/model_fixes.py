@@ -9,11 +9,25 @@ be trained (or fine-tuned) with GroupNorm: BatchNorm's running statistics are dr
 
 from __future__ import annotations
 
+import functools
 import math
 
+import torch
 import torch.nn as nn
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _refuse_flat_input(name: str, module: nn.GroupNorm, args: tuple) -> None:
+    """A GroupNorm with one channel per group turns a [N, C] input (a BatchNorm1d over features)
+    into its bias: every group is a single value, normalized to zero."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+        raise ValueError(
+            f"`{name}` was a BatchNorm1d and is now a GroupNorm with one channel per group; on its "
+            f"[N, {module.num_channels}] input that normalizes every value to zero (the output would be "
+            "the bias). Call grapefx.replace_batch_norm(model, max_groups=1) (a LayerNorm over the "
+            "channels) or with a max_groups that leaves several channels per group."
+        )
 
 
 def replace_batch_norm(model: nn.Module, max_groups: int = 32) -> list[str]:
@@ -47,6 +61,8 @@ def replace_batch_norm(model: nn.Module, max_groups: int = 32) -> list[str]:
             gn.weight.requires_grad_(child.weight.requires_grad)
             gn.bias.requires_grad_(child.bias.requires_grad)
         gn.train(child.training)
+        if isinstance(child, nn.BatchNorm1d) and gn.num_groups == channels:
+            gn.register_forward_pre_hook(functools.partial(_refuse_flat_input, name))
         setattr(model.get_submodule(parent_name), attr, gn)
         replaced.append(name)
     return replaced

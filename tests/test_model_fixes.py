@@ -78,6 +78,22 @@ def test_keeps_frozen_parameters_dtype_and_mode() -> None:
         grapefx.replace_batch_norm(model, max_groups=0)
 
 
+def test_one_channel_groups_on_a_feature_vector_are_refused_with_the_fix() -> None:
+    """BatchNorm1d over [N, C] features cannot become a GroupNorm with one channel per group (every
+    output would be the bias); on [N, C, L] it can, and max_groups=1 fixes the 2-D case."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    assert grapefx.replace_batch_norm(model) == ["1"]
+    with pytest.raises(ValueError, match=r"`1` was a BatchNorm1d.*\[N, 8\].*max_groups=1"):
+        model(torch.randn(4, 6))
+    seq = nn.Sequential(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8))
+    grapefx.replace_batch_norm(seq)
+    assert seq(torch.randn(4, 3, 10)).shape == (4, 8, 8)  # [N, C, L]: one channel per group is fine
+    fixed = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    grapefx.replace_batch_norm(fixed, max_groups=1)
+    assert fixed[1].num_groups == 1 and fixed(torch.randn(4, 6)).shape == (4, 2)
+
+
 def test_batch_norm_subclass_is_refused_by_name() -> None:
     class BatchNormAct(nn.BatchNorm2d):  # timm's BatchNormAct2d: normalization, then an activation
         def forward(self, x: torch.Tensor) -> torch.Tensor:

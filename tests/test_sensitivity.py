@@ -95,6 +95,7 @@ SENS = [
     ("in_place_shared_query", "flat", "auto"),  # DeBERTa's `pos_query /= scale` after the batch sum
     ("chunk_scan", "flat", "auto"),  # Mamba2's chunked-scan einsums
     ("shared_position_tables", "flat", "auto"),  # Whisper's / Speech2Text's position tables
+    ("flat_rows_group_norm", "flat", "auto"),  # GroupNorm over [B·T, C] rows
     # "two_pass": strategy "auto" with two_pass=True (norms, then the backward with weighted gradients)
     ("gpt_checkpointed", "flat", "two_pass"),  # weighted tangents (the loss outside)
     ("masked_rows_head", "flat", "two_pass"),  # the loss inside: x[mask] rows weighted by their sample

@@ -1170,6 +1170,23 @@ class SharedPositionTables(nn.Module):
         return self.head(h.mean(1))
 
 
+class FlatRowsGroupNorm(nn.Module):
+    """A GroupNorm over the batch merged with the positions, `norm(h.flatten(0, 1))` on [B·T, C], as
+    LeViT's and PatchTST's BatchNorm1d layers become after grapefx.replace_batch_norm: every row is
+    normalized on its own, and each sample's affine gradients sum its T rows."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, d)
+        self.norm = nn.GroupNorm(2, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [B, T, 4]
+        h = self.inp(x)
+        h = self.norm(h.flatten(0, 1)).reshape_as(h)
+        return self.head(torch.tanh(h).mean(1))
+
+
 @dataclass
 class ZooCase:
     name: str
@@ -1253,6 +1270,7 @@ ZOO: list[ZooCase] = [
     ZooCase("chunk_scan", lambda: ChunkScan(), _dense((2, 4, 4, 4), 3)),
     ZooCase("in_place_shared_query", lambda: InPlaceSharedQuery(), _dense((5, 8), 3)),
     ZooCase("shared_position_tables", lambda: SharedPositionTables(), _dense((6, 8), 3)),
+    ZooCase("flat_rows_group_norm", lambda: FlatRowsGroupNorm(), _dense((5, 4), 3)),
     ZooCase(
         "masked_rows_head_flat", lambda: MaskedTokenLM(flat=True, layers_after=True), _masked_labels(9, 16), summed_loss
     ),

@@ -481,8 +481,12 @@ def _layer_norm(p: _Propagator, n: fx.Node) -> Any:
 
 
 def _group_norm(p: _Propagator, n: fx.Node) -> Any:
+    # each row of dim 0 is normalized on its own: per sample also when the rows are the batch merged
+    # with the positions ([B·T, C], LeViT's and PatchTST's norms after replace_batch_norm)
     lx = p.lay(n.args[0])
-    if lx is UNKNOWN or lx.dim != 0 or not lx.plain:
+    if lx is None:
+        return (None, None, None)
+    if lx is UNKNOWN or lx.dim != 0 or lx.outer != 1:
         return UNKNOWN
     return (lx, lx, lx)
 
@@ -505,7 +509,7 @@ def _layer_norm_backward(p: _Propagator, n: fx.Node) -> Any:
 def _group_norm_backward(p: _Propagator, n: fx.Node) -> Any:
     grad, x, mean, rstd, weight = n.args[:5]
     lx = p.lay(x)
-    if lx is None or lx is UNKNOWN or lx.dim != 0 or not lx.plain:
+    if lx is None or lx is UNKNOWN or lx.dim != 0 or lx.outer != 1:
         return UNKNOWN
     if any(p.lay(a) != lx for a in (grad, mean, rstd)) or p.lay(weight) is not None:
         return UNKNOWN

@@ -71,7 +71,11 @@ def _accumulation_dtype(t: torch.Tensor) -> torch.dtype:
 def _group_norm_per_sample(site: SiteContext, nb) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     grad, x, mean, rstd, _weight, _n, _channels, _hw, groups = nb.args[:9]
     values = (site.value(a) for a in (grad, x, mean, rstd))
-    return torch.ops.grapefx.group_norm_per_sample_affine_grads(*values, int(groups))
+    weight, bias = torch.ops.grapefx.group_norm_per_sample_affine_grads(*values, int(groups))
+    if site.layout(x).inner != 1:  # rows are the batch merged with positions (sample-major): sum each
+        # sample's rows
+        weight, bias = (t.reshape(site.batch_size, -1, t.shape[-1]).sum(1) for t in (weight, bias))
+    return weight, bias
 
 
 def _layer_norm_per_sample(site: SiteContext, nb) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
