@@ -386,11 +386,13 @@ def test_ghost_equals_instantiate(zc: ZooCase) -> None:
     "zc",
     _cases(
         ["mlp", "embedding_bag", "gpt", "convnext", "last_token_pool", "embedding_bags", "lookup_tables"]
-        + ["conv_transpose", "bilinear", "gpt_checkpointed"],
+        + ["conv_transpose", "bilinear", "gpt_checkpointed"]
+        + ["chunk_scan", "in_place_shared_query", "shared_position_tables", "flat_rows_group_norm"],
         marks={
             n: [pytest.mark.slow]
             for n in ("gpt", "embedding_bag", "convnext", "last_token_pool", "embedding_bags", "lookup_tables")
             + ("conv_transpose", "bilinear", "gpt_checkpointed")
+            + ("chunk_scan", "in_place_shared_query", "shared_position_tables", "flat_rows_group_norm")
         },
     ),
 )
