@@ -2,7 +2,8 @@
 
 vmap would do this generically, but some of its batching rules (slice_scatter) specialize a
 symbolic batch size; the post nodes of real backward graphs come from a short list of ops, so they
-are batched by hand here, and vmap is only the fallback for anything else.
+are batched by hand here, and vmap is only the fallback for anything else — node by node, so that one
+op without a hand rule does not send the ops after it (a `copy` with no batching rule) through vmap.
 """
 
 from __future__ import annotations
