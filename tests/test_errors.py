@@ -36,6 +36,19 @@ def test_every_batchnorm_layer_is_named_in_one_error() -> None:
     assert "(GroupNorm)" not in str(info.value)  # the GroupNorm layer is not a culprit
 
 
+def test_a_single_sample_batch_is_not_checked_for_mixing_the_next_batch_is() -> None:
+    """B=1 graphs skip the batch-mixing check (one sample mixes with none; their size-1 dims made
+    false refusals): the B=1 step clips that sample's own gradient, the first B>=2 step refuses."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    cm = grapefx.compile(model, max_grad_norm=0.1, noise_multiplier=0.0, loss_reduction="sum")
+    cm(torch.randn(1, 3, 6, 6)).pow(2).sum().backward()
+    total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
+    assert cm.per_sample_norms()[0] > 0.1 and total == pytest.approx(0.1, rel=1e-4)  # clipped to C
+    with pytest.raises(grapefx.BatchMixingError, match=r"module `1 \(BatchNorm2d\)`"):
+        cm(torch.randn(4, 3, 6, 6)).pow(2).sum().backward()
+
+
 def test_batchnorm_in_eval_mode_and_frozen_is_accepted() -> None:
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     model[1].eval().requires_grad_(False)
