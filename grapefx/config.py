@@ -159,12 +159,13 @@ class PrivacyConfig:
         if self.clip_group_shares is not None:
             if groups == "module":
                 raise ConfigError("clip_group_shares needs explicit clip_groups (not 'module'): one share per group")
-            shares = tuple(float(s) for s in self.clip_group_shares)
-            if len(shares) != len(groups) or not all(math.isfinite(s) and s > 0 for s in shares):
+            shares = tuple(self.clip_group_shares)
+            numbers = all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in shares)
+            if not numbers or len(shares) != len(groups) or not all(math.isfinite(s) and s > 0 for s in shares):
                 raise ConfigError(
                     f"clip_group_shares needs one positive number per group ({len(groups)} groups), got {shares}"
                 )
-            object.__setattr__(self, "clip_group_shares", shares)
+            object.__setattr__(self, "clip_group_shares", tuple(float(s) for s in shares))
 
     def _check_adaptive_clipping(self) -> None:
         if self.clipping != "flat":

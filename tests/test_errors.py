@@ -165,6 +165,8 @@ def test_bad_clip_groups_are_rejected_naming_the_parameters() -> None:
         compile_with(clip_groups=[["0.*"], ["dec.*"], "*"])
     with pytest.raises(grapefx.ConfigError, match="one positive number per group"):
         compile_with(clip_groups=["0.*", "*"], clip_group_shares=[1.0])
+    with pytest.raises(grapefx.ConfigError, match="one positive number per group"):
+        compile_with(clip_groups=["0.*", "*"], clip_group_shares=["1", 2.0])
     with pytest.raises(grapefx.ConfigError, match="not 'module'"):
         compile_with(clip_groups="module", clip_group_shares=[1.0, 2.0])
     with pytest.raises(grapefx.ConfigError, match="'module' .* or a list"):
