@@ -26,7 +26,7 @@ from grapefx.analysis.bag_layout import BagOffsets
 from grapefx.analysis.capture import Capture, capture_inputs
 from grapefx.analysis.forward_checks import check_forward
 from grapefx.analysis.indexing_layout import BatchIndex, masked_selections
-from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, analyze_layouts
+from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, accepted_row_counts, analyze_layouts
 from grapefx.analysis.row_independence import rowwise_selections
 from grapefx.config import PrivacyConfig
 from grapefx.decompositions import decomposition_table
@@ -215,6 +215,7 @@ class GrapefxBackend:
         ]
         shared["forward_layouts"] = layouts.layouts
         shared["masked_rows"] = layouts.masked_rows
+        shared["checked_rows"] = accepted_row_counts(layouts, capture.batch_size)
         outputs = list(fw_gm.graph.output_node().args[0])
         # x[mask] rows used one by one (a masked-token loss) are per sample whatever each sample's
         # count; the others are read as B equal blocks, checked on every step
@@ -250,7 +251,7 @@ class GrapefxBackend:
                 seeds[ph.name] = shared["saved"][ph.name]
         for t, lay in zip(tangents, tangent_layouts):
             seeds[t.name] = lay
-        checked_rows = frozenset(rows for _, rows in shared.get("masked_rows", {}).values())
+        checked_rows = shared.get("checked_rows", {})
         # layers applied to x[mask] rows: their sites read the rows padded to [B·T]; a refused site
         # hides the ones behind it (its input gradient is unknown), hence rounds until none is left
         while checked_rows:

@@ -96,10 +96,13 @@ SENS = [
     ("chunk_scan", "flat", "auto"),  # Mamba2's chunked-scan einsums
     ("shared_position_tables", "flat", "auto"),  # Whisper's / Speech2Text's position tables
     ("flat_rows_group_norm", "flat", "auto"),  # GroupNorm over [B·T, C] rows
+    ("task_routed", "flat", "auto"),  # adapters and heads per task: masks over the batch dim
+    ("task_routed", "per_layer", "auto"),
     # "two_pass": strategy "auto" with two_pass=True (norms, then the backward with weighted gradients)
     ("gpt_checkpointed", "flat", "two_pass"),  # weighted tangents (the loss outside)
     ("masked_rows_head", "flat", "two_pass"),  # the loss inside: x[mask] rows weighted by their sample
     _slow("hf_bart_cls", "flat", "auto"),  # BART's EOS pooling in the real model
+    _slow("hf_xmod", "flat", "auto"),  # X-MOD's language adapters: samples routed by masks over the batch
     _slow("hf_llama_lora", "flat", "auto"),  # peft LoRA adapters, frozen base weights
     _slow("hf_mixtral", "flat", "auto"),  # top-2 routing, experts gathered per token (batched_mm)
     _slow("hf_wav2vec2", "flat", "auto"),  # conv feature encoder, grouped positional conv, mean pooling

@@ -1044,6 +1044,46 @@ class HFCheckpointed(HFText):
         self.m.gradient_checkpointing_enable({"use_reentrant": False})
 
 
+class HFXmod(nn.Module):
+    """transformers' X-MOD sequence classifier with three languages: each layer's language adapters
+    route whole samples, `new[lang_ids == i] = adapter_i(h[lang_ids == i])` (boolean masks over the
+    batch dim). Input [B, 1 + T]: the sample's language id, then its token ids."""
+
+    def __init__(self, n_cls: int = 3) -> None:
+        super().__init__()
+        import transformers as tf
+
+        cfg = tf.XmodConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=40,
+            languages=["en_XX", "de_DE", "fr_XX"],
+            num_labels=n_cls,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        self.m = tf.XmodForSequenceClassification(cfg)
+        self.m.train()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.m(input_ids=x[:, 1:], lang_ids=x[:, 0]).logits
+
+
+def _lang_ids(T: int, vocab: int, langs: int, n_cls: int) -> InputFn:
+    """[B, 1 + T]: a language id per sample (0 and 1 at B <= 3, the last language left out), then
+    token ids; targets [B]."""
+
+    def f(B: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        lang = torch.arange(B) % (langs - 1) if B <= 3 else torch.randint(0, langs, (B,), generator=g)
+        ids = torch.randint(3, vocab, (B, T), generator=g)
+        return torch.cat([lang[:, None], ids], dim=1), torch.randint(0, n_cls, (B,), generator=g)
+
+    return f
+
+
 class HFSparseMLM(nn.Module):
     """transformers' ModernBERT masked LM with `sparse_prediction=True`: the prediction head (dense,
     GELU, LayerNorm, decoder) runs on the masked tokens only, `head(h[labels != -100])`, and the
@@ -1110,6 +1150,49 @@ class HFSpeech(nn.Module):
 # the zoo
 # ----------------------------------------------------------------------------------------------
 InputFn = Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
+
+
+class TaskRouted(nn.Module):
+    """Samples routed by a per-sample task id with boolean masks over the batch dim (multi-task
+    models, X-MOD's language adapters): `a[task == k] = adapter_k(h[task == k])` writes each task's
+    adapter output (Linear, LayerNorm) back in place, a shared layer follows, each task's own head
+    reads the pooled rows of its samples and its bias row is written to them. A task may hold no
+    sample of a batch. Input
+    [B, T, d + 1]: features, then the task id in the last channel (read at t = 0)."""
+
+    def __init__(self, d: int = 6, tasks: int = 3, n_cls: int = 4) -> None:
+        super().__init__()
+        self.tasks, self.n_cls = tasks, n_cls
+        self.inp = nn.Linear(d, d)
+        self.adapters = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.LayerNorm(d)) for _ in range(tasks))
+        self.shared = nn.Linear(d, d)
+        self.heads = nn.ModuleList(nn.Linear(d, n_cls) for _ in range(tasks))
+        self.task_bias = nn.Parameter(torch.randn(tasks, n_cls))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, task = x[..., :-1], x[:, 0, -1].long()
+        h = torch.tanh(self.inp(x))
+        a = torch.zeros_like(h)
+        for k, adapter in enumerate(self.adapters):
+            a[task == k] = adapter(h[task == k])
+        pooled = torch.tanh(self.shared(h + a)).mean(1)
+        out = pooled.new_zeros(pooled.shape[0], self.n_cls)
+        bias = torch.zeros_like(out)
+        for k, head in enumerate(self.heads):
+            out[task == k] = head(pooled[task == k])
+            bias[task == k] = self.task_bias[k]  # a batch-free value written to the task's samples
+        return out + bias
+
+
+def _tasks(T: int, d: int, tasks: int, n_cls: int) -> InputFn:
+    """[B, T, d + 1]: features and a task id per sample (tasks 0 and 1 at B=3, task 2 left out)."""
+
+    def f(B: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        task = torch.arange(B) % (tasks - 1) if B <= 3 else torch.randint(0, tasks, (B,), generator=g)
+        x = torch.cat([torch.randn(B, T, d, generator=g), task[:, None, None].expand(B, T, 1).float()], dim=2)
+        return x, torch.randint(0, n_cls, (B,), generator=g)
+
+    return f
 
 
 class ChunkScan(nn.Module):
@@ -1268,6 +1351,7 @@ ZOO: list[ZooCase] = [
     ZooCase("masked_tokens_flat", lambda: MaskedTokenLM(flat=True), _masked_labels(9, 16), summed_loss),
     ZooCase("masked_rows_head", lambda: MaskedTokenLM(layers_after=True), _masked_labels(9, 16), summed_loss),
     ZooCase("chunk_scan", lambda: ChunkScan(), _dense((2, 4, 4, 4), 3)),
+    ZooCase("task_routed", lambda: TaskRouted(), _tasks(5, 6, 3, 4)),
     ZooCase("in_place_shared_query", lambda: InPlaceSharedQuery(), _dense((5, 8), 3)),
     ZooCase("shared_position_tables", lambda: SharedPositionTables(), _dense((6, 8), 3)),
     ZooCase("flat_rows_group_norm", lambda: FlatRowsGroupNorm(), _dense((5, 4), 3)),
@@ -1320,6 +1404,7 @@ HF_MORE: list[ZooCase] = (
         ZooCase("hf_bart_cls", lambda: HFText("bart_cls"), _eos_ids(8, 64, n_cls=3), available=has_transformers),
         ZooCase("hf_wav2vec2", lambda: HFSpeech("wav2vec2", 3), _dense((400,), 3), available=has_transformers),
         ZooCase("hf_modernbert_sparse", HFSparseMLM, _masked_labels(8, 64), summed_loss, available=has_transformers),
+        ZooCase("hf_xmod", HFXmod, _lang_ids(8, 64, 3, 3), available=has_transformers),
         ZooCase("hf_llama_checkpointed", HFCheckpointed, _ids(8, 64), token_loss, available=has_transformers),
         ZooCase("hf_hubert", lambda: HFSpeech("hubert", 3), _dense((400,), 3), available=has_transformers),
         ZooCase("hf_wavlm", lambda: HFSpeech("wavlm", 3), _dense((400,), 3), available=has_transformers),

@@ -284,17 +284,18 @@ def _base_layouts(p: Any, n: fx.Node, indices: list[Any], lv: Any, rank: int) ->
 
 
 def _pad_masked_rows_rule(p: Any, n: fx.Node) -> Any:
-    """grapefx::pad_masked_rows(rows, mask, dim): x[mask]'s rows back in the mask's positions, the
-    mask's dims flattened into `dim` (passes/pad_masked_rows.py). Per sample, whatever each sample's
-    row count, when `rows` were selected by this very mask (the same unbacked count)."""
-    rows, mask, dim = n.args
-    lr, lm, shape = p.lay(rows), p.lay(mask), shape_of(rows)
+    """grapefx::pad_masked_rows(rows, mask, dim, group): x[mask]'s rows back in the mask's
+    positions, the mask's dims flattened into `dim` (passes/pad_masked_rows.py). Per sample,
+    whatever each sample's row count, when `rows` were selected by this very mask (each row
+    flattened into `group` entries along `dim`: `group` times the mask's per-sample count there)."""
+    rows, mask, dim, group = n.args
+    lr, lm = p.lay(rows), p.lay(mask)
     if not _leading_batch(lm) or not isinstance(lr, BatchLayout) or lr.dim != dim or lr.outer != 1:
         return UNKNOWN
-    counts = p.res.row_counts
-    if not any(m is mask and sympy.expand(counts[u] - shape[dim]) == 0 for m, u in p.masked.values()):
+    count = p.res.mask_counts.get(mask)
+    if count is None or sympy.expand(lr.inner - group * count) != 0:
         return UNKNOWN
-    return BatchLayout(dim, sympy.Integer(1), sympy.simplify(sympy.Mul(*shape_of(mask)) / p.batch))
+    return BatchLayout(dim, sympy.Integer(1), sympy.simplify(group * sympy.Mul(*shape_of(mask)) / p.batch))
 
 
 RULES = {

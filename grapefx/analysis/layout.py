@@ -12,6 +12,7 @@ and a parameter gradient that depends on an `UNKNOWN` tensor is refused rather t
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +44,9 @@ class LayoutResult:
     # as many rows: node -> (mask, row count n) (the forward checks it at run time); n read as B·c
     masked_rows: dict[fx.Node, tuple[fx.Node, Any]] = field(default_factory=dict)
     row_counts: dict[Any, Any] = field(default_factory=dict)
+    # mask node -> the per-sample count c of every selection by it (grad sites over its rows read
+    # them padded back through it: passes/pad_masked_rows.py)
+    mask_counts: dict[fx.Node, Any] = field(default_factory=dict)
 
 
 # unknown_ops' reason for a gradient contraction over the rows of x[mask]
@@ -89,7 +93,7 @@ class _Propagator:
         gm: fx.GraphModule,
         batch: Any,
         seeds: dict[str, Any],
-        checked_rows: frozenset[Any] | None = None,
+        checked_rows: Mapping[Any, Any] | None = None,
         forward: bool = False,
     ) -> None:
         self.gm = gm
@@ -98,11 +102,37 @@ class _Propagator:
         self.seeds = seeds
         self.res = LayoutResult()
         # boolean-mask selections whose row count may be read as B·c: all of them in a forward graph
-        # (it gets a run-time check for each one accepted), those the forward checked in a backward
+        # (it gets a run-time check for each one accepted), those the forward accepted in a backward
+        # (`checked_rows`: their counts -> per-sample count symbols). Selections by one mask node
+        # select mask.sum() rows whatever they select from, so they share one per-sample count,
+        # though torch gives each its own unbacked symbol (the backward of a masked write,
+        # v = grad[mask], a fresh one)
         selections = masked_selections(gm)
-        self.masked = {n: s for n, s in selections.items() if checked_rows is None or s[1] in checked_rows}
-        for _, rows in self.masked.values():
-            count = sympy.Symbol(f"{rows}_per_sample", integer=True, positive=True)
+        owners: dict[Any, set[fx.Node]] = {}
+        for mask, rows in selections.values():
+            owners.setdefault(rows, set()).add(mask)
+        per_mask = self.res.mask_counts
+        for mask, rows in selections.values():
+            if len(owners[rows]) > 1:
+                continue  # torch proved two masks' counts equal: neither mask is known through it
+            if checked_rows is None:
+                per_mask.setdefault(mask, sympy.Symbol(f"{rows}_per_sample", integer=True, positive=True))
+            elif rows in checked_rows:
+                per_mask.setdefault(mask, checked_rows[rows])
+        # a backward also takes the fresh counts of selections by a mask the forward accepted
+        aliased = {rows for mask, rows in selections.values() if len(owners[rows]) == 1 and mask in per_mask}
+        self.masked = {
+            n: (mask, rows)
+            for n, (mask, rows) in selections.items()
+            if checked_rows is None or rows in checked_rows or not forward and rows in aliased
+        }
+        for mask, rows in self.masked.values():
+            if checked_rows is not None and rows in checked_rows:
+                count = checked_rows[rows]
+            elif len(owners[rows]) == 1:
+                count = per_mask[mask]
+            else:
+                count = sympy.Symbol(f"{rows}_per_sample", integer=True, positive=True)
             self.res.row_counts[rows] = batch * count
         self.batch_index: dict[fx.Node, int] = {}  # arange(B) and its reshapes: see indexing_layout
         self.bag_offsets: dict[fx.Node, int] = {}  # arange(0, B·L, L) of nn.EmbeddingBag: see bag_layout
@@ -947,11 +977,11 @@ for _packet, _rule in {**_INDEXING_RULES, **_SELECTION_RULES, **_BAG_RULES}.item
 
 
 def analyze_layouts(
-    gm: fx.GraphModule, batch: Any, seeds: dict[str, Any], checked_rows: frozenset[Any] | None = None
+    gm: fx.GraphModule, batch: Any, seeds: dict[str, Any], checked_rows: Mapping[Any, Any] | None = None
 ) -> LayoutResult:
     """Propagate batch layouts from `seeds` (placeholder name -> layout) through `gm`.
-    `checked_rows`: the row counts of boolean-mask selections the forward checks at run time (a
-    backward graph); None for a forward graph, whose accepted selections are then to be checked."""
+    `checked_rows`: the forward's accepted boolean-mask selections (`accepted_row_counts`) for a
+    backward graph; None for a forward graph, whose accepted selections are then to be checked."""
     if checked_rows is not None:
         return _Propagator(gm, batch, seeds, checked_rows).run()
     # A forward graph: read the row counts of the selections the rules accept as B·c, and only those
@@ -960,10 +990,15 @@ def analyze_layouts(
     propagator = _Propagator(gm, batch, seeds, forward=True)
     while True:
         result = propagator.run()
-        accepted = frozenset(rows for _, rows in result.masked_rows.values())
-        if accepted == frozenset(rows for _, rows in propagator.masked.values()):
+        accepted = accepted_row_counts(result, batch)
+        if accepted.keys() == {rows for _, rows in propagator.masked.values()}:
             return result
         propagator = _Propagator(gm, batch, seeds, accepted, forward=True)
+
+
+def accepted_row_counts(result: LayoutResult, batch: Any) -> dict[Any, Any]:
+    """{unbacked row count of an accepted x[mask] selection: its per-sample count symbol}."""
+    return {rows: sympy.simplify(result.row_counts[rows] / batch) for _, rows in result.masked_rows.values()}
 
 
 def numel_sym(shape: list[Any]) -> Any:

@@ -9,16 +9,18 @@ the check would refuse batches that are fine (samples with different numbers of 
 
 A selection is row-wise when everything computed from its rows, up to where they leave the rows
 dim, is
-- an op that works on each row alone: pointwise ops, views / permutes that keep the rows dim whole,
+- an op that works on each row alone: pointwise ops, views / permutes that keep the rows dim whole
+  or flatten each row into consecutive entries of it ([N, T, d] -> [N·T, d], a Linear's input),
   softmax / gather / reductions along other dims, a matmul with a batch-free right operand, a
   layer norm, dropout or embedding lookup of each row;
 - a float `sum` over all rows (the loss; check_forward verifies it is linear up to the output);
 - the scatter back through the same mask (index_put), a size read only as a shape or by torch's
   own assertions, or a tensor saved for the backward (grad sites over rows read them put back
   in their [B·T] places: passes/pad_masked_rows.py);
-and no op combines rows of selections made with different masks. A mean over rows, a count of
-rows, a view that splits them into samples, rows returned to the caller or anything else keeps
-the run-time check.
+and no op combines rows of selections made with different masks. A mask over the batch dim alone
+(samples routed to per-task layers, `a[task == k] = adapter_k(h[task == k])`) is the case T = 1.
+A mean over rows, a count of rows, a view that splits them into samples, rows returned to the
+caller or anything else keeps the run-time check.
 """
 
 from __future__ import annotations
@@ -93,12 +95,16 @@ def rowwise_selections(
         row_inputs = [a for a in node.all_input_nodes if a in origin]
         if not row_inputs:
             continue
+        if node.op == "output":  # rows saved for the backward end there, each selection on its own
+            bad |= frozenset().union(*(origin[a] for a in row_inputs if a in user_outputs))
+            continue
         sels = frozenset().union(*(origin[a] for a in row_inputs))
         masks = {masked_rows[s][0] for s in sels}
-        if len(masks) != 1 or node.op == "output" and any(a in user_outputs for a in row_inputs):
+        if len(masks) != 1:
             bad |= sels
             continue
-        verdict = _use(node, row_inputs, layouts, batch_reductions, next(iter(masks)))
+        unit = layouts[next(iter(sels))].inner  # the selection's rows: one sample's count of them
+        verdict = _use(node, row_inputs, layouts, batch_reductions, next(iter(masks)), unit)
         if verdict is None:
             bad |= sels
         elif verdict == "rows":
@@ -110,12 +116,15 @@ def rowwise_selections(
 
 
 def _use(
-    node: fx.Node, row_inputs: list[fx.Node], layouts: dict[fx.Node, Any], reductions: dict[fx.Node, str], mask: fx.Node
+    node: fx.Node,
+    row_inputs: list[fx.Node],
+    layouts: dict[fx.Node, Any],
+    reductions: dict[fx.Node, str],
+    mask: fx.Node,
+    unit: Any,
 ) -> str | None:
     """How `node` uses rows: "rows" (its output is rows again), "end" (they stop here, row-wise),
     "write" (index_put back through `mask`), or None (a use that needs equal counts)."""
-    if node.op == "output":
-        return "end"
     target = node.target
     if target is aten.sym_size.int:  # the rows' count: a shape, never a number in the loss
         return "end" if _only_asserted(node) else None
@@ -125,8 +134,9 @@ def _use(
     if packet in _ROW_BY_ROW_TUPLES:
         outs = layouts.get(node)
         ref = layouts.get(row_inputs[0])
-        rows = isinstance(outs, tuple) and all(o is None or _keeps_rows(o, ref, row_inputs, layouts) for o in outs)
-        return "rows" if rows else None
+        if not isinstance(outs, tuple):
+            return None
+        return "rows" if all(o is None or _keeps_rows(o, ref, row_inputs, layouts, unit) for o in outs) else None
     if packet is aten.index_put:
         indices, values = node.args[1], node.args[2]
         same = len(indices) == 1 and indices[0] is mask and values in row_inputs and node.args[0] not in row_inputs
@@ -140,14 +150,17 @@ def _use(
         return None
     if packet in (aten.mm, aten.addmm) and node.args[-1] in row_inputs:
         return None  # rows as the contraction's right operand: a product over rows
-    return "rows" if _keeps_rows(layouts.get(node), layouts.get(row_inputs[0]), row_inputs, layouts) else None
+    return "rows" if _keeps_rows(layouts.get(node), layouts.get(row_inputs[0]), row_inputs, layouts, unit) else None
 
 
-def _keeps_rows(out: Any, ref: Any, row_inputs: list[fx.Node], layouts: dict[fx.Node, Any]) -> bool:
-    """Output layout `out` holds the rows of input layout `ref` whole, and every row input agrees."""
+def _keeps_rows(out: Any, ref: Any, row_inputs: list[fx.Node], layouts: dict[fx.Node, Any], unit: Any) -> bool:
+    """Output layout `out` holds whole rows of the selection (`unit`: their count per sample), each
+    row possibly flattened into k consecutive entries of its dim ([N, T, d] viewed as [N·T, d]:
+    entry j reads row j // k alone), and every row input agrees with input layout `ref`."""
     if not (isinstance(out, BatchLayout) and isinstance(ref, BatchLayout)):
         return False
-    keeps_rows = sympy.expand(out.outer - 1) == 0 and sympy.expand(out.inner - ref.inner) == 0
+    k = sympy.simplify(out.inner / unit)
+    keeps_rows = sympy.expand(out.outer - 1) == 0 and k.is_Integer and k > 0
     return keeps_rows and all(_same_rows(layouts.get(a), ref) for a in row_inputs)
 
 
@@ -156,11 +169,13 @@ def _same_rows(lay: Any, ref: BatchLayout) -> bool:
 
 
 def _only_asserted(size: fx.Node) -> bool:
-    """A size read only as a shape (a view of the rows), by torch's own range assertions (u0 >= 0),
-    or saved for the backward: not as a number that enters the loss."""
+    """A size read only as a shape (a view of the rows, also times a static dim), by torch's own
+    range assertions (u0 >= 0), or saved for the backward: not as a number that enters the loss."""
     for user in size.users:
         if user.op == "output":
             continue
+        if user.target is operator.mul and any(isinstance(a, int) for a in user.args) and _only_asserted(user):
+            continue  # the size of rows flattened with a static dim, [N·T, d], read the same ways
         if user.target in _COMPARISONS and all(u.target in _ASSERTS for u in user.users):
             continue
         packet = getattr(user.target, "overloadpacket", None)

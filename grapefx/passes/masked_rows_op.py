@@ -10,17 +10,19 @@ import torch
 
 
 @torch.library.custom_op("grapefx::pad_masked_rows", mutates_args=())
-def pad_masked_rows(rows: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """`rows` (x[mask]'s rows along `dim`) scattered back to the positions `mask` selected them
-    from, zeros elsewhere, the mask's dims flattened into `dim`: size mask.numel() there."""
+def pad_masked_rows(rows: torch.Tensor, mask: torch.Tensor, dim: int, group: int) -> torch.Tensor:
+    """`rows` (x[mask]'s rows along `dim`, each row's entries there flattened into `group`
+    consecutive ones: [N·group]) scattered back to the positions `mask` selected them from, zeros
+    elsewhere, the mask's dims flattened into `dim`: size mask.numel()·group there."""
     moved = rows.movedim(dim, 0)
-    out = moved.new_zeros((*mask.shape, *moved.shape[1:]))
-    out[mask] = moved
-    return out.reshape(mask.numel(), *moved.shape[1:]).movedim(0, dim).contiguous()
+    grouped = moved.reshape(moved.shape[0] // group, group, *moved.shape[1:])
+    out = grouped.new_zeros((*mask.shape, *grouped.shape[1:]))
+    out[mask] = grouped
+    return out.reshape(mask.numel() * group, *moved.shape[1:]).movedim(0, dim).contiguous()
 
 
 @pad_masked_rows.register_fake
-def _(rows: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+def _(rows: torch.Tensor, mask: torch.Tensor, dim: int, group: int) -> torch.Tensor:
     shape = list(rows.shape)
-    shape[dim] = mask.numel()
+    shape[dim] = mask.numel() * group
     return rows.new_empty(shape)

@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from grapefx.analysis.indexing_layout import masks_by_row_count  # also registers grapefx::pad_masked_rows
+from grapefx.analysis import indexing_layout  # noqa: F401 - registers grapefx::pad_masked_rows' layout rule
 from grapefx.analysis.layout import MASKED_ROWS_SITE, BatchLayout, LayoutResult
 
 _PAD = torch.ops.grapefx.pad_masked_rows.default
@@ -38,12 +38,11 @@ _MULTI_OUTPUT_TARGETS = {
 def pad_masked_row_sites(gm: fx.GraphModule, layouts: LayoutResult) -> fx.GraphModule | None:
     """A copy of backward graph `gm` whose grad sites over x[mask] rows read padded operands
     (`layouts`: gm's batch layouts); None when there is no such site this pass can rewrite."""
-    masks = masks_by_row_count(gm)  # ambiguous counts stay refused rather than padded by a wrong mask
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     plans = {}
     for site, why in layouts.unknown_ops.items():
-        padding = _padding(site, layouts, masks) if why == MASKED_ROWS_SITE else None
-        if padding and any(position[mask] > position[site] for mask, _ in padding.values()):
+        padding = _padding(site, layouts) if why == MASKED_ROWS_SITE else None
+        if padding and any(position[mask] > position[site] for mask, _, _ in padding.values()):
             padding = None  # a mask computed after the site (never seen): keep the refusal
         if padding:
             plans[site] = padding
@@ -57,10 +56,10 @@ def pad_masked_row_sites(gm: fx.GraphModule, layouts: LayoutResult) -> fx.GraphM
         new_site = copies[site]
         padded = {}
         with graph.inserting_before(new_site):
-            for arg, (mask, dim) in padding.items():
-                node = graph.call_function(_PAD, (copies[arg], copies[mask], dim))
+            for arg, (mask, dim, group) in padding.items():
+                node = graph.call_function(_PAD, (copies[arg], copies[mask], dim, group))
                 with fake_mode:
-                    node.meta["val"] = _PAD(arg.meta["val"], mask.meta["val"], dim)
+                    node.meta["val"] = _PAD(arg.meta["val"], mask.meta["val"], dim, group)
                 padded[copies[arg]] = node
         if new_site.target in _MULTI_OUTPUT_TARGETS:
             _split_multi_output(graph, new_site, padded, fake_mode)
@@ -70,20 +69,31 @@ def pad_masked_row_sites(gm: fx.GraphModule, layouts: LayoutResult) -> fx.GraphM
     return fx.GraphModule(gm, graph)
 
 
-def _padding(site: fx.Node, layouts: LayoutResult, masks: dict[Any, fx.Node]) -> dict[fx.Node, tuple[fx.Node, int]]:
-    """{operand of `site` holding x[mask] rows: (that mask, the rows' dim)}; empty when an operand's
-    rows cannot be traced to a mask in this graph (or are merged with another dim)."""
-    out: dict[fx.Node, tuple[fx.Node, int]] = {}
+def _padding(site: fx.Node, layouts: LayoutResult) -> dict[fx.Node, tuple[fx.Node, int, int]]:
+    """{operand of `site` holding x[mask] rows: (that mask, the rows' dim, entries per row there)};
+    empty when an operand's rows cannot be traced to a mask in this graph or are merged with
+    another dim other than by flattening each row ([N, T, d] -> [N·T, d]: `group` T)."""
+    out: dict[fx.Node, tuple[fx.Node, int, int]] = {}
     for arg in site.all_input_nodes:
         lay = layouts.layouts.get(arg)
         if not isinstance(lay, BatchLayout) or sympy.sympify(lay.outer * lay.inner).is_number:
             continue
-        size = arg.meta["val"].shape[lay.dim]
-        expr = sympy.sympify(size.node.expr) if isinstance(size, torch.SymInt) else None
-        if lay.outer != 1 or expr not in masks:
+        found = _mask_and_group(lay.inner, layouts.mask_counts) if lay.outer == 1 else None
+        if found is None:
             return {}
-        out[arg] = (masks[expr], lay.dim)
+        out[arg] = (found[0], lay.dim, found[1])
     return out
+
+
+def _mask_and_group(inner: Any, mask_counts: dict[fx.Node, Any]) -> tuple[fx.Node, int] | None:
+    """(the mask, g) when a layout's `inner` is g times one mask's per-sample row count c: the dim
+    holds each selected row as g consecutive entries. Masks whose counts torch proved equal have
+    no count there (analysis/layout.py): ambiguous rows stay refused, never padded by a wrong mask."""
+    for mask, count in mask_counts.items():
+        group = sympy.simplify(inner / count)
+        if group.is_Integer and group > 0:
+            return mask, int(group)
+    return None
 
 
 def _split_multi_output(graph: fx.Graph, site: fx.Node, padded: dict[fx.Node, fx.Node], fake_mode: Any) -> None:

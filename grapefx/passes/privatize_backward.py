@@ -18,6 +18,7 @@ graph that either codegen path accepts; every node records its provenance in met
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,12 +91,12 @@ def privatize_backward(
     ghost: frozenset[str] = frozenset(),
     instantiate: frozenset[str] = frozenset(),
     forward_culprits: tuple[str, ...] = (),
-    checked_rows: frozenset[Any] = frozenset(),
+    checked_rows: Mapping[Any, Any] | None = None,
 ) -> tuple[fx.GraphModule, BackwardPlan]:
     """`ghost` / `instantiate`: parameters whose norm method the memory scheduler overrides;
     `forward_culprits`: forward ops without a batch-layout rule, for error messages;
-    `checked_rows`: row counts of boolean-mask selections the forward checks (analyze_layouts)."""
-    layouts = analyze_layouts(gm, batch, seeds, checked_rows)
+    `checked_rows`: the forward's accepted boolean-mask selections (analyze_layouts)."""
+    layouts = analyze_layouts(gm, batch, seeds, checked_rows or {})
     grads = find_grad_sites(gm, layouts, params, forward_culprits)
     plan = BackwardPlan(grads, layouts=layouts)
     if config.strategy == "grape":
