@@ -637,6 +637,52 @@ def test_masked_rows_returned_to_the_caller_keep_the_count_check() -> None:
         F.cross_entropy(cm(torch.randn(4, 5, 4), labels), labels[labels != -100], reduction="sum").backward()
 
 
+class _RoutedSamples(nn.Module):
+    """Samples routed to per-task heads by masks over the batch dim (zoo `task_routed` works); `how`
+    breaks it: "flip" reverses the task's rows (sample i gets sample j's output), "swap" writes
+    task 0's rows to task 1's samples, "bias_only" writes a per-task bias with no selection."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.heads = nn.ModuleList(nn.Linear(4, 3) for _ in range(2))
+        self.task_bias = nn.Parameter(torch.randn(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, task = x[:, :-1], x[:, -1].long()  # features, then the task id
+        out = x.new_zeros(x.shape[0], 3)
+        for k, head in enumerate(self.heads):
+            if self.how == "bias_only":
+                out[task == k] = self.task_bias[k]
+                continue
+            rows = head(x[task == k])
+            out[task == (1 - k if self.how == "swap" else k)] = rows.flip(0) if self.how == "flip" else rows
+        return out
+
+
+@pytest.mark.parametrize("how", ["flip", "swap"])
+def test_routed_samples_mixed_across_the_batch_keep_the_count_check(how: str) -> None:
+    """Reordering a task's rows, or writing them to other samples' places, moves outputs between
+    samples: not row by row, so the selection keeps the equal-count check (0 or 1 row per sample
+    here: refused on the step)."""
+    cm = grapefx.compile(_RoutedSamples(how), max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
+    with pytest.raises(grapefx.BatchMixingError, match=r"select 1, 0, 1, 0, 0, 1"):
+        cm(_with_tasks(torch.randn(6, 4), [0, 1, 0, 1, 1, 0])).square().sum().backward()
+
+
+def test_batch_free_value_written_by_an_unselected_mask_is_refused() -> None:
+    """A per-task bias written through masks that select nothing else (`out[task == k] = b[k]`): the
+    backward's selection of its gradient cannot be tied to a checked mask, so it is refused, never
+    summed over the batch (the message names the op); `b[task]` is the supported spelling."""
+    cm = grapefx.compile(_RoutedSamples("bias_only"), max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
+    with pytest.raises(grapefx.UnsupportedOpError, match=r"task_bias.*index\.Tensor"):
+        cm(_with_tasks(torch.randn(6, 4), [0, 1, 0, 1, 1, 0])).square().sum().backward()
+
+
+def _with_tasks(x: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+    return torch.cat([x, torch.tensor(tasks, dtype=x.dtype)[:, None]], dim=1)
+
+
 @pytest.mark.slow
 def test_moe_load_balancing_loss_is_refused() -> None:
     """Mixtral's auxiliary load-balancing loss (`output_router_logits=True`) multiplies router
