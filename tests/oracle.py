@@ -52,9 +52,12 @@ def oracle_grads(
         try:
             per_sample = vmap(grad(loss_one), in_dims=(None,) + (0,) * len(ins))(params, *ins)
         except RuntimeError as e:  # x[bool mask], a loop over experts: data-dependent, vmap cannot batch it
-            if "dynamic shape" not in str(e) and "data-dependent" not in str(e):
+            if "setup_context" in str(e):  # an autograd.Function torch.func cannot run (DeBERTa's XSoftmax)
+                per_sample = _autograd_per_sample(loss_one, params, ins)
+            elif "dynamic shape" not in str(e) and "data-dependent" not in str(e):
                 raise
-            per_sample = _loop_per_sample(loss_one, params, ins)
+            else:
+                per_sample = _loop_per_sample(loss_one, params, ins)
     B = inputs[0].shape[0]
     flat = torch.cat([per_sample[k].reshape(B, -1) for k in params], dim=1) if B else torch.zeros(0, 1)
     norms = flat.norm(dim=1)
@@ -89,6 +92,18 @@ def _loop_per_sample(loss_one: Callable[..., torch.Tensor], params: dict, ins: t
     B = ins[0].shape[0]
     names = list(params)
     rows = [grad(loss_one)(params, *(x[i] for x in ins)) for i in range(B)]
+    return {k: torch.stack([r[k] for r in rows]) if B else params[k].new_zeros(0, *params[k].shape) for k in names}
+
+
+def _autograd_per_sample(loss_one: Callable[..., torch.Tensor], params: dict, ins: tuple) -> dict[str, torch.Tensor]:
+    """The same per-sample gradients with plain autograd, one sample at a time (no torch.func)."""
+    B = ins[0].shape[0]
+    names = list(params)
+    rows = []
+    for i in range(B):
+        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        gs = torch.autograd.grad(loss_one(p, *(x[i] for x in ins)), [p[k] for k in names], allow_unused=True)
+        rows.append({k: torch.zeros_like(p[k]) if g is None else g for k, g in zip(names, gs)})
     return {k: torch.stack([r[k] for r in rows]) if B else params[k].new_zeros(0, *params[k].shape) for k in names}
 
 

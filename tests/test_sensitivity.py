@@ -98,10 +98,12 @@ SENS = [
     ("flat_rows_group_norm", "flat", "auto"),  # GroupNorm over [B·T, C] rows
     ("task_routed", "flat", "auto"),  # adapters and heads per task: masks over the batch dim
     ("task_routed", "per_layer", "auto"),
+    ("normed_shared_table", "flat", "auto"),  # a layer norm and projection after the batch contraction
     # "two_pass": strategy "auto" with two_pass=True (norms, then the backward with weighted gradients)
     ("gpt_checkpointed", "flat", "two_pass"),  # weighted tangents (the loss outside)
     ("masked_rows_head", "flat", "two_pass"),  # the loss inside: x[mask] rows weighted by their sample
     _slow("hf_bart_cls", "flat", "auto"),  # BART's EOS pooling in the real model
+    _slow("hf_sew_d", "flat", "auto"),  # DeBERTa-v2 attention: its normalized position table per sample
     _slow("hf_xmod", "flat", "auto"),  # X-MOD's language adapters: samples routed by masks over the batch
     _slow("hf_llama_lora", "flat", "auto"),  # peft LoRA adapters, frozen base weights
     _slow("hf_mixtral", "flat", "auto"),  # top-2 routing, experts gathered per token (batched_mm)

@@ -1119,9 +1119,10 @@ class HFSparseMLM(nn.Module):
 
 class HFSpeech(nn.Module):
     """A transformers speech encoder with a sequence-classification head (conv feature encoder, grouped
-    positional conv, masked mean pooling) on raw audio [B, 400]. transformers 5.x installs its output
-    hooks lazily under a lock and the feature encoder sets `requires_grad` on its input: grapefx
-    undoes both (`grapefx/transformers_compat.py`); the model is used unchanged."""
+    positional conv, masked mean pooling; SEW-D: squeezed DeBERTa-v2 layers) on raw audio [B, 400].
+    transformers 5.x installs its output hooks lazily under a lock and the feature encoder sets
+    `requires_grad` on its input: grapefx undoes both (`grapefx/transformers_compat.py`); the model
+    is used unchanged."""
 
     def __init__(self, name: str, n_cls: int) -> None:
         super().__init__()
@@ -1131,13 +1132,17 @@ class HFSpeech(nn.Module):
             "wav2vec2": (tf.Wav2Vec2Config, tf.Wav2Vec2ForSequenceClassification),
             "hubert": (tf.HubertConfig, tf.HubertForSequenceClassification),
             "wavlm": (tf.WavLMConfig, tf.WavLMForSequenceClassification),
+            "sew_d": (tf.SEWDConfig, tf.SEWDForSequenceClassification),
         }[name]
+        # SEW-D: DeBERTa-v2 attention over a squeezed sequence; at the default init scale every
+        # sample's gradient norm is the same to 0.1% (the check needs some clipped and some not)
+        extra = {"squeeze_factor": 2, "position_buckets": 16, "initializer_range": 0.3} if name == "sew_d" else {}
         cfg = config_cls(
             hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
             conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
             num_conv_pos_embedding_groups=2, num_labels=n_cls, classifier_proj_size=8, mask_time_prob=0.0,
             hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
-            layerdrop=0.0, final_dropout=0.0,
+            layerdrop=0.0, final_dropout=0.0, **extra,
         )  # fmt: skip
         self.m = model_cls(cfg)
         self.m.train()
@@ -1182,6 +1187,29 @@ class TaskRouted(nn.Module):
             out[task == k] = head(pooled[task == k])
             bias[task == k] = self.task_bias[k]  # a batch-free value written to the task's samples
         return out + bias
+
+
+class NormedSharedTable(nn.Module):
+    """A batch-free table normalized and projected once, then used by every sample (DeBERTa's and
+    SEW-D's relative-position embeddings: `LayerNorm(rel_embeddings)`, then a key projection of
+    them scored against each sample's queries). The gradient reaches the projection, the norm and
+    the table after its batch contraction: per sample through an mm, a sum and a layer-norm
+    backward (passes/batched_post.py's hand rules), also with the norm over a 1-D gain vector."""
+
+    def __init__(self, d: int = 8, positions: int = 5, n_cls: int = 3) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(positions, d))
+        self.gain = nn.Parameter(torch.randn(d))
+        self.norm = nn.LayerNorm(d)
+        self.gain_norm = nn.LayerNorm(d, bias=False)
+        self.key = nn.Linear(d, d)
+        self.query = nn.Linear(d, d)
+        self.head = nn.Linear(positions, n_cls)
+
+    def forward(self, x: Tensor) -> Tensor:
+        keys = self.key(self.norm(self.table)) * self.gain_norm(self.gain)  # [positions, d], batch-free
+        scores = self.query(x) @ keys.t()  # [B, T, positions]
+        return self.head(torch.tanh(scores).mean(1))
 
 
 def _tasks(T: int, d: int, tasks: int, n_cls: int) -> InputFn:
@@ -1352,6 +1380,7 @@ ZOO: list[ZooCase] = [
     ZooCase("masked_rows_head", lambda: MaskedTokenLM(layers_after=True), _masked_labels(9, 16), summed_loss),
     ZooCase("chunk_scan", lambda: ChunkScan(), _dense((2, 4, 4, 4), 3)),
     ZooCase("task_routed", lambda: TaskRouted(), _tasks(5, 6, 3, 4)),
+    ZooCase("normed_shared_table", lambda: NormedSharedTable(), _dense((4, 8), 3)),
     ZooCase("in_place_shared_query", lambda: InPlaceSharedQuery(), _dense((5, 8), 3)),
     ZooCase("shared_position_tables", lambda: SharedPositionTables(), _dense((6, 8), 3)),
     ZooCase("flat_rows_group_norm", lambda: FlatRowsGroupNorm(), _dense((5, 4), 3)),
@@ -1408,6 +1437,7 @@ HF_MORE: list[ZooCase] = (
         ZooCase("hf_llama_checkpointed", HFCheckpointed, _ids(8, 64), token_loss, available=has_transformers),
         ZooCase("hf_hubert", lambda: HFSpeech("hubert", 3), _dense((400,), 3), available=has_transformers),
         ZooCase("hf_wavlm", lambda: HFSpeech("wavlm", 3), _dense((400,), 3), available=has_transformers),
+        ZooCase("hf_sew_d", lambda: HFSpeech("sew_d", 3), _dense((400,), 3), available=has_transformers),
         # pools the last non-pad token: h[arange(B), last]
         ZooCase(
             "hf_llama_cls", lambda: HFText("llama_cls"), _ids(8, 64, 3, 0.2), tags={"hf"}, available=has_transformers

@@ -203,6 +203,16 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> Any:
         return _elementwise(node, lookup, batched)
     if packet is aten.cat:
         return _cat(node, lookup, batched, b)
+    if packet is aten.sum and len(args) > 1 and args[1]:
+        dims = [d % (x.dim() - 1) + 1 for d in args[1]]
+        keepdim = bool(args[2]) if len(args) > 2 else node.kwargs.get("keepdim", False)
+        return x.sum(dims, keepdim=keepdim, dtype=node.kwargs.get("dtype"))
+    if packet is aten.native_layer_norm_backward and args[0] in batched and not set(args[1:]) & batched:
+        return _layer_norm_backward(node, lookup, x)
+    if packet is aten.mm and (args[0] in batched) != (args[1] in batched):
+        # a per-sample value times a batch-free matrix (SEW-D's relative-position projections);
+        # vmap's rule for mm fixes a symbolic batch size, matmul broadcasts over it
+        return torch.matmul(x, lookup(args[1]))
     if packet is aten._weight_norm_interface_backward:
         return _weight_norm_backward(node, lookup, batched)
     if packet is aten.embedding_dense_backward and not node.args[4]:
@@ -239,6 +249,27 @@ def apply_post_batched(
                 value = _vmap_node(node, lookup, local)
             local[node] = value
     return local[out_node]
+
+
+def _layer_norm_backward(node: fx.Node, lookup: Any, g: torch.Tensor) -> tuple[Any, Any, Any]:
+    """native_layer_norm_backward for per-sample output gradients g [B, *S] of a layer norm applied to
+    a batch-free input (DeBERTa's / SEW-D's normalized relative-position table): linear in g, so
+    each sample's (grad_input, grad_weight, grad_bias) with the input's saved mean and rstd."""
+    inp, shape, mean, rstd, weight = (lookup(a) if isinstance(a, fx.Node) else a for a in node.args[1:6])
+    wanted = node.args[7]
+    norm_dims = list(range(-len(shape), 0))
+    outer = list(range(1, g.dim() - len(shape)))  # per-sample dims summed for weight and bias
+    xhat = (inp - mean) * rstd
+    gw = g * weight if weight is not None else g
+    grad_input = grad_weight = grad_bias = None
+    if wanted[0]:
+        centred = gw - gw.mean(norm_dims, keepdim=True)
+        grad_input = rstd * (centred - xhat * (gw * xhat).mean(norm_dims, keepdim=True))
+    if wanted[1] and weight is not None:
+        grad_weight = (g * xhat).sum(outer) if outer else g * xhat
+    if wanted[2] and node.args[6] is not None:
+        grad_bias = g.sum(outer) if outer else g
+    return grad_input, grad_weight, grad_bias
 
 
 def _check_vmappable(nodes: set[fx.Node], b: Any, param: str) -> None:
