@@ -208,6 +208,28 @@ def test_empty_batch_gives_pure_noise(name: str) -> None:
     assert abs(g.mean().item()) < 5 * sigma * C / math.sqrt(g.numel())
 
 
+class _SkipsAHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(4, 3)
+        self.skipped = nn.Linear(4, 3)  # trainable, never called
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.used(x)
+
+
+def test_unreached_parameter_keeps_no_gradient_at_every_batch_size() -> None:
+    """A trainable parameter the graph never reaches gets no gradient and no noise, the same at
+    B = 4, 1, 0, 5 (the dynamic, single-sample and empty graphs); the reached ones are noised."""
+    model = _SkipsAHead()
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=1.0, seed=0)
+    for B in (4, 1, 0, 5):
+        model.zero_grad(set_to_none=True)
+        cm(torch.randn(B, 4)).sum().backward()
+        assert model.skipped.weight.grad is None and model.skipped.bias.grad is None, B
+        assert model.used.weight.grad is not None and model.used.weight.grad.abs().sum() > 0, B
+
+
 def test_empty_batch_between_real_batches() -> None:
     """Poisson sampling: B=4, then B=0, then B=5 on one compiled model, noise on; all finite,
     and the real batches still get their clipped sum (checked with noise off on the same sequence)."""
