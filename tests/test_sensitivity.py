@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from oracle import oracle_grads
-from zoo import ZooCase, case
+from zoo import ZooCase, case, version_marks
 
 import grapefx
 
@@ -103,7 +103,8 @@ SENS = [
     ("gpt_checkpointed", "flat", "two_pass"),  # weighted tangents (the loss outside)
     ("masked_rows_head", "flat", "two_pass"),  # the loss inside: x[mask] rows weighted by their sample
     _slow("hf_bart_cls", "flat", "auto"),  # BART's EOS pooling in the real model
-    _slow("hf_sew_d", "flat", "auto"),  # DeBERTa-v2 attention: its normalized position table per sample
+    # DeBERTa-v2 attention: its normalized position table per sample
+    pytest.param("hf_sew_d", "flat", "auto", marks=[pytest.mark.slow, *version_marks("hf_sew_d")]),
     _slow("hf_xmod", "flat", "auto"),  # X-MOD's language adapters: samples routed by masks over the batch
     _slow("hf_llama_lora", "flat", "auto"),  # peft LoRA adapters, frozen base weights
     _slow("hf_mixtral", "flat", "auto"),  # top-2 routing, experts gathered per token (batched_mm)

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from oracle import _autograd_per_sample, _loop_per_sample, assert_grads_match, oracle_grads
 from torch.func import functional_call, grad, vmap
-from zoo import HF_MORE, ZOO, LossInside, ZooCase, case, dynamo_graph_count
+from zoo import HF_MORE, ZOO, LossInside, ZooCase, case, dynamo_graph_count, version_marks
 
 import grapefx
 
@@ -203,7 +203,7 @@ def test_zoo_flat(zc: ZooCase, reduction: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zc", [pytest.param(c, id=c.name) for c in HF_MORE])
+@pytest.mark.parametrize("zc", [pytest.param(c, id=c.name, marks=version_marks(c.name)) for c in HF_MORE])
 def test_more_transformers_families(zc: ZooCase) -> None:
     """More transformers families (tests/zoo.py HF_MORE): encoders, decoders incl. Mixtral, T5, ViT, BART's
     classification head, the speech encoders, and a peft LoRA model."""

@@ -1447,6 +1447,21 @@ HF_MORE: list[ZooCase] = (
 
 BY_NAME: dict[str, ZooCase] = {c.name: c for c in ZOO + HF_MORE}
 
+_TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def version_marks(name: str) -> list[Any]:
+    """pytest marks for cases a torch version refuses (a checked refusal, never a wrong gradient):
+    torch 2.11 traces SEW-D's XSoftmax backward, applied to zero tangents, into the forward graph,
+    and its sums over the batch read as batch mixing there (2.12 to 2.14 trace it in the backward)."""
+    if name == "hf_sew_d" and _TORCH < (2, 12):
+        import pytest
+
+        from grapefx.errors import BatchMixingError
+
+        return [pytest.mark.xfail(raises=BatchMixingError, strict=True, reason="torch 2.11: see version_marks")]
+    return []
+
 
 def case(name: str) -> ZooCase:
     return BY_NAME[name]
