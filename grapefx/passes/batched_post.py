@@ -207,7 +207,7 @@ def _batched(node: fx.Node, lookup: Any, batched: set[fx.Node], b: Any) -> Any:
         dims = [d % (x.dim() - 1) + 1 for d in args[1]]
         keepdim = bool(args[2]) if len(args) > 2 else node.kwargs.get("keepdim", False)
         return x.sum(dims, keepdim=keepdim, dtype=node.kwargs.get("dtype"))
-    if packet is aten.native_layer_norm_backward and args[0] in batched and not set(args[1:]) & batched:
+    if packet is aten.native_layer_norm_backward and args[0] in batched and not batched & set(node.all_input_nodes[1:]):
         return _layer_norm_backward(node, lookup, x)
     if packet is aten.mm and (args[0] in batched) != (args[1] in batched):
         # a per-sample value times a batch-free matrix (SEW-D's relative-position projections);
