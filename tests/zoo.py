@@ -1212,6 +1212,30 @@ class NormedSharedTable(nn.Module):
         return self.head(torch.tanh(scores).mean(1))
 
 
+class LearnedQueryPool(nn.Module):
+    """Attention pooling with a learned query expanded over the batch (AIMv2's and V-JEPA 2's
+    pooling heads, SigLIP's MAP head): `F.scaled_dot_product_attention(query.expand(B, ...), k, v)`
+    with the query batch-free and the keys / values per sample."""
+
+    def __init__(self, d: int = 8, heads: int = 2, n_cls: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.inp = nn.Linear(d, d)
+        self.query = nn.Parameter(torch.randn(1, 1, d))
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.head = nn.Linear(d, n_cls)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, d = x.shape
+        h = torch.tanh(self.inp(x))
+        q = self.query.expand(B, -1, -1).reshape(B, 1, self.heads, d // self.heads).transpose(1, 2)
+        k = self.k(h).reshape(B, T, self.heads, d // self.heads).transpose(1, 2)
+        v = self.v(h).reshape(B, T, self.heads, d // self.heads).transpose(1, 2)
+        pooled = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, d)
+        return self.head(pooled)
+
+
 def _tasks(T: int, d: int, tasks: int, n_cls: int) -> InputFn:
     """[B, T, d + 1]: features and a task id per sample (tasks 0 and 1 at B=3, task 2 left out)."""
 
@@ -1381,6 +1405,7 @@ ZOO: list[ZooCase] = [
     ZooCase("chunk_scan", lambda: ChunkScan(), _dense((2, 4, 4, 4), 3)),
     ZooCase("task_routed", lambda: TaskRouted(), _tasks(5, 6, 3, 4)),
     ZooCase("normed_shared_table", lambda: NormedSharedTable(), _dense((4, 8), 3)),
+    ZooCase("learned_query_pool", lambda: LearnedQueryPool(), _dense((5, 8), 3), tags={"attention"}),
     ZooCase("in_place_shared_query", lambda: InPlaceSharedQuery(), _dense((5, 8), 3)),
     ZooCase("shared_position_tables", lambda: SharedPositionTables(), _dense((6, 8), 3)),
     ZooCase("flat_rows_group_norm", lambda: FlatRowsGroupNorm(), _dense((5, 4), 3)),

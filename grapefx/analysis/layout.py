@@ -681,9 +681,12 @@ def _per_sample_op(p: _Propagator, n: fx.Node) -> Any:
 
 
 def _attention(p: _Propagator, n: fx.Node) -> Any:
-    q = n.args[0]
-    lq = p.lay(q)
-    if lq is UNKNOWN or lq is None or lq.dim >= len(shape_of(q)) - 2:
+    """Attention kernels (and their backward): per sample when the batch sits in a leading dim of
+    every per-sample operand. A batch-free one is the same for every sample: a learned query
+    expanded over the batch (AIMv2's / V-JEPA 2's attention-pooling heads), a shared mask."""
+    args = p.tensor_args(n)
+    batched = [(a, p.lay(a)) for a in args if p.lay(a) is not None]
+    if not batched or any(la is UNKNOWN or la.dim >= len(shape_of(a)) - 2 for a, la in batched):
         return UNKNOWN
     return _per_sample_op(p, n)
 
