@@ -1236,6 +1236,26 @@ class LearnedQueryPool(nn.Module):
         return self.head(pooled)
 
 
+class FrameConv(nn.Module):
+    """A video's frames through per-frame convolutions with the batch merged with time,
+    [B, T, C, H, W] -> [B·T, C, H, W] (TimeSformer's and ViViT-style patch embeddings): each
+    sample's weight gradient sums over its T images. A grouped, strided Conv2d with bias, a
+    GroupNorm over the same rows, a bias-free Conv2d, then pooling over frames and pixels."""
+
+    def __init__(self, n_cls: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2)
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv2 = nn.Conv2d(4, 6, 2, bias=False)
+        self.head = nn.Linear(6, n_cls)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T = x.shape[:2]
+        h = torch.tanh(self.norm(self.conv(x.reshape(B * T, *x.shape[2:]))))
+        h = self.conv2(h)
+        return self.head(h.reshape(B, T, *h.shape[1:]).mean((1, 3, 4)))
+
+
 def _tasks(T: int, d: int, tasks: int, n_cls: int) -> InputFn:
     """[B, T, d + 1]: features and a task id per sample (tasks 0 and 1 at B=3, task 2 left out)."""
 
@@ -1406,6 +1426,7 @@ ZOO: list[ZooCase] = [
     ZooCase("task_routed", lambda: TaskRouted(), _tasks(5, 6, 3, 4)),
     ZooCase("normed_shared_table", lambda: NormedSharedTable(), _dense((4, 8), 3)),
     ZooCase("learned_query_pool", lambda: LearnedQueryPool(), _dense((5, 8), 3), tags={"attention"}),
+    ZooCase("frame_conv", lambda: FrameConv(), _dense((2, 2, 6, 6), 3), tags={"conv"}),
     ZooCase("in_place_shared_query", lambda: InPlaceSharedQuery(), _dense((5, 8), 3)),
     ZooCase("shared_position_tables", lambda: SharedPositionTables(), _dense((6, 8), 3)),
     ZooCase("flat_rows_group_norm", lambda: FlatRowsGroupNorm(), _dense((5, 4), 3)),

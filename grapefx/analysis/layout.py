@@ -470,7 +470,13 @@ def _convolution(p: _Propagator, n: fx.Node) -> Any:
     lx = p.lay(x)
     if lx is UNKNOWN or p.lay(w) is not None or p.lay(bias) is not None:
         return UNKNOWN
-    return lx if lx.dim == 0 and lx.plain else UNKNOWN
+    return lx if _leading_images(lx) else UNKNOWN
+
+
+def _leading_images(lay: Any) -> bool:
+    """The batch leads dim 0 of a convolution's input, each sample one image or a static number of
+    consecutive ones ([B·T, C, *S]: a video's frames through a Conv2d, sample-major)."""
+    return lay.dim == 0 and lay.outer == 1 and sympy.sympify(lay.inner).is_Integer
 
 
 def _conv_backward(p: _Propagator, n: fx.Node) -> Any:
@@ -479,8 +485,10 @@ def _conv_backward(p: _Propagator, n: fx.Node) -> Any:
     if p.lay(w) is not None:
         return UNKNOWN
     for lay in (lg, lx):
-        if lay is not None and (lay is UNKNOWN or lay.dim != 0 or not lay.plain):
+        if lay is not None and (lay is UNKNOWN or not _leading_images(lay)):
             return UNKNOWN
+    if lg is not None and lx is not None and lg != lx:
+        return UNKNOWN
     if _sums_parameter_grads(n):
         p.res.batch_reductions[n] = "convolution_backward"
     return (lg if lg is not None else lx, None, None)

@@ -8,7 +8,9 @@ contracting explicit unfold patches (whose copy was a third of a CNN's step) and
 tensor; the batch stays symbolic (vmap over convolution_backward would specialize it). The weighted sum
 scales the output gradient (the bias gradient depends on it alone) and runs one
 `convolution_backward` for weight and bias together. Transposed convolutions fold the same way (their
-weight is [Cin, Cout/groups, *K], so the stacked gradient is [b*Cin, ...]).
+weight is [Cin, Cout/groups, *K], so the stacked gradient is [b*Cin, ...]). A batch merged with
+frames, [B·T, C, *S] (TimeSformer's Conv2d over every frame), puts each sample's T images in the
+call's batch dim, over which the weight gradient sums.
 """
 
 from __future__ import annotations
@@ -41,22 +43,27 @@ def conv_per_sample_weight_grad(
     groups: int,
     transposed: bool = False,
     output_padding: list[int] | None = None,
+    items: int = 1,
 ) -> torch.Tensor:
     """[B, Cout, Cin/groups, *K]: sample i's weight gradient. Each chunk of samples is one grouped
     convolution_backward with the batch folded into the channels ([1, b*C, *S], b*groups groups:
     sample i's channels only meet each other). An opaque op, so the number of groups (which depends
-    on the batch) never becomes a shape guard, and chunks are chosen for the batch at run time."""
-    b = x.shape[0]
+    on the batch) never becomes a shape guard, and chunks are chosen for the batch at run time.
+    `items`: images per sample when the batch is merged with frames ([B·T, C, *S], a video's frames
+    through a Conv2d): each sample's T images become the call's batch ([T, b*C, *S]), whose weight
+    gradient sums over it."""
+    b = x.shape[0] // items
     out = g.new_empty([b, *w_shape])
     if b == 0:
         return out
     per_sample = out[0].numel() * out.element_size()
     chunk = max(1, min(b, CHUNK_BYTES // max(per_sample, 1)))
     out_pad = output_padding or [0] * len(stride)
+    xs, gs = (t.reshape(b, items, *t.shape[1:]) for t in (x, g))
     for lo in range(0, b, chunk):
         hi = min(b, lo + chunk)
-        xc = x[lo:hi].reshape(1, -1, *x.shape[2:])
-        gc = g[lo:hi].reshape(1, -1, *g.shape[2:])
+        xc = xs[lo:hi].transpose(0, 1).reshape(items, -1, *x.shape[2:])
+        gc = gs[lo:hi].transpose(0, 1).reshape(items, -1, *g.shape[2:])
         # Only the weight's gradient is asked for: the weight's values are never read.
         w1 = g.new_empty([(hi - lo) * w_shape[0], *w_shape[1:]])
         wg = aten.convolution_backward(
@@ -67,8 +74,19 @@ def conv_per_sample_weight_grad(
 
 
 @conv_per_sample_weight_grad.register_fake
-def _(g: torch.Tensor, x: torch.Tensor, w_shape: list[int], *conv_args: object) -> torch.Tensor:
-    return g.new_empty([x.shape[0], *w_shape])
+def _(
+    g: torch.Tensor,
+    x: torch.Tensor,
+    w_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    transposed: bool = False,
+    output_padding: list[int] | None = None,
+    items: int = 1,
+) -> torch.Tensor:
+    return g.new_empty([x.shape[0] // items, *w_shape])
 
 
 @register_rule("convolution_backward")
@@ -77,12 +95,12 @@ class ConvolutionRule(SiteRule):
         conv, index = _conv_node(site)
         grad, x, w, _bias_sizes, stride, padding, dilation, transposed, out_pad, groups, _mask = conv.args
         g = site.value(grad)
+        items = int(site.layout(grad).inner)  # images per sample: [B·T, C, *S] when > 1
         if index == 2:
-            return g.reshape(g.shape[0], g.shape[1], -1).sum(-1)
+            return g.reshape(site.batch_size, items, g.shape[1], -1).sum((1, 3))
         w_shape = list(w.meta["val"].shape)
-        return torch.ops.grapefx.conv_per_sample_weight_grad(
-            g, site.value(x), w_shape, list(stride), list(padding), list(dilation), groups, transposed, list(out_pad)
-        )
+        conv_args = (list(stride), list(padding), list(dilation), groups, transposed, list(out_pad))
+        return torch.ops.grapefx.conv_per_sample_weight_grad(g, site.value(x), w_shape, *conv_args, items=items)
 
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
         conv, index = _conv_node(site)
