@@ -940,6 +940,16 @@ HF_TEXT: dict[str, tuple[str, str, dict[str, Any]]] = {
         {**_DECODER, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2}
         | {"router_jitter_noise": 0.0},
     ),
+    # gated delta rule (chunked, a triangular solve per chunk) beside full attention, MoE experts
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        {**_DECODER, "num_key_value_heads": 2, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2}
+        | {"moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "decoder_sparse_step": 1}
+        | {"layer_types": ["linear_attention", "full_attention"], "linear_num_value_heads": 4}
+        | {"linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8}
+        | {"linear_conv_kernel_dim": 4},
+    ),
     "phi": ("PhiConfig", "PhiForCausalLM", {**_DECODER, "resid_pdrop": 0.0, "embd_pdrop": 0.0}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**_DECODER, "hidden_dropout": 0.0}),
     "t5": (
@@ -1256,6 +1266,28 @@ class FrameConv(nn.Module):
         return self.head(h.reshape(B, T, *h.shape[1:]).mean((1, 3, 4)))
 
 
+class TriangularSolves(nn.Module):
+    """Triangular solves batched over samples (Qwen3-Next's gated delta rule solves a per-sample
+    unit-lower-triangular system per chunk): one with a per-sample matrix built from the keys, one
+    with a batch-free learned matrix and per-sample right-hand sides."""
+
+    def __init__(self, d: int = 6, T: int = 4, n_cls: int = 3) -> None:
+        super().__init__()
+        self.k = nn.Linear(d, d)
+        self.v = nn.Linear(d, d)
+        self.shared = nn.Parameter(torch.randn(T, T) * 0.3)
+        self.head = nn.Linear(d, n_cls)
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, v = torch.tanh(self.k(x)), self.v(x)  # [B, T, d]
+        eye = torch.eye(x.shape[1], dtype=x.dtype)
+        a = eye + torch.tril(k @ k.transpose(1, 2), diagonal=-1) * 0.5  # per sample, unit lower
+        u = torch.linalg.solve_triangular(a, v, upper=False)
+        s = eye + torch.tril(self.shared, diagonal=-1)  # batch-free
+        w = torch.linalg.solve_triangular(s, u, upper=False, unitriangular=True)
+        return self.head(w.mean(1))
+
+
 def _tasks(T: int, d: int, tasks: int, n_cls: int) -> InputFn:
     """[B, T, d + 1]: features and a task id per sample (tasks 0 and 1 at B=3, task 2 left out)."""
 
@@ -1427,6 +1459,7 @@ ZOO: list[ZooCase] = [
     ZooCase("normed_shared_table", lambda: NormedSharedTable(), _dense((4, 8), 3)),
     ZooCase("learned_query_pool", lambda: LearnedQueryPool(), _dense((5, 8), 3), tags={"attention"}),
     ZooCase("frame_conv", lambda: FrameConv(), _dense((2, 2, 6, 6), 3), tags={"conv"}),
+    ZooCase("triangular_solves", lambda: TriangularSolves(), _dense((4, 6), 3)),
     ZooCase("in_place_shared_query", lambda: InPlaceSharedQuery(), _dense((5, 8), 3)),
     ZooCase("shared_position_tables", lambda: SharedPositionTables(), _dense((6, 8), 3)),
     ZooCase("flat_rows_group_norm", lambda: FlatRowsGroupNorm(), _dense((5, 4), 3)),
@@ -1469,7 +1502,7 @@ HF_MORE: list[ZooCase] = (
     ]
     + [
         ZooCase(f"hf_{n}", lambda n=n: HFText(n), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers)
-        for n in ("mistral", "mixtral", "phi", "gpt_neox")
+        for n in ("mistral", "mixtral", "phi", "gpt_neox", "qwen3_next")
     ]
     + [
         ZooCase("hf_t5_encoder", lambda: HFEncoderHead("t5", 3), _ids(8, 64, n_cls=3), available=has_transformers),

@@ -688,10 +688,11 @@ def _per_sample_op(p: _Propagator, n: fx.Node) -> Any:
     return tuple(outs) if isinstance(val, (list, tuple)) else outs[0]
 
 
-def _attention(p: _Propagator, n: fx.Node) -> Any:
-    """Attention kernels (and their backward): per sample when the batch sits in a leading dim of
-    every per-sample operand. A batch-free one is the same for every sample: a learned query
-    expanded over the batch (AIMv2's / V-JEPA 2's attention-pooling heads), a shared mask."""
+def _batched_matrices(p: _Propagator, n: fx.Node) -> Any:
+    """Ops on the last two dims, batched over the leading ones (attention kernels and their
+    backward, triangular solves): per sample when the batch sits in a leading dim of every
+    per-sample operand. A batch-free one is the same for every sample: a learned query expanded
+    over the batch (AIMv2's / V-JEPA 2's attention-pooling heads), a shared mask."""
     args = p.tensor_args(n)
     batched = [(a, p.lay(a)) for a in args if p.lay(a) is not None]
     if not batched or any(la is UNKNOWN or la.dim >= len(shape_of(a)) - 2 for a, la in batched):
@@ -921,8 +922,9 @@ _register(
         aten._scaled_dot_product_efficient_attention_backward,
         aten._scaled_dot_product_flash_attention_backward,
         aten._scaled_dot_product_cudnn_attention_backward,
+        aten.linalg_solve_triangular,
     ],
-    _attention,
+    _batched_matrices,
 )
 _register([aten.native_dropout], _per_sample_op)
 _register(
