@@ -4,7 +4,8 @@
    the first forward that asks for hidden states or attentions, under a `threading.Lock` that Dynamo
    cannot trace. Models that always ask (Wav2Vec2, HuBERT, WavLM) then stop with a graph break.
    `install_output_hooks` installs them up front, exactly as transformers' first eager call would;
-   the hooks do nothing unless an output is requested.
+   the hooks do nothing unless an output is requested. Hooks an earlier eager call installed are
+   removed first: installing on top of them would capture every hidden state twice.
 2. Mixture-of-experts layers (Mixtral, Qwen-MoE, ...) dispatch tokens to experts either with a
    Python loop over the experts that hold tokens (a graph break) or with `grouped_mm`, an opaque
    custom op. `batched_experts` switches them to transformers' own "batched_mm" implementation
@@ -45,11 +46,27 @@ def install_output_hooks(model: nn.Module) -> None:
     registry = getattr(capturing, "_CAN_RECORD_REGISTRY", None)
     if install is None or registry is None:
         return
+    _remove_capturing_hooks(model, capturing.__name__)
     for module in model.modules():
         # A pretrained model installs on its own submodules (nested pretrained models included) and
         # marks itself done; models without recordable outputs have nothing to install.
         if _is_transformers_module(module) and hasattr(module, "config") and registry.get(module):
             install(module)
+
+
+def _remove_capturing_hooks(model: nn.Module, hooks_module: str) -> None:
+    """Remove the output-capturing hooks an earlier eager forward installed lazily. They sit on the
+    submodel that ran (DPT's inner DPTModel) and mark only it as done: installing on the outer model
+    would then hook its layers twice, every hidden state would be captured twice, and a model that
+    picks hidden states by index (DPT's neck) would silently read the wrong layers."""
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__name__", "") == "output_capturing_hook" and hook.__module__ == hooks_module:
+                module._forward_hooks.pop(key)
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+        if getattr(module, "_output_capturing_hooks_installed", False):
+            module._output_capturing_hooks_installed = False
 
 
 def feature_encoders(model: nn.Module) -> list[nn.Module]:

@@ -157,3 +157,34 @@ def test_constant_tensors_before_the_batch_are_not_the_batch() -> None:
         ref, norms = oracle_grads(model, (x, y), _class_loss, 0.05, "sum")
         assert (norms > 0.05).all() and cm.per_sample_norms().shape == (B,)
         assert_grads_match(model, ref)
+
+
+def _hook_counts(model: nn.Module) -> dict[str, int]:
+    return {name: len(m._forward_hooks) for name, m in model.named_modules()}
+
+
+def test_a_model_run_eagerly_before_compiling_keeps_its_hidden_states() -> None:
+    """Found by the session-16 sweep (DPT). An eager forward installs transformers' output-capturing
+    hooks lazily, on the inner DPTModel only; grapefx.compile then installed them on the outer model
+    as well, which hooked every layer twice: hidden_states held each layer twice, DPT's neck read
+    layer 0 where it wanted layer 1, and layer 1's parameters got no gradient at all. Now the
+    earlier hooks are replaced, so the model computes the same function and every layer trains."""
+    tf = pytest.importorskip("transformers")
+    cfg = tf.DPTConfig(
+        image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, backbone_out_indices=[0, 1], neck_hidden_sizes=[8, 16], reassemble_factors=[2, 1],
+        fusion_hidden_size=8, head_in_index=-1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.DPTForDepthEstimation(cfg).train()
+    x = torch.randn(3, 3, 16, 16)
+    eager = model(pixel_values=x).predicted_depth.detach()  # installs the hooks lazily
+    hooks = _hook_counts(model)
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0)
+    assert _hook_counts(model) == hooks
+    assert len(model.dpt(pixel_values=x, output_hidden_states=True).hidden_states) == 3  # embeddings + 2 layers
+    out = cm(pixel_values=x).predicted_depth
+    torch.testing.assert_close(out, eager)
+    out.square().mean().backward()
+    layer1 = model.dpt.encoder.layer[1]
+    assert all(p.grad is not None for p in layer1.parameters())
