@@ -9,7 +9,7 @@ tensor; the batch stays symbolic (vmap over convolution_backward would specializ
 scales the output gradient (the bias gradient depends on it alone) and runs one
 `convolution_backward` for weight and bias together. Transposed convolutions fold the same way (their
 weight is [Cin, Cout/groups, *K], so the stacked gradient is [b*Cin, ...]). A batch merged with
-frames, [B·T, C, *S] (TimeSformer's Conv2d over every frame), puts each sample's T images in the
+frames, [B·T, C, *S] (a video's frames through one Conv2d), puts each sample's T images in the
 call's batch dim, over which the weight gradient sums.
 """
 
