@@ -85,8 +85,7 @@ class PrivateModule(nn.Module):
             # tensor (`if mask.any():`), which Dynamo cannot guard on
             raise GraphBreakError(
                 "grapefx needs the model in one graph (per-sample clipping split over graphs would be "
-                f"wrong), but Dynamo could not trace it: {str(e).splitlines()[0]}{_user_location(e)}. "
-                "Remove the data-dependent Python control flow / unsupported call named above."
+                f"wrong), but Dynamo could not trace it: {_graph_break_reason(e)}"
             ) from None
         except torch._dynamo.exc.BackendCompilerFailed as e:
             inner = e.inner_exception if hasattr(e, "inner_exception") else e.__cause__
@@ -160,6 +159,25 @@ def _specialized_at(e: Exception) -> str:
     where = lines[files[-1]][len("File ") :]
     code = lines[files[-1] + 1] if files[-1] + 1 < len(lines) else ""
     return f" It happened at {where}" + (f" (`{code}`)." if code else ".")
+
+
+def _graph_break_reason(e: Exception) -> str:
+    cause = e.__cause__
+    if type(cause).__name__.startswith("Observed") and cause.args:
+        # Dynamo saw the model raise; it names only the frame the exception left (often a `finally`)
+        raised = str(cause.args[0]).removeprefix("raised exception ")
+        if raised.startswith("ConstantVariable(str: ") and raised.endswith(")"):
+            raised = f"{type(cause).__name__.removeprefix('Observed')}({raised[22:-1]})"
+        return (
+            f"the model raised {raised} while being traced (Dynamo reports it{_user_location(e)}: the "
+            "line that raised, or the end of a try / with block around it). Run the model once "
+            "without compiling to see where it raises (a required input left out, e.g. "
+            "attention_mask); if it runs, the call that raised is one Dynamo cannot trace."
+        )
+    return (
+        f"{str(e).splitlines()[0]}{_user_location(e)}. "
+        "Remove the data-dependent Python control flow / unsupported call named above."
+    )
 
 
 def _user_location(e: Exception) -> str:

@@ -24,10 +24,11 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from grapefx.analysis.bag_layout import BagOffsets
 from grapefx.analysis.capture import Capture, capture_inputs
-from grapefx.analysis.forward_checks import check_forward
+from grapefx.analysis.forward_checks import check_forward, refuse_batch_norms
 from grapefx.analysis.indexing_layout import BatchIndex, masked_selections
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, accepted_row_counts, analyze_layouts
 from grapefx.analysis.row_independence import rowwise_selections
+from grapefx.analysis.state_updates import check_state_updates
 from grapefx.config import PrivacyConfig
 from grapefx.decompositions import decomposition_table
 from grapefx.distributed.wrap import check_backend_call
@@ -47,6 +48,7 @@ from grapefx.passes.recompute_operands import find_recipes
 from grapefx.passes.schedule_memory import schedule_memory
 from grapefx.passes.tracing import retrace
 from grapefx.passes.two_pass import checkpointing_hint, wants_two_passes
+from grapefx.passes.zero_tangents import fold_zero_tangents
 from grapefx.privacy.adaptive_clipping import ClipBoundState
 from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
 from grapefx.schedule.reorder import copy_graph_module
@@ -205,6 +207,10 @@ class GrapefxBackend:
             return
         layouts = analyze_layouts(fw_gm, capture.batch_size, seeds)
         if capture.batch_size != 1:
+            refuse_batch_norms(layouts)
+        # before the mixing checks: a buffer updated from a batch mean would read as a mixed loss
+        check_state_updates(fw_gm, capture, _mutated_input_outputs())
+        if capture.batch_size != 1:
             # one sample cannot be mixed with another, and its graph's size-1 batch dim is ambiguous
             # (a bmm lowering's view that drops size-1 dims reads as a batch reduction): the B=1
             # backward clips the whole gradient (degenerate_batches); B >= 2 graphs are checked
@@ -225,6 +231,7 @@ class GrapefxBackend:
         shared["guarded_rows"] = {n: v for n, v in layouts.masked_rows.items() if n not in rowwise}
         shared["saved"] = {n.name: _saved_seed(n, layouts) for n in outputs if isinstance(n, fx.Node)}
         shared["tangent_layouts"] = _tangent_layouts(outputs, layouts.layouts)
+        shared["zero_tangents"] = _hidden_mutation_tangents()
         available = {n.name for n in fw_gm.graph.nodes if n.op == "placeholder"} | set(shared["saved"])
         shared["recipes"] = find_recipes(fw_gm, available)  # for recompute-after-barrier
 
@@ -251,6 +258,8 @@ class GrapefxBackend:
                 seeds[ph.name] = shared["saved"][ph.name]
         for t, lay in zip(tangents, tangent_layouts):
             seeds[t.name] = lay
+        # a parameter changed through .data / under no_grad in the forward: its tangent is zero
+        fold_zero_tangents(bw_gm, {tangents[k].name for k in shared.get("zero_tangents", ())})
         checked_rows = shared.get("checked_rows", {})
         # layers applied to x[mask] rows: their sites read the rows padded to [B·T]; a refused site
         # hides the ones behind it (its input gradient is unknown), hence rounds until none is left
@@ -413,17 +422,42 @@ def _tangent_layouts(outputs: list[Any], layouts: dict[fx.Node, Any]) -> list[An
     if meta is None:
         raise GrapefxError("grapefx needs AOTAutograd's forward metadata (torch >= 2.11)")
     n_mut = meta.num_mutated_inp_runtime_indices
-    result = []
-    mutated = [i for i, info in enumerate(meta.input_info) if info.mutates_data]
-    for k, inp in enumerate(mutated):
-        if meta.input_info[inp].requires_grad:
-            result.append(layouts.get(outputs[k]) if k < n_mut else UNKNOWN)
+    result = [layouts.get(outputs[k]) for k, _ in _mutated_input_tangents(meta)]
     for k, info in enumerate(meta.output_info):
         if info.requires_grad:
             node = outputs[n_mut + k]
             result.append(layouts.get(node) if isinstance(node, fx.Node) else None)
     result.extend(UNKNOWN for _ in range(meta.num_intermediate_bases))
     return result
+
+
+def _hidden_mutation_tangents() -> set[int]:
+    """Tangent positions of inputs mutated out of autograd's sight (`.data`, no_grad): always zero.
+
+    AOTAutograd copies their new values back without autograd (a leaf that requires grad, such as a
+    parameter, can only have been mutated that way: it is copied through `.detach()`), so no
+    gradient reaches them."""
+    meta = torch._guards.TracingContext.get().fw_metadata
+    return {
+        position
+        for position, (_, info) in enumerate(_mutated_input_tangents(meta))
+        if info.is_leaf or info.mutations_hidden_from_autograd or info.mutations_under_no_grad_or_inference_mode
+    }
+
+
+def _mutated_input_outputs() -> list[int]:
+    """The input index of each of the forward's first outputs (the new values of mutated inputs)."""
+    return list(torch._guards.TracingContext.get().fw_metadata.mutated_inp_runtime_indices)
+
+
+def _mutated_input_tangents(meta: Any) -> list[tuple[int, Any]]:
+    """(forward output index, input info) of the mutated inputs that get a tangent, in tangent order.
+
+    AOTAutograd returns the inputs it mutates outside the graph first among the forward outputs;
+    those whose data changed and that require grad get a tangent (mutations kept in the graph, as
+    under no_grad, get none)."""
+    infos = [meta.input_info[i] for i in meta.mutated_inp_runtime_indices]
+    return [(k, info) for k, info in enumerate(infos) if info.mutates_data and info.requires_grad]
 
 
 def backend(config: PrivacyConfig | None = None, **options: Any) -> GrapefxBackend:

@@ -38,9 +38,12 @@ def test_every_batchnorm_layer_is_named_in_one_error() -> None:
 
 def test_a_single_sample_batch_is_not_checked_for_mixing_the_next_batch_is() -> None:
     """B=1 graphs skip the batch-mixing check (one sample mixes with none; their size-1 dims made
-    false refusals): the B=1 step clips that sample's own gradient, the first B>=2 step refuses."""
+    false refusals): the B=1 step clips that sample's own gradient, the first B>=2 step refuses.
+    (Without running statistics: those would carry the sample itself, refused at every B, see
+    tests/test_state_updates.py.)"""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
+    bn = nn.BatchNorm2d(4, track_running_stats=False)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bn, nn.Flatten(), nn.Linear(4 * 4 * 4, 2))
     cm = grapefx.compile(model, max_grad_norm=0.1, noise_multiplier=0.0, loss_reduction="sum")
     cm(torch.randn(1, 3, 6, 6)).pow(2).sum().backward()
     total = torch.cat([p.grad.flatten() for p in model.parameters()]).norm()
@@ -126,6 +129,38 @@ def test_graph_break_is_an_error_not_a_silent_split() -> None:
         grapefx.GraphBreakError, match=r"one graph.*test_errors\.py:\d+ in forward \(`if h\.sum\(\) > 0:"
     ):
         _run(_GraphBreak(), torch.randn(4, 5))
+
+
+class _RaisesWhileTraced(nn.Module):
+    """An input left out (transformers' Switch Transformers and LongT5 need attention_mask): the
+    model raises, here inside a try / finally, where Dynamo names only the `finally`."""
+
+    def __init__(self, wrapped: bool) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.wrapped = wrapped
+
+    def masked(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.a(x) * mask[:, None]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.wrapped:
+            return self.masked(x, mask)
+        try:
+            h = self.masked(x, mask)
+        finally:
+            x = None
+        return h
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_an_exception_raised_while_tracing_is_named(wrapped: bool) -> None:
+    where = r"in forward \(`x = None`\)" if wrapped else r"in masked \(`return self\.a\(x\) \* mask"
+    with pytest.raises(
+        grapefx.GraphBreakError,
+        match=rf"(?s)model raised TypeError\(\"'NoneType' object is not subscriptable\"\).*{where}.*without compiling",
+    ):
+        _run(_RaisesWhileTraced(wrapped), torch.randn(4, 5))
 
 
 def test_graph_break_through_plain_torch_compile_is_an_error() -> None:

@@ -102,6 +102,7 @@ SENS = [
     ("learned_query_pool", "flat", "auto"),  # SDPA with a batch-free query expanded over the batch
     ("frame_conv", "flat", "auto"),  # Conv2d over [B·T, C, H, W]: each sample's frames summed
     ("triangular_solves", "flat", "auto"),  # linalg.solve_triangular batched over samples
+    ("constrained_weights", "flat", "auto"),  # weights clamped / renormalized in place in the forward
     # "two_pass": strategy "auto" with two_pass=True (norms, then the backward with weighted gradients)
     ("gpt_checkpointed", "flat", "two_pass"),  # weighted tangents (the loss outside)
     ("masked_rows_head", "flat", "two_pass"),  # the loss inside: x[mask] rows weighted by their sample

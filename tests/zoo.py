@@ -941,6 +941,15 @@ HF_TEXT: dict[str, tuple[str, str, dict[str, Any]]] = {
         | {"router_jitter_noise": 0.0},
     ),
     # gated delta rule (chunked, a triangular solve per chunk) beside full attention, MoE experts
+    # AltUp clamps its coefficients through .data in training; a small bound makes the clamp bind
+    "gemma3n": (
+        "Gemma3nTextConfig",
+        "Gemma3nForCausalLM",
+        {**_DECODER, "num_key_value_heads": 2, "head_dim": 8, "vocab_size_per_layer_input": 64}
+        | {"hidden_size_per_layer_input": 8, "laurel_rank": 4, "altup_num_inputs": 2, "altup_coef_clip": 0.05}
+        | {"num_kv_shared_layers": 0, "layer_types": ["sliding_attention", "full_attention"]}
+        | {"sliding_window": 4, "activation_sparsity_pattern": [0.0, 0.0], "intermediate_size": [64, 64]},
+    ),
     "qwen3_next": (
         "Qwen3NextConfig",
         "Qwen3NextForCausalLM",
@@ -1288,6 +1297,30 @@ class TriangularSolves(nn.Module):
         return self.head(w.mean(1))
 
 
+class ConstrainedWeights(nn.Module):
+    """Weights constrained in place inside the forward, out of autograd's sight: Gemma-3n's AltUp
+    clamps its coefficients through `.data` on every training step, and a max-norm constraint
+    renormalizes rows under no_grad. Neither reads the batch. The constraints bind (the weights
+    start outside them). (A buffer counting steps is in tests/test_state_updates.py: torch.func,
+    the oracle, cannot run in-place updates of buffers.)"""
+
+    def __init__(self, d: int = 6, n_cls: int = 3) -> None:
+        super().__init__()
+        self.coefs = nn.Linear(d, d, bias=False)
+        self.rows = nn.Linear(d, d)
+        self.head = nn.Linear(d, n_cls)
+        with torch.no_grad():
+            self.coefs.weight.mul_(4.0)
+            self.rows.weight.mul_(4.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            self.coefs.weight.data.clamp_(-0.3, 0.3)
+            with torch.no_grad():
+                self.rows.weight.renorm_(2, 0, 0.8)
+        return self.head(torch.tanh(self.rows(self.coefs(x))))
+
+
 def _tasks(T: int, d: int, tasks: int, n_cls: int) -> InputFn:
     """[B, T, d + 1]: features and a task id per sample (tasks 0 and 1 at B=3, task 2 left out)."""
 
@@ -1460,6 +1493,7 @@ ZOO: list[ZooCase] = [
     ZooCase("learned_query_pool", lambda: LearnedQueryPool(), _dense((5, 8), 3), tags={"attention"}),
     ZooCase("frame_conv", lambda: FrameConv(), _dense((2, 2, 6, 6), 3), tags={"conv"}),
     ZooCase("triangular_solves", lambda: TriangularSolves(), _dense((4, 6), 3)),
+    ZooCase("constrained_weights", lambda: ConstrainedWeights(), _dense((6,), 3)),
     ZooCase("in_place_shared_query", lambda: InPlaceSharedQuery(), _dense((5, 8), 3)),
     ZooCase("shared_position_tables", lambda: SharedPositionTables(), _dense((6, 8), 3)),
     ZooCase("flat_rows_group_norm", lambda: FlatRowsGroupNorm(), _dense((5, 4), 3)),
@@ -1502,7 +1536,7 @@ HF_MORE: list[ZooCase] = (
     ]
     + [
         ZooCase(f"hf_{n}", lambda n=n: HFText(n), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers)
-        for n in ("mistral", "mixtral", "phi", "gpt_neox", "qwen3_next")
+        for n in ("mistral", "mixtral", "phi", "gpt_neox", "qwen3_next", "gemma3n")
     ]
     + [
         ZooCase("hf_t5_encoder", lambda: HFEncoderHead("t5", 3), _ids(8, 64, n_cls=3), available=has_transformers),

@@ -43,6 +43,12 @@ _LINEAR_PASSTHROUGH = {
 
 
 def check_forward(gm: fx.GraphModule, layouts: LayoutResult) -> None:
+    refuse_batch_norms(layouts)
+    _refuse_mixing(gm, layouts)
+
+
+def refuse_batch_norms(layouts: LayoutResult) -> None:
+    """BatchNorm in training mode, named as such (it is also the commonest mixing op)."""
     batch_norms = [node for node, kind in layouts.batch_reductions.items() if kind == "batch_norm"]
     if batch_norms:
         raise BatchMixingError(
@@ -51,6 +57,9 @@ def check_forward(gm: fx.GraphModule, layouts: LayoutResult) -> None:
             "LayerNorm (grapefx.replace_batch_norm(model) swaps every BatchNorm for a GroupNorm), "
             "or freeze it with module.eval() and requires_grad_(False)." + _also(batch_norms[1:])
         )
+
+
+def _refuse_mixing(gm: fx.GraphModule, layouts: LayoutResult) -> None:
     tainted: set[fx.Node] = set()
     mixing: list[tuple[fx.Node, fx.Node]] = []  # (batch statistic, per-sample op using it)
     for node in gm.graph.nodes:  # topological order
