@@ -165,9 +165,12 @@ def _graph_break_reason(e: Exception) -> str:
     cause = e.__cause__
     if type(cause).__name__.startswith("Observed") and cause.args:
         # Dynamo saw the model raise; it names only the frame the exception left (often a `finally`)
+        name = type(cause).__name__.removeprefix("Observed")
         raised = str(cause.args[0]).removeprefix("raised exception ")
         if raised.startswith("ConstantVariable(str: ") and raised.endswith(")"):
-            raised = f"{type(cause).__name__.removeprefix('Observed')}({raised[22:-1]})"
+            raised = f"{name}({raised[22:-1]})"
+        elif not raised.startswith(name):  # torch 2.11: "ExceptionVariable(<class 'TypeError'>)"
+            raised = name
         return (
             f"the model raised {raised} while being traced (Dynamo reports it{_user_location(e)}: the "
             "line that raised, or the end of a try / with block around it). Run the model once "
