@@ -218,25 +218,6 @@ def test_bad_clip_groups_are_rejected_naming_the_parameters() -> None:
     assert compile_with(clip_groups=[["0.*"], "2.*"]).privacy_config.clip_groups == (("0.*",), ("2.*",))
 
 
-def test_two_pass_refuses_a_batch_wide_loss_term_next_to_per_sample_ones() -> None:
-    """The second pass weights each sample's gradient where it first has a batch dim; a loss term
-    over the whole batch (`h.sum()`) adds a gradient every sample shares to the already weighted
-    one there, which no per-sample weight can split."""
-
-    class BatchTerm(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
-
-        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            h = torch.tanh(self.fc1(x))
-            return F.cross_entropy(self.fc2(h), y, reduction="sum") + h.sum()
-
-    cm = grapefx.compile(BatchTerm(), noise_multiplier=0.0, loss_reduction="sum", two_pass=True)
-    with pytest.raises(grapefx.GrapefxError, match=r"(?s)two_pass=True.*shared by the whole batch.*two_pass=False"):
-        cm(torch.randn(5, 4), torch.randint(0, 3, (5,))).backward()
-
-
 def test_non_finite_per_sample_norm_is_reported_with_parameter_names() -> None:
     model = nn.Linear(4, 2)
     cm = grapefx.compile(model, noise_multiplier=0.0)

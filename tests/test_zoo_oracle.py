@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from oracle import _autograd_per_sample, _loop_per_sample, assert_grads_match, oracle_grads
 from torch.func import functional_call, grad, vmap
 from zoo import HF_MORE, ZOO, LossInside, ZooCase, case, dynamo_graph_count, version_marks
@@ -328,6 +329,49 @@ def test_two_pass(name: str, options: dict) -> None:
     """Flat / automatic clipping in two backward passes (norms, then the backward again with each
     sample's gradient weighted where it first has a batch dim): the same clipped sums."""
     run_against_oracle(case(name), two_pass=True, **options)
+
+
+class _TanhBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h), h
+
+
+class _WithBatchTerm(nn.Module):
+    """A loss term summed over the whole batch, `h.sum()`, next to the per-sample cross-entropy:
+    its gradient is shared by all samples until it meets the (weighted) per-sample one."""
+
+    def __init__(self, body: nn.Module, reduction: str) -> None:
+        super().__init__()
+        self.body, self.reduction = body, reduction
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits, h = self.body(x)
+        total = F.cross_entropy(logits, y, reduction="sum") + h.sum()
+        return total / x.shape[0] if self.reduction == "mean" else total
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_two_pass_weights_a_batch_wide_loss_term_per_sample(reduction: str) -> None:
+    torch.manual_seed(0)
+    body = _TanhBody()
+
+    def per_sample_loss(out: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out[0], y, reduction="sum") + out[1].sum()
+
+    batches = {B: (torch.randn(B, 4), torch.randint(0, 3, (B,))) for B in (5, 1, 6)}
+    C = choose_C(oracle_grads(body, batches[6], per_sample_loss, 1.0, reduction)[1])
+    options = dict(max_grad_norm=C, noise_multiplier=0.0, loss_reduction=reduction, two_pass=True)
+    cm = grapefx.compile(_WithBatchTerm(body, reduction), **options)
+    for x, y in batches.values():
+        body.zero_grad(set_to_none=True)
+        cm(x, y).backward()
+        ref, _ = oracle_grads(body, (x, y), per_sample_loss, C, reduction)
+        assert_grads_match(body, ref)
 
 
 def test_min_memory_under_activation_checkpointing() -> None:

@@ -26,6 +26,8 @@ from grapefx.config import PrivacyConfig
 from grapefx.errors import GrapefxError, describe_node
 from grapefx.passes.interp import call_node
 
+aten = torch.ops.aten
+
 
 def weighted_replay(
     gm: fx.GraphModule, env: dict[fx.Node, Any], layouts: LayoutResult, w: torch.Tensor
@@ -62,15 +64,41 @@ def weighted_replay(
         if not entering or layouts.layouts.get(node) is None or node.target is operator.getitem:
             continue
         if any(layouts.layouts.get(a) is not None for a in inputs):
-            # a gradient already weighted meets one still shared by all samples: weighting the sum
-            # would weight the first twice
-            raise GrapefxError(
-                f"two_pass=True: {describe_node(node)} adds a per-sample gradient to one shared by "
-                "the whole batch (e.g. a loss term over the batch inside the compiled module next to "
-                "per-sample terms). Use two_pass=False, or compute the loss outside the compiled module."
-            )
+            # a gradient already weighted meets one still shared by all samples (a loss term such as
+            # `h.sum()` next to per-sample ones): weighting the sum would weight the first twice, so
+            # the shared one is weighted alone, as the rows it adds to
+            second[node] = _weighted_shared_operands(node, set(inputs), second, layouts, w, row_masks)
+            continue
         second[node] = _weighted(node, second[node], layouts, w, row_masks, second)
     return second
+
+
+def _weighted_shared_operands(
+    node: fx.Node,
+    from_tangents: set[fx.Node],
+    values: dict[fx.Node, Any],
+    layouts: LayoutResult,
+    w: torch.Tensor,
+    row_masks: dict[Any, fx.Node],
+) -> torch.Tensor:
+    """add / sub of a weighted per-sample gradient and a batch-free one (`from_tangents`: node's
+    inputs computed from the tangents): the latter broadcast to the output and weighted row by row
+    along the output's layout (each row is its sample's share)."""
+    if getattr(node.target, "overloadpacket", None) not in (aten.add, aten.sub):
+        raise GrapefxError(
+            f"two_pass=True: {describe_node(node)} combines a per-sample gradient with one shared by "
+            "the whole batch (e.g. a loss term over the batch inside the compiled module next to "
+            "per-sample terms) in a way grapefx cannot weight per sample. Use two_pass=False, or "
+            "compute the loss outside the compiled module."
+        )
+    shape = values[node].shape
+
+    def lookup(a: fx.Node) -> Any:
+        if a in from_tangents and layouts.layouts.get(a) is None and isinstance(values[a], torch.Tensor):
+            return _weighted(node, torch.broadcast_to(values[a], shape), layouts, w, row_masks, values)
+        return values[a]
+
+    return call_node(node, lookup)
 
 
 def _weighted(
