@@ -28,7 +28,7 @@ from grapefx.analysis.forward_checks import check_forward, refuse_batch_norms
 from grapefx.analysis.indexing_layout import BatchIndex, masked_selections
 from grapefx.analysis.layout import UNKNOWN, BatchLayout, LayoutResult, accepted_row_counts, analyze_layouts
 from grapefx.analysis.row_independence import rowwise_selections
-from grapefx.analysis.state_updates import check_state_updates
+from grapefx.analysis.state_updates import check_state_updates, nodes_reading_the_batch
 from grapefx.config import PrivacyConfig
 from grapefx.decompositions import decomposition_table
 from grapefx.distributed.wrap import check_backend_call
@@ -48,7 +48,7 @@ from grapefx.passes.recompute_operands import find_recipes
 from grapefx.passes.schedule_memory import schedule_memory
 from grapefx.passes.tracing import retrace
 from grapefx.passes.two_pass import checkpointing_hint, wants_two_passes
-from grapefx.passes.zero_tangents import fold_zero_tangents
+from grapefx.passes.zero_tangents import checking_zero_tangents, fold_zero_tangents
 from grapefx.privacy.adaptive_clipping import ClipBoundState
 from grapefx.privacy.noise import PrivacyState  # registers the grapefx:: ops
 from grapefx.schedule.reorder import copy_graph_module
@@ -179,7 +179,10 @@ class GrapefxBackend:
                 raise
             self.graphs["backward"] = new_gm
             dump_from_env(self)  # GRAPEFX_DUMP_DIR set: dump this backward's graphs (never raises)
-            return self._capturing(self._codegen(new_gm, bw_inputs, is_backward=True))
+            backward = self._capturing(self._codegen(new_gm, bw_inputs, is_backward=True))
+            if shared.get("checked_tangents"):
+                backward = checking_zero_tangents(backward, shared["checked_tangents"])
+            return backward
 
         def inference_compiler(gm_: fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
             return self._codegen(gm_, inputs, is_backward=False)
@@ -232,6 +235,11 @@ class GrapefxBackend:
         shared["saved"] = {n.name: _saved_seed(n, layouts) for n in outputs if isinstance(n, fx.Node)}
         shared["tangent_layouts"] = _tangent_layouts(outputs, layouts.layouts)
         shared["zero_tangents"] = _hidden_mutation_tangents()
+        # outputs computed from parameters alone (a weight a deprecated weight_norm hook stores)
+        reads_batch = nodes_reading_the_batch(fw_gm, capture)
+        shared["parameter_only_tangents"] = {
+            k for k, o in enumerate(_tangent_outputs(outputs)) if isinstance(o, fx.Node) and o not in reads_batch
+        }
         available = {n.name for n in fw_gm.graph.nodes if n.op == "placeholder"} | set(shared["saved"])
         shared["recipes"] = find_recipes(fw_gm, available)  # for recompute-after-barrier
 
@@ -258,8 +266,14 @@ class GrapefxBackend:
                 seeds[ph.name] = shared["saved"][ph.name]
         for t, lay in zip(tangents, tangent_layouts):
             seeds[t.name] = lay
-        # a parameter changed through .data / under no_grad in the forward: its tangent is zero
-        fold_zero_tangents(bw_gm, {tangents[k].name for k in shared.get("zero_tangents", ())})
+        # a parameter changed through .data / under no_grad in the forward: its tangent is zero; an
+        # output computed from parameters alone (a weight a deprecated weight_norm hook stores on
+        # its module) gets none unless the user differentiates it, checked at run time
+        zero = {tangents[k].name for k in shared.get("zero_tangents", ())}
+        parameter_only = {tangents[k].name for k in shared.get("parameter_only_tangents", ())} - zero
+        checked = fold_zero_tangents(bw_gm, zero, parameter_only)
+        placeholders = [n for n in bw_gm.graph.nodes if n.op == "placeholder"]
+        shared["checked_tangents"] = {i: ph.name for i, ph in enumerate(placeholders) if ph.name in checked}
         checked_rows = shared.get("checked_rows", {})
         # layers applied to x[mask] rows: their sites read the rows padded to [B·T]; a refused site
         # hides the ones behind it (its input gradient is unknown), hence rounds until none is left
@@ -415,20 +429,24 @@ def _user_outputs(outputs: list[Any]) -> set[fx.Node]:
     return {n for n in outputs[first : first + len(meta.output_info)] if isinstance(n, fx.Node)}
 
 
-def _tangent_layouts(outputs: list[Any], layouts: dict[fx.Node, Any]) -> list[Any]:
-    """Layouts of the forward outputs that receive a tangent, in tangent order."""
+def _tangent_outputs(outputs: list[Any]) -> list[Any]:
+    """The forward output each tangent belongs to, in tangent order (UNKNOWN: an intermediate base)."""
     ctx = torch._guards.TracingContext.try_get()
     meta = getattr(ctx, "fw_metadata", None)
     if meta is None:
         raise GrapefxError("grapefx needs AOTAutograd's forward metadata (torch >= 2.11)")
     n_mut = meta.num_mutated_inp_runtime_indices
-    result = [layouts.get(outputs[k]) for k, _ in _mutated_input_tangents(meta)]
-    for k, info in enumerate(meta.output_info):
-        if info.requires_grad:
-            node = outputs[n_mut + k]
-            result.append(layouts.get(node) if isinstance(node, fx.Node) else None)
+    result = [outputs[k] for k, _ in _mutated_input_tangents(meta)]
+    result += [outputs[n_mut + k] for k, info in enumerate(meta.output_info) if info.requires_grad]
     result.extend(UNKNOWN for _ in range(meta.num_intermediate_bases))
     return result
+
+
+def _tangent_layouts(outputs: list[Any], layouts: dict[fx.Node, Any]) -> list[Any]:
+    """Layouts of the forward outputs that receive a tangent, in tangent order."""
+    return [
+        o if o is UNKNOWN else layouts.get(o) if isinstance(o, fx.Node) else None for o in _tangent_outputs(outputs)
+    ]
 
 
 def _hidden_mutation_tangents() -> set[int]:

@@ -10,6 +10,8 @@ checks do not run).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn as nn
@@ -154,3 +156,81 @@ def test_embedding_max_norm_is_refused() -> None:
     cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0)
     with pytest.raises(grapefx.BatchMixingError, match=r"parameter `0\.weight`.*embedding_renorm"):
         cm(torch.randint(0, 16, (4, 5))).pow(2).sum().backward()
+
+
+# ----------------------------------------------------------------------------------------------
+# weight_norm / spectral_norm: parametrizations, and the deprecated hooks that store the weight
+# ----------------------------------------------------------------------------------------------
+class _Normed(nn.Module):
+    def __init__(self, wrap: Callable[[nn.Module], nn.Module]) -> None:
+        super().__init__()
+        self.a = wrap(nn.Linear(8, 8))
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _sum_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def _loop_reference(model: nn.Module, x: torch.Tensor, y: torch.Tensor, C: float) -> dict[str, torch.Tensor]:
+    """Σ_i c_i g_i by plain autograd, one sample at a time, each from the buffers the step began with
+    (spectral norm's power iteration advances them on every training forward)."""
+    start = {k: v.clone() for k, v in model.named_buffers()}
+    ref = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    for i in range(x.shape[0]):
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(start[k])
+        model.zero_grad(set_to_none=True)
+        _sum_ce(model(x[i : i + 1]), y[i : i + 1]).backward()
+        g = {n: p.grad.double() for n, p in model.named_parameters()}
+        c = min(1.0, C / (float(torch.sqrt(sum((v**2).sum() for v in g.values()))) + 1e-6))
+        for n in ref:
+            ref[n] += c * g[n]
+    return ref
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [nn.utils.weight_norm, nn.utils.spectral_norm, nn.utils.parametrizations.spectral_norm],
+    ids=["weight_norm_hook", "spectral_norm_hook", "spectral_norm"],
+)
+def test_weight_and_spectral_norm_are_exact(wrap: Callable[[nn.Module], nn.Module]) -> None:
+    """The deprecated hooks store the weight they compute on the module: a forward output whose
+    tangent is zero unless someone differentiates it (checked at run time). Spectral norm updates
+    its power-iteration buffers from the weight alone, which is allowed. (parametrizations'
+    weight_norm is in the zoo, `weight_norm`.)"""
+    torch.manual_seed(0)
+    model, C = _Normed(wrap), 0.5
+    cm = grapefx.compile(model, max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum")
+    clipped = 0
+    for B in (4, 1, 6):
+        x, y = torch.randn(B, 8), torch.randint(0, 3, (B,))
+        start = {k: v.clone() for k, v in model.named_buffers()}
+        model.zero_grad(set_to_none=True)
+        _sum_ce(cm(x), y).backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters()}
+        after = {k: v.clone() for k, v in model.named_buffers()}
+        clipped += int((cm.per_sample_norms() > C).sum())
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(start[k])
+        ref = _loop_reference(model, x, y, C)
+        for k, v in model.named_buffers():
+            torch.testing.assert_close(v, after[k])  # the loop advanced them as the step did
+        for n, g in got.items():
+            torch.testing.assert_close(g.double(), ref[n], rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n} B={B}: {m}")
+    assert clipped > 0
+
+
+def test_differentiating_a_stored_weight_outside_the_model_is_refused() -> None:
+    """A regularizer on the weight the weight_norm hook stored: a gradient no sample owns."""
+    model = _Normed(nn.utils.weight_norm)
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
+    x, y = torch.randn(4, 8), torch.randint(0, 3, (4,))
+    loss = _sum_ce(cm(x), y) + model.a.weight.pow(2).sum()
+    with pytest.raises(grapefx.UnsupportedOpError, match=r"(?s)received a gradient.*does not depend on any sample"):
+        loss.backward()

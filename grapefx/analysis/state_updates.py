@@ -32,10 +32,7 @@ _SHAPE_ONLY = {aten.sym_size, aten.sym_stride, aten.sym_numel, aten.sym_storage_
 def check_state_updates(gm: fx.GraphModule, capture: Capture, mutated_outputs: Sequence[int]) -> None:
     """`mutated_outputs`: the input index of each forward output that is a mutated input's new value."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    batch = {ph for ph, info in zip(placeholders, capture.inputs) if info.kind == "batch"}
-    # the batch size too: under Poisson sampling it is private (a counter of samples seen)
-    batch |= {ph for ph in placeholders if _is_batch_size(ph.meta.get("val"), capture.batch_size)}
-    reads_batch = _nodes_reading(gm, batch)
+    reads_batch = nodes_reading_the_batch(gm, capture)
     state = {ph: info for ph, info in zip(placeholders, capture.inputs) if info.kind in _STATE_KINDS}
     updates: list[tuple[fx.Node, fx.Node]] = []  # (state placeholder, its new value)
     for node in gm.graph.nodes:
@@ -51,6 +48,15 @@ def check_state_updates(gm: fx.GraphModule, capture: Capture, mutated_outputs: S
 
 
 _STATE_KINDS = ("param", "frozen_param", "buffer")
+
+
+def nodes_reading_the_batch(gm: fx.GraphModule, capture: Capture) -> set[fx.Node]:
+    """The nodes whose values depend on the batch inputs' values or on the batch size (under Poisson
+    sampling it is private: a counter of samples seen)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    batch = {ph for ph, info in zip(placeholders, capture.inputs) if info.kind == "batch"}
+    batch |= {ph for ph in placeholders if _is_batch_size(ph.meta.get("val"), capture.batch_size)}
+    return _nodes_reading(gm, batch)
 
 
 def _is_batch_size(val: object, batch_size: object) -> bool:
