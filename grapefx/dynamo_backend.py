@@ -271,6 +271,8 @@ class GrapefxBackend:
         # its module) gets none unless the user differentiates it, checked at run time
         zero = {tangents[k].name for k in shared.get("zero_tangents", ())}
         parameter_only = {tangents[k].name for k in shared.get("parameter_only_tangents", ())} - zero
+        if zero or parameter_only:  # keep graphs["backward_original"] as AOTAutograd handed it over
+            bw_gm = copy_graph_module(bw_gm)
         checked = fold_zero_tangents(bw_gm, zero, parameter_only)
         placeholders = [n for n in bw_gm.graph.nodes if n.op == "placeholder"]
         shared["checked_tangents"] = {i: ph.name for i, ph in enumerate(placeholders) if ph.name in checked}
