@@ -238,7 +238,9 @@ class GrapefxBackend:
         # outputs computed from parameters alone (a weight a deprecated weight_norm hook stores)
         reads_batch = nodes_reading_the_batch(fw_gm, capture)
         shared["parameter_only_tangents"] = {
-            k for k, o in enumerate(_tangent_outputs(outputs)) if isinstance(o, fx.Node) and o not in reads_batch
+            k: describe_node(o)
+            for k, o in enumerate(_tangent_outputs(outputs))
+            if isinstance(o, fx.Node) and o not in reads_batch
         }
         available = {n.name for n in fw_gm.graph.nodes if n.op == "placeholder"} | set(shared["saved"])
         shared["recipes"] = find_recipes(fw_gm, available)  # for recompute-after-barrier
@@ -270,12 +272,13 @@ class GrapefxBackend:
         # output computed from parameters alone (a weight a deprecated weight_norm hook stores on
         # its module) gets none unless the user differentiates it, checked at run time
         zero = {tangents[k].name for k in shared.get("zero_tangents", ())}
-        parameter_only = {tangents[k].name for k in shared.get("parameter_only_tangents", ())} - zero
+        described = {tangents[k].name: where for k, where in shared.get("parameter_only_tangents", {}).items()}
+        parameter_only = set(described) - zero
         if zero or parameter_only:  # keep graphs["backward_original"] as AOTAutograd handed it over
             bw_gm = copy_graph_module(bw_gm)
         checked = fold_zero_tangents(bw_gm, zero, parameter_only)
         placeholders = [n for n in bw_gm.graph.nodes if n.op == "placeholder"]
-        shared["checked_tangents"] = {i: ph.name for i, ph in enumerate(placeholders) if ph.name in checked}
+        shared["checked_tangents"] = {i: described[ph.name] for i, ph in enumerate(placeholders) if ph.name in checked}
         checked_rows = shared.get("checked_rows", {})
         # layers applied to x[mask] rows: their sites read the rows padded to [B·T]; a refused site
         # hides the ones behind it (its input gradient is unknown), hence rounds until none is left

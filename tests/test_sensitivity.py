@@ -392,3 +392,61 @@ def test_noise_can_be_switched_off_for_accumulation() -> None:
     cm.set_noise_enabled(True)
     noise = _wide_step(cm, model, x, y, "sum") - clean
     assert noise.std().item() == pytest.approx(2.0 * 0.5, rel=0.02)
+
+
+def _normed(wrap):  # noqa: ANN001, ANN202
+    from test_state_updates import _Normed
+
+    return _Normed(wrap)
+
+
+def _batch_term():  # noqa: ANN202
+    from test_zoo_oracle import _TanhBody
+
+    return _TanhBody()
+
+
+@pytest.mark.parametrize("name", ["weight_norm_hook", "spectral_norm_hook", "spectral_norm", "two_pass_batch_term"])
+def test_remove_one_sensitivity_of_models_outside_the_zoo(name: str) -> None:
+    """The deprecated weight_norm / spectral_norm hooks (torch.func cannot copy them, so they are not
+    zoo models), parametrizations' spectral_norm, and two_pass with `ce + h.sum()` inside the
+    module. Spectral norm's power-iteration buffers are put back before every step, so that each
+    step sees the same weight."""
+    torch.manual_seed(0)
+    B, loss_inside = 6, name == "two_pass_batch_term"
+    wraps = {
+        "weight_norm_hook": nn.utils.weight_norm,
+        "spectral_norm_hook": nn.utils.spectral_norm,
+        "spectral_norm": nn.utils.parametrizations.spectral_norm,
+    }
+    model = _batch_term() if loss_inside else _normed(wraps[name])
+    x, y = torch.randn(B, 8 if not loss_inside else 4), torch.randint(0, 3, (B,))
+    start = {k: v.clone() for k, v in model.named_buffers()}
+
+    def grad_of(keep: list[int], cm: nn.Module) -> torch.Tensor:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(start[k])
+        model.zero_grad(set_to_none=True)
+        if loss_inside:
+            cm(x[keep], y[keep]).backward()
+        else:
+            F.cross_entropy(cm(x[keep]), y[keep], reduction="sum").backward()
+        return flat_grad(model)
+
+    # per-sample norms from an unclipped step (C huge), then C at their median
+    from test_zoo_oracle import _WithBatchTerm
+
+    target = (lambda: _WithBatchTerm(model, "sum")) if loss_inside else (lambda: model)
+    probe = grapefx.compile(
+        target(), max_grad_norm=1e9, noise_multiplier=0.0, loss_reduction="sum", two_pass=loss_inside
+    )
+    grad_of(list(range(B)), probe)
+    norms = probe.per_sample_norms().double()
+    C = float(norms.median())
+    cm = grapefx.compile(target(), max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum", two_pass=loss_inside)
+    full = grad_of(list(range(B)), cm)
+    diffs = torch.tensor([(full - grad_of([i for i in range(B) if i != j], cm)).norm().item() for j in range(B)])
+    assert (norms > C * 1.01).any() and (diffs > 0).all()
+    assert (diffs <= C * (1 + TOL) + 1e-6).all(), f"moves {diffs.tolist()} > C={C:.6g}"
+    torch.testing.assert_close(diffs.double(), torch.minimum(norms, torch.full_like(norms, C)), rtol=1e-3, atol=1e-5)

@@ -111,15 +111,16 @@ def _other_is_nonfinite(node: fx.Node, zero: dict[fx.Node, str]) -> bool:
 
 def checking_zero_tangents(fn: Callable[[list[Any]], Any], positions: dict[int, str]) -> Callable[[list[Any]], Any]:
     """`fn` (a boxed backward) that first checks that the tangents at `positions` (argument index ->
-    placeholder name), folded out as never differentiated, are zero; raises otherwise. One host
-    synchronization per step, only for graphs that have such tangents."""
+    the forward op that computed the output, described), folded out as never differentiated, are
+    zero; raises otherwise. One host synchronization per step, only for graphs that have such
+    tangents."""
 
     def run(args: list[Any]) -> Any:
-        for index in positions:
+        for index, where in positions.items():
             t = args[index]
             if isinstance(t, torch.Tensor) and bool(t.ne(0).any()):
                 raise UnsupportedOpError(
-                    "A tensor the forward computes from parameters alone and returns or stores (e.g. on "
+                    f"A tensor the forward computes from parameters alone ({where}) and returns or stores (e.g. on "
                     "a module attribute, as the deprecated torch.nn.utils.weight_norm / spectral_norm "
                     "hooks do) received a gradient in this backward: that part of the parameters' "
                     "gradient does not depend on any sample, and per-sample clipping cannot attribute "
