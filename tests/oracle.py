@@ -29,14 +29,7 @@ def oracle_grads(
     on a batch of one (inputs keep a leading dim of 1). clipping="group": `groups` lists the
     parameter names clipped together, to C·s_g/‖s‖ with `shares` s (equal if None).
     """
-    m = copy.deepcopy(model).double()
-    for mod in m.modules():  # transformers MoE: the reference loop over experts (grouped_mm has no float64)
-        if hasattr(getattr(mod, "config", None), "_experts_implementation"):
-            mod.config._experts_implementation = "eager"
-        if getattr(mod, "gradient_checkpointing", False):  # torch.func cannot run checkpoint's hooks;
-            mod.gradient_checkpointing = False  # recomputing activations changes no gradient
-        if getattr(mod, "_require_grads_hook", None) is not None:  # set with checkpointing: requires_grad_()
-            mod.disable_input_require_grads()  # on the embeddings' output, which torch.func refuses
+    m = reference_copy(model)
     params = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
     buffers = {k: v.detach() for k, v in m.named_buffers()}
     ins = tuple(x.double() if x.is_floating_point() else x for x in inputs)
@@ -46,18 +39,7 @@ def oracle_grads(
         out = functional_call(m, (p, buffers), (batch[0],))
         return per_sample_loss(out, *batch[1:])
 
-    if any(isinstance(mod, nn.RNNBase) for mod in m.modules()):
-        per_sample = _loop_per_sample(loss_one, params, ins)  # torch's RNN modules cannot run under vmap
-    else:
-        try:
-            per_sample = vmap(grad(loss_one), in_dims=(None,) + (0,) * len(ins))(params, *ins)
-        except RuntimeError as e:  # x[bool mask], a loop over experts: data-dependent, vmap cannot batch it
-            if "setup_context" in str(e):  # an autograd.Function torch.func cannot run (DeBERTa's XSoftmax)
-                per_sample = _autograd_per_sample(loss_one, params, ins)
-            elif "dynamic shape" not in str(e) and "data-dependent" not in str(e):
-                raise
-            else:
-                per_sample = _loop_per_sample(loss_one, params, ins)
+    per_sample = per_sample_grads(m, loss_one, params, ins)
     B = inputs[0].shape[0]
     flat = torch.cat([per_sample[k].reshape(B, -1) for k in params], dim=1) if B else torch.zeros(0, 1)
     norms = flat.norm(dim=1)
@@ -85,6 +67,36 @@ def oracle_grads(
         ps = per_sample[k]
         out[k] = (ps * c[k].reshape(-1, *[1] * (ps.dim() - 1))).sum(0) / denom
     return out, norms
+
+
+def reference_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of `model` that torch.func can differentiate per sample."""
+    m = copy.deepcopy(model).double()
+    for mod in m.modules():  # transformers MoE: the reference loop over experts (grouped_mm has no float64)
+        if hasattr(getattr(mod, "config", None), "_experts_implementation"):
+            mod.config._experts_implementation = "eager"
+        if getattr(mod, "gradient_checkpointing", False):  # torch.func cannot run checkpoint's hooks;
+            mod.gradient_checkpointing = False  # recomputing activations changes no gradient
+        if getattr(mod, "_require_grads_hook", None) is not None:  # set with checkpointing: requires_grad_()
+            mod.disable_input_require_grads()  # on the embeddings' output, which torch.func refuses
+    return m
+
+
+def per_sample_grads(
+    m: nn.Module, loss_one: Callable[..., torch.Tensor], params: dict, ins: tuple
+) -> dict[str, torch.Tensor]:
+    """{name: [B, *shape]} gradients of loss_one(params, *sample_i) for each sample i of `ins`: vmap,
+    or one sample at a time where vmap cannot run the model."""
+    if any(isinstance(mod, nn.RNNBase) for mod in m.modules()):
+        return _loop_per_sample(loss_one, params, ins)  # torch's RNN modules cannot run under vmap
+    try:
+        return vmap(grad(loss_one), in_dims=(None,) + (0,) * len(ins))(params, *ins)
+    except RuntimeError as e:  # x[bool mask], a loop over experts: data-dependent, vmap cannot batch it
+        if "setup_context" in str(e):  # an autograd.Function torch.func cannot run (DeBERTa's XSoftmax)
+            return _autograd_per_sample(loss_one, params, ins)
+        if "dynamic shape" not in str(e) and "data-dependent" not in str(e):
+            raise
+        return _loop_per_sample(loss_one, params, ins)
 
 
 def _loop_per_sample(loss_one: Callable[..., torch.Tensor], params: dict, ins: tuple) -> dict[str, torch.Tensor]:

@@ -46,3 +46,25 @@ def test_cpu_plan_uses_the_device_cost() -> None:
     assert [c.method for _, c in choices["qkv.weight"]] == ["ghost"]
     ref, _ = oracle_grads(model, (x, y), loss, 1.0, "sum")
     assert_grads_match(model, ref)
+
+
+def test_large_expert_tables_get_ghost_norms() -> None:
+    """Expert weights gathered per token: instantiating means a whole [E, f, d] table per sample, the
+    ghost norm a Gram over the sample's rows masked to equal experts; with 32 experts the plan picks
+    ghost for the rank-1 rows (both orientations), and the gradients match the oracle."""
+    from tests.zoo import GatheredExperts
+
+    torch.manual_seed(0)
+    model = GatheredExperts(d=32, f=64, n_experts=32)
+    x, y = torch.randn(3, 5, 6), torch.randint(0, 5, (3,))
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out, t, reduction="sum")
+
+    pm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum")
+    loss(pm(x), y).backward()
+    choices = pm.grapefx_backend.plans[-1].choices
+    assert [c.method for _, c in choices["up"]] == ["ghost"]
+    assert [c.method for _, c in choices["down"]] == ["ghost"]
+    ref, _ = oracle_grads(model, (x, y), loss, 1.0, "sum")
+    assert_grads_match(model, ref)

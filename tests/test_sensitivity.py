@@ -103,6 +103,7 @@ SENS = [
     ("frame_conv", "flat", "auto"),  # Conv2d over [B·T, C, H, W]: each sample's frames summed
     ("triangular_solves", "flat", "auto"),  # linalg.solve_triangular batched over samples
     ("constrained_weights", "flat", "auto"),  # weights clamped / renormalized in place in the forward
+    ("gathered_experts", "flat", "ghost"),  # expert weights gathered per token: ghost norms masked to equal ids
     # "two_pass": strategy "auto" with two_pass=True (norms, then the backward with weighted gradients)
     ("gpt_checkpointed", "flat", "two_pass"),  # weighted tangents (the loss outside)
     ("masked_rows_head", "flat", "two_pass"),  # the loss inside: x[mask] rows weighted by their sample

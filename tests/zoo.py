@@ -769,6 +769,37 @@ class TinyConvNeXt(nn.Module):
         return self.head(h.mean(dim=(2, 3)))
 
 
+class GatheredExperts(nn.Module):
+    """A mixture of experts in transformers' "batched_mm" form, written out: top-2 of 4 experts per
+    token, each token's expert weights gathered (`W[ids]`) and applied by batched matmuls, in both
+    orientations (`bmm(W[ids], x)` and `bmm(x, W[ids])`), and a third expert weight applied to two
+    columns per token (rows of the weight gradient that are rank-2 products). The expert weights
+    dominate the per-sample norms."""
+
+    def __init__(self, d_in: int = 6, d: int = 12, f: int = 16, n_experts: int = 4, n_cls: int = 5) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.router = nn.Linear(d, n_experts)
+        self.up = nn.Parameter(torch.randn(n_experts, f, d) / d**0.5)  # [E, out, in]
+        self.down = nn.Parameter(torch.randn(n_experts, f, d) / f**0.5)  # [E, in, out]
+        self.pair = nn.Parameter(torch.randn(n_experts, 3, d // 2) / d**0.5)  # on two columns per token
+        self.head = nn.Linear(d + 6, n_cls)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        B, T, d = h.shape
+        flat = h.reshape(B * T, d)
+        weights, ids = self.router(flat).softmax(-1).topk(2, dim=-1)
+        ids = ids.reshape(-1)
+        xs = flat.repeat_interleave(2, dim=0)  # [S = 2·B·T, d]: one row per (token, expert)
+        u = F.gelu(torch.bmm(self.up[ids], xs[:, :, None]).squeeze(-1))  # [S, f]
+        o = torch.bmm(u[:, None, :], self.down[ids]).squeeze(1)  # [S, d]
+        o = (o * weights.reshape(-1, 1)).reshape(B * T, 2, d).sum(1).reshape(B, T, d)
+        cols = xs.reshape(-1, 2, d // 2).transpose(1, 2)  # [S, d/2, 2]
+        q = torch.bmm(self.pair[ids], cols).reshape(B, T, 2, 6).sum(2)  # [B, T, 6]
+        return self.head(torch.cat([h + o, torch.tanh(q)], dim=-1).mean(1))
+
+
 class TinySwin(nn.Module):
     """Swin's shifted-window attention: patch embedding, F.pad to whole windows, torch.roll, window
     partition into the batch dim ([B·nW, ws², C]), a relative-position bias gathered from a parameter
@@ -1519,6 +1550,7 @@ ZOO: list[ZooCase] = [
     ZooCase("two_views", lambda: TwoViews(), _dense((10,), 5)),
     ZooCase("convnext", lambda: TinyConvNeXt(), _dense((3, 8, 8), 5), tags={"conv"}),
     ZooCase("swin", lambda: TinySwin(), _dense((3, 6, 6), 5), tags={"attention", "conv"}),
+    ZooCase("gathered_experts", lambda: GatheredExperts(), _dense((5, 6), 5)),
     ZooCase("resnet_gn", lambda: ResNetGN(), _dense((3, 8, 8), 5), tags={"conv"}),
     ZooCase("hf_gpt2", lambda: HFGPT2(), _ids(8, 64), token_loss, tags={"gpt", "hf"}, available=has_transformers),
     ZooCase("encoder_ids", lambda: EncoderIds(), _ids(9, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),

@@ -11,6 +11,9 @@ ViT ViT-tiny-like encoder (4x4 patches of 32x32x3, d 192, 3 heads, 6 layers), B=
 GPT-S  a small decoder (vocab 512, d 64, 2 layers, T=32, B=8) for `--quick` smoke runs
 L   Llama-style decoder at M3's size (vocab 8192, d 256, 4 layers, 4 heads, T=128, B=16): RMSNorm,
     rotary positions, separate q / k / v / o projections, SwiGLU MLP (gate, up, down; 688 wide)
+MoE transformers' Mixtral from a config (vocab 8192, d 128, 4 layers, 4 heads, 8 experts of width 256,
+    top-2), T=64, B=8, with transformers' default experts implementation (grapefx switches it to
+    "batched_mm" while it runs); MoE-bmm the same with "batched_mm" in the non-private runs too
 
 Every case is `make_case(name, batch=None, seq=None) -> Case(model, x, y, loss_fn)`; the loss is cross entropy with mean
 reduction (token-level for the decoders: mean over all B*T tokens).
@@ -297,6 +300,44 @@ def _llama(g: torch.Generator, B: int, T: int):
     return model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), token_loss
 
 
+class HFLogits(nn.Module):
+    """A transformers causal LM returning its logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.m(input_ids=ids).logits
+
+
+def _mixtral(experts: str | None = None):
+    def build(g: torch.Generator, B: int, T: int):
+        import transformers as tf
+
+        cfg = tf.MixtralConfig(
+            vocab_size=8192,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            max_position_embeddings=max(512, T),
+            router_jitter_noise=0.0,
+            attention_dropout=0.0,
+            use_cache=False,
+        )
+        if experts is not None:
+            cfg._experts_implementation = experts
+        model = HFLogits(tf.MixtralForCausalLM(cfg).train())
+        ids = torch.randint(0, 8192, (B, T + 1), generator=g)
+        return model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), token_loss
+
+    return build
+
+
 GPT_CASES = ("M3", "M3C", "DC", "M4", "H", "GPT-S")
 
 CASES: dict[str, tuple[str, int, int | None, Callable]] = {
@@ -318,6 +359,8 @@ CASES: dict[str, tuple[str, int, int | None, Callable]] = {
     "ViT": ("ViT-tiny-like: 4x4 patches of 32x32x3, d=192, 3 heads, 6 layers", 32, None, _vit),
     "GPT-S": ("small GPT decoder V=512 d=64 L=2 H=2", 8, 32, _gpt(vocab=512, d=64, n_layer=2, heads=2, max_t=32)),
     "L": ("Llama-style decoder V=8192 d=256 L=4 H=4 (RMSNorm, rotary, q/k/v/o, SwiGLU 688)", 16, 128, _llama),
+    "MoE": ("transformers Mixtral V=8192 d=128 L=4 H=4, 8 experts F=256 top-2", 8, 64, _mixtral()),
+    "MoE-bmm": ("MoE with batched_mm experts in every run", 8, 64, _mixtral("batched_mm")),
 }
 ADAM_CASES = ("H",)  # trained with Adam (GRAPE configs: GrapeAdamW); the others with SGD
 
