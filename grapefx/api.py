@@ -17,11 +17,11 @@ from grapefx.errors import ConfigError, GrapefxError, GraphBreakError
 from grapefx.grape.policy import DEFAULT_EXCLUDE, grape_parameters
 from grapefx.privacy.clip_groups import resolve_clip_groups
 from grapefx.transformers_compat import (
-    batched_experts,
     expert_configs,
     feature_encoders,
     input_grad_flags_off,
     install_output_hooks,
+    masked_row_experts,
 )
 
 
@@ -77,7 +77,7 @@ class PrivateModule(nn.Module):
             with (
                 torch._dynamo.config.patch(optimize_ddp=False, allow_rnn=True),
                 input_grad_flags_off(self._feature_encoders),
-                batched_experts(self._expert_configs),
+                masked_row_experts(self._expert_configs),
             ):
                 return self._compiled(*args, **kwargs)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:

@@ -274,7 +274,7 @@ class GrapefxBackend:
         zero = {tangents[k].name for k in shared.get("zero_tangents", ())}
         described = {tangents[k].name: where for k, where in shared.get("parameter_only_tangents", {}).items()}
         parameter_only = set(described) - zero
-        if zero or parameter_only:  # keep graphs["backward_original"] as AOTAutograd handed it over
+        if zero or parameter_only:  # AOTAutograd's graph is left as it handed it over
             bw_gm = copy_graph_module(bw_gm)
         checked = fold_zero_tangents(bw_gm, zero, parameter_only)
         placeholders = [n for n in bw_gm.graph.nodes if n.op == "placeholder"]
@@ -287,6 +287,8 @@ class GrapefxBackend:
             if padded is None:
                 break
             bw_gm = padded
+        # the graph the DP rewrite reads (its plan's nodes), for `grapefx transform` / `inspect`
+        self.graphs["backward_original"] = bw_gm
 
         def plan_with(config: PrivacyConfig) -> tuple[fx.GraphModule, BackwardPlan, Any]:
             def build(

@@ -17,11 +17,12 @@ def prepare(model: nn.Module) -> nn.Module:
     """Make `model` traceable in one graph by Dynamo for the grapefx backend, in place; returns it.
 
     - Hugging Face transformers models (`grapefx/transformers_compat.py`): installs the
-      output-capturing hooks now, switches mixture-of-experts layers to transformers' "batched_mm"
-      experts and clears speech feature encoders' `_requires_grad` flag, for good. `grapefx.compile`
-      does the last two only while its compiled model runs. Parameters, routing and outputs are
-      unchanged; an eager call of the model no longer makes the feature encoder's output require
-      grad, which only gradient checkpointing over a frozen encoder relied on.
+      output-capturing hooks now, switches mixture-of-experts layers to grapefx's
+      "grapefx_masked_rows" experts (`grapefx/moe_experts.py`) and clears speech feature encoders'
+      `_requires_grad` flag, for good. `grapefx.compile` does the last two only while its compiled
+      model runs. Parameters, routing and outputs are unchanged; an eager call of the model no
+      longer makes the feature encoder's output require grad, which only gradient checkpointing
+      over a frozen encoder relied on.
     - nn.RNN / GRU / LSTM: sets `torch._dynamo.config.allow_rnn = True` (process-wide), so Dynamo
       unrolls them instead of breaking the graph.
 

@@ -8,10 +8,9 @@
    removed first: installing on top of them would capture every hidden state twice.
 2. Mixture-of-experts layers (Mixtral, Qwen-MoE, ...) dispatch tokens to experts either with a
    Python loop over the experts that hold tokens (a graph break) or with `grouped_mm`, an opaque
-   custom op. `batched_experts` switches them to transformers' own "batched_mm" implementation
-   while the compiled model runs: the same experts and routing, written as a gather of each token's
-   expert weights and batched matmuls, which grapefx splits per sample (the expert weights'
-   gradients are instantiated per sample, like any table indexed by per-sample ids).
+   op over the rows of all samples sorted by expert. `masked_row_experts` switches them to
+   grapefx's "grapefx_masked_rows" implementation (`grapefx/moe_experts.py`) while the compiled model
+   runs: the same experts and routing, each expert applied to the rows routed to it, x[mask].
 3. Speech feature encoders (Wav2Vec2FeatureEncoder and its copies) set `hidden_states.requires_grad
    = True` in training mode, for gradient checkpointing; Dynamo cannot trace setting the flag.
    `input_grad_flags_off` clears their `_requires_grad` while the compiled model runs. Only the
@@ -32,6 +31,8 @@ import sys
 from collections.abc import Iterator
 
 import torch.nn as nn
+
+from grapefx import moe_experts
 
 
 def _is_transformers_module(module: nn.Module) -> bool:
@@ -88,8 +89,11 @@ def expert_configs(model: nn.Module) -> list[object]:
 def apply_for_good(model: nn.Module) -> None:
     """All three fixes, permanently (`grapefx.prepare`, for the plain torch.compile backend)."""
     install_output_hooks(model)
-    for cfg in expert_configs(model):
-        cfg._experts_implementation = "batched_mm"
+    configs = expert_configs(model)
+    if configs:
+        name = moe_experts.register()
+        for cfg in configs:
+            cfg._experts_implementation = name
     for encoder in feature_encoders(model):
         encoder._requires_grad = False
 
@@ -102,19 +106,20 @@ def unprepared_hint(module_classes: list[object]) -> str:
     if any(n.startswith("transformers.") and n.endswith("Experts") for n in names):
         return (
             " This is a transformers mixture-of-experts layer: with the plain torch.compile backend, call "
-            "grapefx.prepare(model) before compiling (it switches the experts to per-token batched "
-            "matmuls; grapefx.compile does this for you)."
+            "grapefx.prepare(model) before compiling (it switches the experts to an implementation grapefx "
+            "splits per sample; grapefx.compile does this for you)."
         )
     return ""
 
 
 @contextlib.contextmanager
-def batched_experts(configs: list[object]) -> Iterator[None]:
-    """Run MoE experts with transformers' "batched_mm" implementation for the duration."""
+def masked_row_experts(configs: list[object]) -> Iterator[None]:
+    """Run MoE experts with grapefx's "grapefx_masked_rows" implementation for the duration."""
     saved = [cfg._experts_implementation for cfg in configs]
+    name = moe_experts.register() if configs else ""
     try:
         for cfg in configs:
-            cfg._experts_implementation = "batched_mm"
+            cfg._experts_implementation = name
         yield
     finally:
         for cfg, value in zip(configs, saved):

@@ -128,10 +128,11 @@ def test_transformers_speech_model_is_prepared_without_being_changed() -> None:
     assert cm.module is model
 
 
-def test_transformers_moe_experts_switch_to_batched_mm_only_while_compiled() -> None:
+def test_transformers_moe_experts_switch_to_masked_rows_only_while_compiled() -> None:
     import transformers as tf
 
-    from grapefx.transformers_compat import batched_experts, expert_configs
+    from grapefx.moe_experts import NAME
+    from grapefx.transformers_compat import expert_configs, masked_row_experts
 
     cfg = tf.MixtralConfig(
         vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
@@ -139,17 +140,17 @@ def test_transformers_moe_experts_switch_to_batched_mm_only_while_compiled() -> 
     )  # fmt: skip
     model = tf.MixtralForCausalLM(cfg)
     configs = expert_configs(model)
-    assert len(configs) == 1 and configs[0]._experts_implementation != "batched_mm"
+    assert len(configs) == 1 and configs[0]._experts_implementation != NAME
     before = configs[0]._experts_implementation
-    with batched_experts(configs):
-        assert model.config._experts_implementation == "batched_mm"
+    with masked_row_experts(configs):
+        assert model.config._experts_implementation == NAME
     assert configs[0]._experts_implementation == before
     assert expert_configs(nn.Linear(2, 2)) == []
 
 
 def test_prepare_applies_the_model_workarounds_for_good() -> None:
     """`grapefx.prepare` (for the plain torch.compile backend): hooks installed, encoder flag cleared,
-    experts on batched_mm, permanently; other models untouched. The oracle checks of prepared
+    experts on grapefx's masked rows, permanently; other models untouched. The oracle checks of prepared
     models on the plain backend run with -m slow (test_zoo_oracle.py)."""
     import transformers as tf
 
@@ -165,7 +166,7 @@ def test_prepare_applies_the_model_workarounds_for_good() -> None:
         num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
     )  # fmt: skip
     moe = grapefx.prepare(tf.MixtralForCausalLM(cfg))
-    assert moe.config._experts_implementation == "batched_mm"
+    assert moe.config._experts_implementation == "grapefx_masked_rows"
     plain = nn.Linear(2, 2)
     assert grapefx.prepare(plain) is plain
     with torch._dynamo.config.patch(allow_rnn=False):  # RNNs: Dynamo unrolls them instead of breaking
@@ -178,3 +179,47 @@ def test_prepare_applies_the_model_workarounds_for_good() -> None:
     assert "grapefx.prepare(model)" in unprepared_hint([nn.Linear, experts])
     assert "grapefx.prepare(model)" in unprepared_hint([f"{experts.__module__}.{experts.__qualname__}"])
     assert unprepared_hint([nn.Linear, type(speech.m)]) == ""
+
+
+_MOE_CONFIGS = {  # tiny transformers MoE models whose experts take an ExpertsInterface implementation
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    # biases, weights stored transposed [E, in, out], a clamped gate on interleaved gate / up columns
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "head_dim": 8, "layer_types": ["full_attention"]},
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_MOE_CONFIGS))
+def test_masked_rows_experts_compute_what_transformers_experts_compute(family: str) -> None:
+    """grapefx's experts implementation against transformers' own loop over experts ("eager"), in
+    float64, without grapefx: the same logits and the same gradient of every parameter."""
+    import transformers as tf
+
+    from grapefx.moe_experts import register
+    from grapefx.transformers_compat import expert_configs
+
+    cfg_name, model_name, fields = _MOE_CONFIGS[family]
+    cfg = getattr(tf, cfg_name)(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16, use_cache=False, **fields,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = getattr(tf, model_name)(cfg).double().train()
+    assert expert_configs(model), "the model's experts must take an ExpertsInterface implementation"
+    ids = torch.randint(0, 32, (3, 7))
+    results = []
+    for impl in ("eager", register()):
+        for c in expert_configs(model):
+            c._experts_implementation = impl
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids).logits
+        logits.pow(2).mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (ref, ref_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    assert ref_grads.keys() == got_grads.keys()
+    for name in ref_grads:
+        torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)

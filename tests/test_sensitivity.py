@@ -104,6 +104,7 @@ SENS = [
     ("triangular_solves", "flat", "auto"),  # linalg.solve_triangular batched over samples
     ("constrained_weights", "flat", "auto"),  # weights clamped / renormalized in place in the forward
     ("gathered_experts", "flat", "ghost"),  # expert weights gathered per token: ghost norms masked to equal ids
+    ("routed_row_experts", "flat", "auto"),  # experts on x[mask_e] rows, fused weights unbound per expert
     # "two_pass": strategy "auto" with two_pass=True (norms, then the backward with weighted gradients)
     ("gpt_checkpointed", "flat", "two_pass"),  # weighted tangents (the loss outside)
     ("masked_rows_head", "flat", "two_pass"),  # the loss inside: x[mask] rows weighted by their sample

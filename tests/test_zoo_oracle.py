@@ -283,12 +283,14 @@ def test_group_clipping(name: str, grouping: str, reduction: str, strategy: str)
     )
 
 
+@pytest.mark.parametrize("name", ["gathered_experts", "routed_row_experts"])
 @pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
-def test_per_layer_clipping_of_gathered_expert_weights(strategy: str) -> None:
+def test_per_layer_clipping_of_expert_weights(name: str, strategy: str) -> None:
     """Each expert weight clipped by its own norm, so an error in that norm shows at full size (under
-    flat clipping the other layers dilute it): the ghost norm masked to rows of the same expert, on
-    rank-1 and rank-2 row products, and the instantiated tables."""
-    run_against_oracle(case("gathered_experts"), reduction="sum", clipping="per_layer", strategy=strategy)
+    flat clipping the other layers dilute it). gathered_experts: the ghost norm masked to rows of the
+    same expert, on rank-1 and rank-2 row products, and the instantiated tables; routed_row_experts:
+    per expert piece of the fused weight, the sum of the pieces' norms."""
+    run_against_oracle(case(name), reduction="sum", clipping="per_layer", strategy=strategy)
 
 
 def test_per_layer_clipping_of_ghost_norms() -> None:

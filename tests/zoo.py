@@ -800,6 +800,35 @@ class GatheredExperts(nn.Module):
         return self.head(torch.cat([h + o, torch.tanh(q)], dim=-1).mean(1))
 
 
+class RoutedRowExperts(nn.Module):
+    """A mixture of experts as grapefx runs transformers' (grapefx/moe_experts.py): top-2 of 4 experts,
+    each expert applied to the rows routed to it, x[mask_e] (unequal counts per sample), its outputs
+    added back through the mask; the fused expert weights unbound into one piece per expert (their
+    gradients fill disjoint slices), a gated MLP split into gate and up halves."""
+
+    def __init__(self, d_in: int = 6, d: int = 12, f: int = 16, n_experts: int = 4, n_cls: int = 5) -> None:
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.router = nn.Linear(d, n_experts)
+        self.gate_up = nn.Parameter(torch.randn(n_experts, 2 * f, d) / d**0.5)
+        self.down = nn.Parameter(torch.randn(n_experts, d, f) / f**0.5)
+        self.head = nn.Linear(d, n_cls)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        B, T, d = h.shape
+        flat = h.reshape(B * T, d)
+        weights, ids = self.router(flat).softmax(-1).topk(2, dim=-1)
+        out = torch.zeros_like(flat)
+        for e, (gate_up, down) in enumerate(zip(self.gate_up.unbind(0), self.down.unbind(0))):
+            hit = ids == e
+            mask = hit.any(-1)
+            gate, up = F.linear(flat[mask], gate_up).chunk(2, dim=-1)
+            rows = F.linear(F.silu(gate) * up, down) * (weights * hit).sum(-1)[mask][:, None]
+            out = out.index_put((mask,), rows, accumulate=True)
+        return self.head((flat + out).reshape(B, T, d).mean(1))
+
+
 class TinySwin(nn.Module):
     """Swin's shifted-window attention: patch embedding, F.pad to whole windows, torch.roll, window
     partition into the batch dim ([B·nW, ws², C]), a relative-position bias gathered from a parameter
@@ -1551,6 +1580,7 @@ ZOO: list[ZooCase] = [
     ZooCase("convnext", lambda: TinyConvNeXt(), _dense((3, 8, 8), 5), tags={"conv"}),
     ZooCase("swin", lambda: TinySwin(), _dense((3, 6, 6), 5), tags={"attention", "conv"}),
     ZooCase("gathered_experts", lambda: GatheredExperts(), _dense((5, 6), 5)),
+    ZooCase("routed_row_experts", lambda: RoutedRowExperts(), _dense((5, 6), 5)),
     ZooCase("resnet_gn", lambda: ResNetGN(), _dense((3, 8, 8), 5), tags={"conv"}),
     ZooCase("hf_gpt2", lambda: HFGPT2(), _ids(8, 64), token_loss, tags={"gpt", "hf"}, available=has_transformers),
     ZooCase("encoder_ids", lambda: EncoderIds(), _ids(9, 20, n_cls=4, pad_frac=0.25), tags={"embedding"}),

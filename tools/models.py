@@ -13,7 +13,8 @@ L   Llama-style decoder at M3's size (vocab 8192, d 256, 4 layers, 4 heads, T=12
     rotary positions, separate q / k / v / o projections, SwiGLU MLP (gate, up, down; 688 wide)
 MoE transformers' Mixtral from a config (vocab 8192, d 128, 4 layers, 4 heads, 8 experts of width 256,
     top-2), T=64, B=8, with transformers' default experts implementation (grapefx switches it to
-    "batched_mm" while it runs); MoE-bmm the same with "batched_mm" in the non-private runs too
+    "grapefx_masked_rows" while it runs); MoE-bmm / MoE-masked the same with transformers' "batched_mm"
+    / grapefx's "grapefx_masked_rows" experts in the non-private runs too
 
 Every case is `make_case(name, batch=None, seq=None) -> Case(model, x, y, loss_fn)`; the loss is cross entropy with mean
 reduction (token-level for the decoders: mean over all B*T tokens).
@@ -329,6 +330,10 @@ def _mixtral(experts: str | None = None):
             attention_dropout=0.0,
             use_cache=False,
         )
+        if experts == "grapefx_masked_rows":
+            from grapefx.moe_experts import register
+
+            register()
         if experts is not None:
             cfg._experts_implementation = experts
         model = HFLogits(tf.MixtralForCausalLM(cfg).train())
@@ -361,6 +366,7 @@ CASES: dict[str, tuple[str, int, int | None, Callable]] = {
     "L": ("Llama-style decoder V=8192 d=256 L=4 H=4 (RMSNorm, rotary, q/k/v/o, SwiGLU 688)", 16, 128, _llama),
     "MoE": ("transformers Mixtral V=8192 d=128 L=4 H=4, 8 experts F=256 top-2", 8, 64, _mixtral()),
     "MoE-bmm": ("MoE with batched_mm experts in every run", 8, 64, _mixtral("batched_mm")),
+    "MoE-masked": ("MoE with grapefx's masked-row experts in every run", 8, 64, _mixtral("grapefx_masked_rows")),
 }
 ADAM_CASES = ("H",)  # trained with Adam (GRAPE configs: GrapeAdamW); the others with SGD
 

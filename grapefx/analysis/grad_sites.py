@@ -53,6 +53,37 @@ class ParamGrad:
 
         return all(is_isometric_post(n) for n in self.post_nodes)
 
+    @property
+    def disjoint_pieces(self) -> bool:
+        """Several sites, each reaching its own input of one `cat` through reshapes / permutes only,
+        and the cat reaching the gradient the same way: the backward of a parameter split into pieces
+        used apart (`W.unbind(0)`, `W.split(n)`: the experts of a fused mixture-of-experts weight, the
+        q / k / v parts of a fused projection). The pieces fill disjoint slices of the gradient, so its
+        squared norm is the sum of the sites' squared norms, each by its rule's cheapest method."""
+        from grapefx.passes.batched_post import is_isometric_post
+
+        cats = [n for n in self.post_nodes if n.target is aten.cat.default]
+        if len(self.sites) < 2 or len(cats) != 1:
+            return False
+        seen: set[fx.Node] = set()
+
+        def walk(n: fx.Node, stop: set[fx.Node]) -> fx.Node | None:
+            """Follow isometric post nodes down their tensor input until a node of `stop`."""
+            while n not in stop:
+                if n not in self.post_nodes or not is_isometric_post(n) or not isinstance(n.args[0], fx.Node):
+                    return None
+                seen.add(n)
+                n = n.args[0]
+            return n
+
+        cat = cats[0]
+        if walk(self.out_node, {cat}) is None:
+            return False
+        reached = [walk(x, set(self.sites)) if isinstance(x, fx.Node) else None for x in cat.args[0]]
+        if any(r is None for r in reached) or len(set(reached)) != len(reached) or set(reached) != set(self.sites):
+            return False
+        return seen | {cat} == self.post_nodes
+
 
 def site_kind(node: fx.Node, layouts: LayoutResult) -> str | None:
     kind = layouts.batch_reductions.get(node)

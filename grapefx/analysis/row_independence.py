@@ -47,6 +47,7 @@ _ROW_BY_ROW = {
     aten.reshape,
     aten.unsqueeze,
     aten.squeeze,
+    aten.slice,
     aten.permute,
     aten.transpose,
     aten.t,
@@ -65,8 +66,10 @@ _ROW_BY_ROW = {
     aten.addmm,
     aten.embedding,
 }
-# ops with several outputs that each keep the rows (a layer norm's output, mean and rstd)
-_ROW_BY_ROW_TUPLES = {aten.native_layer_norm, aten.native_dropout}
+# ops with several outputs that each keep the rows (a layer norm's output, mean and rstd; the parts of
+# a split along another dim, e.g. a gated MLP's gate and up halves)
+_ROW_BY_ROW_TUPLES = {aten.native_layer_norm, aten.native_dropout, aten.split, aten.split_with_sizes}
+_SPLITS = (aten.split, aten.split_with_sizes)
 _SUMS = (aten.sum.dim_IntList, aten.sum.default)
 _COMPARISONS = (operator.ge, operator.gt, operator.le, operator.lt, operator.eq, operator.ne)
 # not creation ops (zeros / full of the rows' length): their cumsum would number the rows across samples
@@ -134,8 +137,10 @@ def _use(
     if packet in _ROW_BY_ROW_TUPLES:
         outs = layouts.get(node)
         ref = layouts.get(row_inputs[0])
-        if not isinstance(outs, tuple):
+        if not isinstance(outs, tuple) or not isinstance(ref, BatchLayout):
             return None
+        if packet in _SPLITS and _split_dim(node) == ref.dim:
+            return None  # a split of the rows dim regroups rows
         return "rows" if all(o is None or _keeps_rows(o, ref, row_inputs, layouts, unit) for o in outs) else None
     if packet is aten.index_put:
         indices, values = node.args[1], node.args[2]
@@ -151,6 +156,12 @@ def _use(
     if packet in (aten.mm, aten.addmm) and node.args[-1] in row_inputs:
         return None  # rows as the contraction's right operand: a product over rows
     return "rows" if _keeps_rows(layouts.get(node), layouts.get(row_inputs[0]), row_inputs, layouts, unit) else None
+
+
+def _split_dim(node: fx.Node) -> int:
+    rank = len(node.args[0].meta["val"].shape)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    return dim % rank
 
 
 def _keeps_rows(out: Any, ref: Any, row_inputs: list[fx.Node], layouts: dict[fx.Node, Any], unit: Any) -> bool:

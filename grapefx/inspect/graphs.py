@@ -3,7 +3,8 @@
 Stages (the pipeline has one DP rewrite today):
 
     00_forward            AOTAutograd forward graph
-    01_backward_original  AOTAutograd backward graph, before the DP rewrite
+    01_backward_original  AOTAutograd backward graph, before the DP rewrite (after grapefx's pre-passes
+                          where they apply: zero tangents folded, masked rows padded)
     02_backward_private   the same backward after `privatize_backward` (clipping + noise)
 
 Shapes are symbolic in the batch (Dynamo marks dim 0 dynamic); for display the batch symbol is

@@ -1,9 +1,11 @@
 """Per-sample squared gradient norms, one [B] tensor per parameter.
 
 A parameter with one site reached through reshapes only uses its rule's cheapest norm (ghost or
-instantiate, by the rule's cost model, per layer). Otherwise (a tied / shared weight used at several
-sites, or post nodes that are not isometries such as slice_scatter) every site is instantiated per
-sample and the post nodes are vmapped over the samples, so cross terms between uses are exact.
+instantiate, by the rule's cost model, per layer), and so does each site of a parameter split into
+pieces used apart (`ParamGrad.disjoint_pieces`: their squared norms add up). Otherwise (a tied /
+shared weight used at several sites, or post nodes that are not isometries such as slice_scatter)
+every site is instantiated per sample and the post nodes are vmapped over the samples, so cross
+terms between uses are exact.
 """
 
 from __future__ import annotations
@@ -41,11 +43,11 @@ def plan_norms(
     plan: dict[str, list[NormChoice]] = {}
     for g in grads:
         choices = [rule_for(c.kind).choose(c) for c in contexts[g.name]]
-        if not g.isometric:
+        if not g.isometric and not g.disjoint_pieces:
             choices = _shared_choice(g, contexts[g.name], choices)
         if g.name in ghost:
             choices = [_as_ghost(c) for c in choices]
-        elif g.name in instantiate and g.isometric:
+        elif g.name in instantiate and (g.isometric or g.disjoint_pieces):
             choices = [_as_instantiated(c) for c in choices]
         plan[g.name] = choices
     return plan
@@ -100,6 +102,9 @@ def per_sample_norm_sq(
 ) -> torch.Tensor:
     if grad.isometric:
         return accumulated(rule_for(sites[0].kind).norm_sq(sites[0], choices[0]))
+    if grad.disjoint_pieces:  # pieces in disjoint slices: no cross terms
+        parts = [accumulated(rule_for(s.kind).norm_sq(s, c)) for s, c in zip(sites, choices)]
+        return torch.stack(parts).sum(0)
     if choices[0].method == "ghost":
         lookup = broadcast_lookup(grad, sites)
         if lookup is not None:

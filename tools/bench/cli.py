@@ -42,6 +42,9 @@ FULL_STEPS = {
     "ViT": (2, 4),
     "GPT-S": (3, 20),
     "L": (2, 4),
+    "MoE": (2, 5),
+    "MoE-bmm": (2, 5),
+    "MoE-masked": (2, 5),
 }
 QUICK_STEPS = {
     "M1": (2, 3),
@@ -54,6 +57,9 @@ QUICK_STEPS = {
     "ViT": (1, 2),
     "GPT-S": (2, 3),
     "L": (1, 2),
+    "MoE": (1, 2),
+    "MoE-bmm": (1, 2),
+    "MoE-masked": (1, 2),
 }
 SCALING_CONFIGS = ["np-eager", "gx-eager", "opacus-ghost", "opacus-hooks"]
 
