@@ -21,6 +21,7 @@ from grapefx.transformers_compat import (
     feature_encoders,
     input_grad_flags_off,
     install_output_hooks,
+    loop_expert_forwards,
     masked_row_experts,
 )
 
@@ -45,6 +46,7 @@ class PrivateModule(nn.Module):
         install_output_hooks(module)  # transformers would install them inside the traced forward
         self._feature_encoders = feature_encoders(module)
         self._expert_configs = expert_configs(module)
+        self._loop_experts = loop_expert_forwards(module)
         self._dynamic = dynamic
         self._param_ids = [id(p) for p in module.parameters()]
         if config.distributed:  # noise on rank 0 only; GRAPE: Ĝ all-reduced by grapefx, not DDP
@@ -77,7 +79,7 @@ class PrivateModule(nn.Module):
             with (
                 torch._dynamo.config.patch(optimize_ddp=False, allow_rnn=True),
                 input_grad_flags_off(self._feature_encoders),
-                masked_row_experts(self._expert_configs),
+                masked_row_experts(self._expert_configs, self._loop_experts),
             ):
                 return self._compiled(*args, **kwargs)
         except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:

@@ -10,7 +10,9 @@
    Python loop over the experts that hold tokens (a graph break) or with `grouped_mm`, an opaque
    op over the rows of all samples sorted by expert. `masked_row_experts` switches them to
    grapefx's "grapefx_masked_rows" implementation (`grapefx/moe_experts.py`) while the compiled model
-   runs: the same experts and routing, each expert applied to the rows routed to it, x[mask].
+   runs: the same experts and routing, each expert applied to the rows routed to it, x[mask]. The
+   experts modules of DBRX and Switch Transformers, which only have the loop, get the same form as
+   their forward (`moe_experts.LOOP_EXPERTS`).
 3. Speech feature encoders (Wav2Vec2FeatureEncoder and its copies) set `hidden_states.requires_grad
    = True` in training mode, for gradient checkpointing; Dynamo cannot trace setting the flag.
    `input_grad_flags_off` clears their `_requires_grad` while the compiled model runs. Only the
@@ -94,6 +96,8 @@ def apply_for_good(model: nn.Module) -> None:
         name = moe_experts.register()
         for cfg in configs:
             cfg._experts_implementation = name
+    for m, forward in loop_expert_forwards(model):
+        m.forward = forward
     for encoder in feature_encoders(model):
         encoder._requires_grad = False
 
@@ -112,18 +116,35 @@ def unprepared_hint(module_classes: list[object]) -> str:
     return ""
 
 
+def loop_expert_forwards(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """(module, its masked-row forward) for experts modules of `model` that only loop over the
+    experts hit (`moe_experts.LOOP_EXPERTS`), bound once: the same objects on every call keep
+    Dynamo's guards stable."""
+    return [(m, moe_experts.masked_rows_forward(m)) for m in moe_experts.loop_experts(model)]
+
+
 @contextlib.contextmanager
-def masked_row_experts(configs: list[object]) -> Iterator[None]:
-    """Run MoE experts with grapefx's "grapefx_masked_rows" implementation for the duration."""
+def masked_row_experts(configs: list[object], forwards: list[tuple[nn.Module, object]] = ()) -> Iterator[None]:
+    """Run MoE experts with grapefx's "grapefx_masked_rows" implementation for the duration: the
+    experts of `configs` through transformers' ExpertsInterface, the modules of `forwards`
+    (`loop_expert_forwards`) through an instance-level forward."""
     saved = [cfg._experts_implementation for cfg in configs]
+    saved_forwards = [m.__dict__.get("forward") for m, _ in forwards]
     name = moe_experts.register() if configs else ""
     try:
         for cfg in configs:
             cfg._experts_implementation = name
+        for m, forward in forwards:
+            m.forward = forward
         yield
     finally:
         for cfg, value in zip(configs, saved):
             cfg._experts_implementation = value
+        for (m, _), value in zip(forwards, saved_forwards):
+            if value is None:
+                del m.forward
+            else:
+                m.forward = value
 
 
 @contextlib.contextmanager

@@ -92,7 +92,9 @@ def per_sample_grads(
     try:
         return vmap(grad(loss_one), in_dims=(None,) + (0,) * len(ins))(params, *ins)
     except RuntimeError as e:  # x[bool mask], a loop over experts: data-dependent, vmap cannot batch it
-        if "setup_context" in str(e):  # an autograd.Function torch.func cannot run (DeBERTa's XSoftmax)
+        # an autograd.Function torch.func cannot run (DeBERTa's XSoftmax); a module moved with .to()
+        # inside its forward (Switch Transformers' router), which sets .data
+        if "setup_context" in str(e) or "inside functorch transform" in str(e):
             return _autograd_per_sample(loss_one, params, ins)
         if "dynamic shape" not in str(e) and "data-dependent" not in str(e):
             raise

@@ -223,3 +223,30 @@ def test_masked_rows_experts_compute_what_transformers_experts_compute(family: s
     assert ref_grads.keys() == got_grads.keys()
     for name in ref_grads:
         torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("family", ["dbrx", "switch"])
+def test_masked_rows_forward_of_loop_experts_matches_their_own(family: str) -> None:
+    """DBRX's and Switch Transformers' experts modules only loop over the experts hit (a graph break):
+    grapefx swaps in a masked-row forward while the compiled model runs. It computes what theirs does
+    (float64, without grapefx: logits and every gradient), and their own forward is back afterwards."""
+    from grapefx.transformers_compat import loop_expert_forwards, masked_row_experts
+    from tests.zoo import HFText
+
+    torch.manual_seed(0)
+    model = HFText(family).double()
+    ids = torch.randint(1, 64, (3, 8))
+    forwards = loop_expert_forwards(model)
+    assert len(forwards) == (2 if family == "dbrx" else 4)  # one per MoE layer
+    results = []
+    for swap in (False, True):
+        model.zero_grad(set_to_none=True)
+        with masked_row_experts([], forwards if swap else []):
+            logits = model(ids)
+        logits.pow(2).mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert all("forward" not in m.__dict__ for m, _ in forwards)
+    (ref, ref_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-12)
+    for name in ref_grads:
+        torch.testing.assert_close(got_grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)

@@ -1019,6 +1019,23 @@ HF_TEXT: dict[str, tuple[str, str, dict[str, Any]]] = {
         | {"linear_num_key_heads": 2, "linear_key_head_dim": 8, "linear_value_head_dim": 8}
         | {"linear_conv_kernel_dim": 4},
     ),
+    # experts modules with only a loop over the experts hit: grapefx replaces their forward
+    "dbrx": (
+        "DbrxConfig",
+        "DbrxForCausalLM",
+        dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=40)
+        | {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0}}
+        | {"ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2, "moe_jitter_eps": None}},
+    ),
+    # top-1 routing with an expert capacity (tokens over it skip the experts), one module per expert
+    "switch": (
+        "SwitchTransformersConfig",
+        "SwitchTransformersForConditionalGeneration",
+        dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4)
+        | dict(num_experts=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2, expert_capacity=3)
+        | {"dropout_rate": 0.0, "relative_attention_num_buckets": 8, "decoder_start_token_id": 0, "pad_token_id": 0}
+        | {"router_jitter_noise": 0.0},
+    ),
     "phi": ("PhiConfig", "PhiForCausalLM", {**_DECODER, "resid_pdrop": 0.0, "embd_pdrop": 0.0}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**_DECODER, "hidden_dropout": 0.0}),
     "t5": (
@@ -1066,7 +1083,8 @@ class HFText(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         if self.m.config.is_encoder_decoder:  # T5: the ids are also the decoder's (teacher-forced) input
-            return self.m(input_ids=ids, decoder_input_ids=ids).logits
+            # (Switch Transformers indexes the attention mask, which transformers does not fill in)
+            return self.m(input_ids=ids, attention_mask=torch.ones_like(ids), decoder_input_ids=ids).logits
         return self.m(input_ids=ids).logits
 
 
@@ -1598,7 +1616,7 @@ HF_MORE: list[ZooCase] = (
     ]
     + [
         ZooCase(f"hf_{n}", lambda n=n: HFText(n), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers)
-        for n in ("mistral", "mixtral", "phi", "gpt_neox", "qwen3_next", "gemma3n")
+        for n in ("mistral", "mixtral", "dbrx", "switch", "phi", "gpt_neox", "qwen3_next", "gemma3n")
     ]
     + [
         ZooCase("hf_t5_encoder", lambda: HFEncoderHead("t5", 3), _ids(8, 64, n_cls=3), available=has_transformers),
