@@ -18,11 +18,12 @@ def pad_masked_rows(rows: torch.Tensor, mask: torch.Tensor, dim: int, group: int
     grouped = moved.reshape(moved.shape[0] // group, group, *moved.shape[1:])
     out = grouped.new_zeros((*mask.shape, *grouped.shape[1:]))
     out[mask] = grouped
-    return out.reshape(mask.numel() * group, *moved.shape[1:]).movedim(0, dim).contiguous()
+    # no copy back to `dim`'s place: the consumers (a contraction over `dim`) take the strided view
+    return out.reshape(mask.numel() * group, *moved.shape[1:]).movedim(0, dim)
 
 
 @pad_masked_rows.register_fake
 def _(rows: torch.Tensor, mask: torch.Tensor, dim: int, group: int) -> torch.Tensor:
-    shape = list(rows.shape)
-    shape[dim] = mask.numel() * group
-    return rows.new_empty(shape)
+    moved = list(rows.movedim(dim, 0).shape)
+    moved[0] = mask.numel() * group
+    return rows.new_empty(moved).movedim(0, dim)

@@ -9,7 +9,9 @@ Per sample i the contribution is G_i = L_iᵀ R_i with L_i = A[:, K_i]ᵀ ([T, M
 from __future__ import annotations
 
 import torch
+import torch.fx as fx
 
+from grapefx.passes import masked_rows_op  # noqa: F401 - registers grapefx::pad_masked_rows
 from grapefx.rules.gram import ghost_norm_sq
 from grapefx.rules.registry import (
     NormChoice,
@@ -77,8 +79,29 @@ class MatmulRule(SiteRule):
         a, b = site.node.args[:2]
         lk = _k_layout(site)
         A, Bm = site.value(a), site.value(b)
+        masked = _masked_rows_operands(a, b)
+        if masked is not None:  # contract the selected rows only, each weighted by its sample
+            rows_a, rows_b, mask, group = (site.value(t) if isinstance(t, fx.Node) else t for t in masked)
+            w = weights_like(weights, A, lk).reshape(mask.numel(), group)[mask.reshape(-1)].reshape(1, -1)
+            return torch.mm(rows_a * w, rows_b)
         if A.shape[0] <= Bm.shape[1]:  # scale the smaller operand
             A = A * weights_like(weights, A, lk)
         else:
             Bm = Bm * weights_like(weights, Bm, lk.moved(0))
         return torch.mm(A, Bm)
+
+
+_PAD = torch.ops.grapefx.pad_masked_rows.default
+
+
+def _masked_rows_operands(a: object, b: object) -> tuple[fx.Node, fx.Node, fx.Node, int] | None:
+    """(rows of a, rows of b, mask, group) when both operands are x[mask] rows padded back to their
+    [B·T] places along the contraction (passes/pad_masked_rows.py) through one mask: the padded rows
+    are zeros, so the weighted contraction needs only the selected ones."""
+    pads = [t for t in (a, b) if isinstance(t, fx.Node) and t.target is _PAD]
+    if len(pads) != 2:
+        return None
+    (rows_a, mask_a, dim_a, group_a), (rows_b, mask_b, dim_b, group_b) = (p.args for p in pads)
+    if mask_a is not mask_b or group_a != group_b or (dim_a, dim_b) != (1, 0):
+        return None
+    return rows_a, rows_b, mask_a, group_a
