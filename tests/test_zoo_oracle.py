@@ -443,6 +443,7 @@ def test_ghost_equals_instantiate(zc: ZooCase) -> None:
             for n in ("gpt", "embedding_bag", "convnext", "last_token_pool", "embedding_bags", "lookup_tables")
             + ("conv_transpose", "bilinear", "gpt_checkpointed")
             + ("chunk_scan", "in_place_shared_query", "shared_position_tables", "flat_rows_group_norm")
+            + ("routed_row_experts", "masked_rows_head", "gathered_experts")
         },
     ),
 )
