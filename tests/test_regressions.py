@@ -163,6 +163,7 @@ def _hook_counts(model: nn.Module) -> dict[str, int]:
     return {name: len(m._forward_hooks) for name, m in model.named_modules()}
 
 
+@pytest.mark.slow  # ~12 s (DPT)
 def test_a_model_run_eagerly_before_compiling_keeps_its_hidden_states() -> None:
     """Found by the session-16 sweep (DPT). An eager forward installs transformers' output-capturing
     hooks lazily, on the inner DPTModel only; grapefx.compile then installed them on the outer model

@@ -435,6 +435,7 @@ def _checkpointed_gpt_plan(two_pass: bool, **options: object) -> tuple[object, l
     return pm.grapefx_backend.plans[-1].memory, [str(w.message) for w in seen]
 
 
+@pytest.mark.slow  # ~25 s: two compiles of a checkpointed GPT
 def test_two_pass_keeps_activation_checkpointing_lean() -> None:
     """Single-pass flat clipping keeps every checkpointed layer's recomputed operands until the
     barrier (and says so); two passes peak where the non-private checkpointed backward does."""
@@ -446,7 +447,9 @@ def test_two_pass_keeps_activation_checkpointing_lean() -> None:
     assert not any("activation checkpointing" in w for w in warned), warned
 
 
-@pytest.mark.parametrize("options", [{"memory_policy": "min-memory"}, {"memory_budget": 3 * 2**20}])
+@pytest.mark.parametrize(
+    "options", [{"memory_policy": "min-memory"}, pytest.param({"memory_budget": 3 * 2**20}, marks=pytest.mark.slow)]
+)
 def test_min_memory_plans_two_passes_under_activation_checkpointing(options: dict) -> None:
     """memory_policy="min-memory", or a budget one pass cannot meet, plans the two-pass backward
     too and keeps it when it peaks lower (here: 2.4 MB against 4.7)."""

@@ -173,6 +173,7 @@ HEAVY = ("gpt_tied", "resnet_gn", "vit", "hf_gpt2", "mha_tmajor", "vit_qkv_unbin
 HEAVY += ("weight_norm", "along_dims", "constants_over_batch", "instance_norm", "last_token_pool", "embedding_bags")
 HEAVY += ("conv_transpose", "bilinear")
 HEAVY += ("gpt", "gpt_checkpointed")  # its mean reduction is also checked with the loss inside (test_loss_inside)
+HEAVY += ("routed_row_experts", "gathered_experts", "task_routed")  # sessions 16-18: 7-9 s per reduction
 # transformers models beyond GPT-2 run with -m slow in both reductions (~10 s each); the patterns
 # they exercise (shared ids, cumsum positions, tensor constants) are in `encoder_ids` by default
 SLOW_ALWAYS = ("hf_bert", "hf_roberta", "hf_llama", "hf_opt")
@@ -284,7 +285,7 @@ def test_group_clipping(name: str, grouping: str, reduction: str, strategy: str)
 
 
 @pytest.mark.parametrize("name", ["gathered_experts", "routed_row_experts"])
-@pytest.mark.parametrize("strategy", ["ghost", "instantiate"])
+@pytest.mark.parametrize("strategy", ["ghost", pytest.param("instantiate", marks=pytest.mark.slow)])
 def test_per_layer_clipping_of_expert_weights(name: str, strategy: str) -> None:
     """Each expert weight clipped by its own norm, so an error in that norm shows at full size (under
     flat clipping the other layers dilute it). gathered_experts: the ghost norm masked to rows of the
