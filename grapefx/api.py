@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
+from grapefx.buffer_markers import drop_buffer_markers
 from grapefx.config import PrivacyConfig
 from grapefx.distributed import wrap as dist_wrap
 from grapefx.dynamo_backend import GrapefxBackend
@@ -44,6 +45,7 @@ class PrivateModule(nn.Module):
         self.grapefx_backend.managed = True
         self._compiled = torch.compile(module, backend=self.grapefx_backend, fullgraph=True, dynamic=False)
         install_output_hooks(module)  # transformers would install them inside the traced forward
+        drop_buffer_markers(module)  # a buffer reassigned in forward would break the graph
         self._feature_encoders = feature_encoders(module)
         self._expert_configs = expert_configs(module)
         self._loop_experts = loop_expert_forwards(module)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from grapefx.buffer_markers import drop_buffer_markers
 from grapefx.transformers_compat import apply_for_good
 
 
@@ -23,12 +24,16 @@ def prepare(model: nn.Module) -> nn.Module:
       model runs. Parameters, routing and outputs are unchanged; an eager call of the model no
       longer makes the feature encoder's output require grad, which only gradient checkpointing
       over a frozen encoder relied on.
+    - Buffers: drops nn.Buffer's marker attributes from the registered tensors, so a forward that
+      reassigns a buffer (`self.table = self.table.to(x.dtype)`, CTRL) traces in one graph
+      (`grapefx/buffer_markers.py`).
     - nn.RNN / GRU / LSTM: sets `torch._dynamo.config.allow_rnn = True` (process-wide), so Dynamo
       unrolls them instead of breaking the graph.
 
     Any other model is returned untouched, so calling it on every model is safe.
     """
     apply_for_good(model)
+    drop_buffer_markers(model)
     if any(isinstance(m, nn.RNNBase) for m in model.modules()):
         torch._dynamo.config.allow_rnn = True
     return model

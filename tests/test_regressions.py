@@ -189,3 +189,39 @@ def test_a_model_run_eagerly_before_compiling_keeps_its_hidden_states() -> None:
     out.square().mean().backward()
     layer1 = model.dpt.encoder.layer[1]
     assert all(p.grad is not None for p in layer1.parameters())
+
+
+class ReassignedBuffer(nn.Module):
+    """CTRL's habit: a non-persistent buffer reassigned in forward, `self.table = self.table.to(...)`
+    (a no-op here, returning the registered tensor). Its nn.Buffer markers made Module.__setattr__
+    branch on `value.persistent`, which Dynamo cannot trace: a graph break, until grapefx dropped them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(16, 8)
+        self.table = nn.Buffer(torch.randn(6, 8), persistent=False)
+        self.scale = nn.Buffer(torch.full((8,), 0.5))
+        self.head = nn.Linear(8, 16)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.table = self.table.to(dtype=self.tok.weight.dtype)
+        return self.head(torch.tanh(self.tok(ids) * self.scale + self.table[: ids.shape[1]]))
+
+
+@pytest.mark.parametrize("path", ["compile", "prepare"])
+def test_a_buffer_reassigned_in_forward(path: str) -> None:
+    torch.manual_seed(0)
+    model = ReassignedBuffer()
+    keys = list(model.state_dict())
+    if path == "compile":
+        cm = grapefx.compile(model, max_grad_norm=0.5, noise_multiplier=0.0, loss_reduction="sum")
+    else:
+        backend = grapefx.backend(max_grad_norm=0.5, noise_multiplier=0.0, loss_reduction="sum")
+        cm = torch.compile(grapefx.prepare(model), backend=backend, fullgraph=True)
+    assert list(model.state_dict()) == keys == ["scale", "tok.weight", "head.weight", "head.bias"]
+    for B in (3, 5):
+        x, y = torch.randint(0, 16, (B, 4)), torch.randint(0, 16, (B, 4))
+        model.zero_grad(set_to_none=True)
+        _token_loss(cm(x), y).backward()
+        ref, _ = oracle_grads(model, (x, y), _token_loss, 0.5, "sum")
+        assert_grads_match(model, ref)

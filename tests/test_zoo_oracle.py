@@ -205,7 +205,7 @@ def test_more_transformers_families(zc: ZooCase) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["hf_mixtral", "hf_switch", "hf_wav2vec2"])
+@pytest.mark.parametrize("name", ["hf_mixtral", "hf_switch", "hf_wav2vec2", "hf_ctrl"])
 def test_transformers_models_on_the_plain_backend_after_prepare(name: str) -> None:
     """`torch.compile(grapefx.prepare(model), backend=grapefx.backend(...))`: the transformers
     workarounds grapefx.compile applies itself, applied once by `prepare` (README, "Use")."""

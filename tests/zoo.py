@@ -1036,6 +1036,13 @@ HF_TEXT: dict[str, tuple[str, str, dict[str, Any]]] = {
         | {"dropout_rate": 0.0, "relative_attention_num_buckets": 8, "decoder_start_token_id": 0, "pad_token_id": 0}
         | {"router_jitter_noise": 0.0},
     ),
+    # reassigns its positional-encoding buffer in forward (`self.pos_encoding = ....to(...)`)
+    "ctrl": (
+        "CTRLConfig",
+        "CTRLLMHeadModel",
+        dict(vocab_size=64, n_positions=40, n_embd=32, dff=64, n_layer=2, n_head=4)
+        | {"resid_pdrop": 0.0, "embd_pdrop": 0.0},
+    ),
     "phi": ("PhiConfig", "PhiForCausalLM", {**_DECODER, "resid_pdrop": 0.0, "embd_pdrop": 0.0}),
     "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {**_DECODER, "hidden_dropout": 0.0}),
     "t5": (
@@ -1616,7 +1623,7 @@ HF_MORE: list[ZooCase] = (
     ]
     + [
         ZooCase(f"hf_{n}", lambda n=n: HFText(n), _ids(8, 64), token_loss, tags={"hf"}, available=has_transformers)
-        for n in ("mistral", "mixtral", "dbrx", "switch", "phi", "gpt_neox", "qwen3_next", "gemma3n")
+        for n in ("mistral", "mixtral", "dbrx", "switch", "ctrl", "phi", "gpt_neox", "qwen3_next", "gemma3n")
     ]
     + [
         ZooCase("hf_t5_encoder", lambda: HFEncoderHead("t5", 3), _ids(8, 64, n_cls=3), available=has_transformers),
