@@ -343,6 +343,28 @@ def _mixtral(experts: str | None = None):
     return build
 
 
+def _hf_llama(n_layer: int):
+    def build(g: torch.Generator, B: int, T: int):
+        import transformers as tf
+
+        cfg = tf.LlamaConfig(
+            vocab_size=2048,
+            hidden_size=128,
+            intermediate_size=344,
+            num_hidden_layers=n_layer,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=max(512, T),
+            attention_dropout=0.0,
+            use_cache=False,
+        )
+        model = HFLogits(tf.LlamaForCausalLM(cfg).train())
+        ids = torch.randint(0, 2048, (B, T + 1), generator=g)
+        return model, ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), token_loss
+
+    return build
+
+
 GPT_CASES = ("M3", "M3C", "DC", "M4", "H", "GPT-S")
 
 CASES: dict[str, tuple[str, int, int | None, Callable]] = {
@@ -364,6 +386,10 @@ CASES: dict[str, tuple[str, int, int | None, Callable]] = {
     "ViT": ("ViT-tiny-like: 4x4 patches of 32x32x3, d=192, 3 heads, 6 layers", 32, None, _vit),
     "GPT-S": ("small GPT decoder V=512 d=64 L=2 H=2", 8, 32, _gpt(vocab=512, d=64, n_layer=2, heads=2, max_t=32)),
     "L": ("Llama-style decoder V=8192 d=256 L=4 H=4 (RMSNorm, rotary, q/k/v/o, SwiGLU 688)", 16, 128, _llama),
+    # depth: what compiling costs grows with the number of layers (tools/compile_time.py)
+    "HFL4": ("transformers Llama V=2048 d=128 L=4 H=4 KV=2", 4, 64, _hf_llama(4)),
+    "HFL16": ("transformers Llama V=2048 d=128 L=16 H=4 KV=2", 4, 64, _hf_llama(16)),
+    "HFL32": ("transformers Llama V=2048 d=128 L=32 H=4 KV=2", 4, 64, _hf_llama(32)),
     "MoE": ("transformers Mixtral V=8192 d=128 L=4 H=4, 8 experts F=256 top-2", 8, 64, _mixtral()),
     "MoE-bmm": ("MoE with batched_mm experts in every run", 8, 64, _mixtral("batched_mm")),
     "MoE-masked": ("MoE with grapefx's masked-row experts in every run", 8, 64, _mixtral("grapefx_masked_rows")),

@@ -11,6 +11,7 @@ and a parameter gradient that depends on an `UNKNOWN` tensor is refused rather t
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,13 @@ def _pos_int(x: Any, batch: Any) -> bool:
 
 def reshape_layout(lay: BatchLayout, in_shape: list[Any], out_shape: list[Any], batch: Any) -> Any:
     """Where the batch lands after a row-major reshape (view, squeeze, unsqueeze, flatten)."""
+    # A model repeats the same reshapes in every layer, and sympy's simplify is slow (~15 s of a
+    # 16-layer Llama's compile): the answer depends on the sizes only, so it is cached.
+    return _reshape_layout(lay, tuple(in_shape), tuple(out_shape), batch)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reshape_layout(lay: BatchLayout, in_shape: tuple[Any, ...], out_shape: tuple[Any, ...], batch: Any) -> Any:
     pre = _prod(in_shape[: lay.dim]) * lay.outer
     post = lay.inner * _prod(in_shape[lay.dim + 1 :])
     found = []
