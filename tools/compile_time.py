@@ -101,7 +101,8 @@ def main() -> None:
     import torch
 
     stem = Path(args.out or ROOT / "results" / f"compile-time-cpu-{os.cpu_count()}c")
-    meta = {"torch": torch.__version__, "command": " ".join(sys.argv), "time": time.strftime("%Y-%m-%d %H:%M")}
+    command = "python -m tools.compile_time " + " ".join(sys.argv[1:])
+    meta = {"torch": torch.__version__, "command": command, "time": time.strftime("%Y-%m-%d %H:%M")}
     stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = f"# Compile time, cold Inductor cache\n\n`{meta['command']}` (torch {meta['torch']}, {meta['time']})\n\n"
     md += _table(rows, configs) + "\n"

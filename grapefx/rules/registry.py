@@ -208,6 +208,8 @@ def registered_kinds() -> list[str]:
 def expose_batch(x: torch.Tensor, lay: BatchLayout, batch_size: Any) -> torch.Tensor:
     """Move the batch factor of `x` to a new leading dim: [B, ..., outer*inner, ...]."""
     d, outer, inner = lay.dim, int(lay.outer), int(lay.inner)
+    if outer == 1 and inner == 1:  # the batch is dim d: the same view, without three symbolic reshapes
+        return (x if d == 0 else x.movedim(d, 0)).unsqueeze(d + 1)
     shape = list(x.shape)
     split = shape[:d] + [outer, batch_size, inner] + shape[d + 1 :]
     y = x.reshape(split).movedim(d + 1, 0)
