@@ -57,7 +57,8 @@ def equal_count_rows(counts: dict[Any, Any]) -> Iterator[None]:
 def to_sym(x: Any) -> Any:
     if isinstance(x, torch.SymInt):
         expr = sympy.sympify(x.node.expr)
-        return expr.subs(_ROW_COUNTS) if _ROW_COUNTS and expr.free_symbols & _ROW_COUNTS.keys() else expr
+        # xreplace: the keys are symbols, so a plain substitution (`subs` is ~10× slower)
+        return expr.xreplace(_ROW_COUNTS) if _ROW_COUNTS and expr.free_symbols & _ROW_COUNTS.keys() else expr
     return sympy.Integer(int(x))
 
 

@@ -90,7 +90,9 @@ def _mask_and_group(inner: Any, mask_counts: dict[fx.Node, Any]) -> tuple[fx.Nod
     holds each selected row as g consecutive entries. Masks whose counts torch proved equal have
     no count there (analysis/layout.py): ambiguous rows stay refused, never padded by a wrong mask."""
     for mask, count in mask_counts.items():
-        group = sympy.simplify(inner / count)
+        group = inner / count  # products of symbols cancel as they are built; sums need simplify
+        if not group.is_Integer and (inner.has(sympy.Add) or count.has(sympy.Add)):
+            group = sympy.simplify(group)
         if group.is_Integer and group > 0:
             return mask, int(group)
     return None
