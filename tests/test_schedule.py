@@ -21,6 +21,7 @@ from grapefx.schedule.reorder import (
     dependency_graph,
     exact_order,
     greedy_order,
+    move_to,
     reverse_greedy_order,
     sink_allocations,
 )
@@ -457,3 +458,18 @@ def test_min_memory_plans_two_passes_under_activation_checkpointing(options: dic
     assert any(n.startswith("two passes") for n in plan.notes), plan.notes
     assert plan.peak <= 1.1 * plan.original_peak, plan
     assert not any("activation checkpointing" in w for w in warned), warned
+
+
+def test_incremental_positions_match_a_recount() -> None:
+    """sink_allocations / hoist_frees keep a node -> position map up to date through each move
+    (`move_to`) instead of recounting it per node (which made them quadratic in graph size)."""
+    rng = random.Random(0)
+    order = list(range(40))
+    position = {n: k for k, n in enumerate(order)}
+    for _ in range(300):
+        i, j = rng.randrange(len(order)), rng.randrange(len(order))
+        expected = list(order)
+        expected.insert(j, expected.pop(i))
+        move_to(order, position, i, j)
+        assert order == expected
+        assert position == {n: k for k, n in enumerate(order)}

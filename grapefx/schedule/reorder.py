@@ -204,11 +204,11 @@ def sink_allocations(model: MemoryModel, dag: nx.DiGraph, order: list[fx.Node], 
             if s not in model.pinned and not any(position[r] >= j for r in readers[s] if r is not n)
         )
         if extended <= sum(sizes[s] for s in model.allocates[n]):
-            _move(order, position, i, j - 1)
+            move_to(order, position, i, j - 1)
     return order
 
 
-def _move(order: list[fx.Node], position: dict[fx.Node, int], i: int, j: int) -> None:
+def move_to(order: list[fx.Node], position: dict[fx.Node, int], i: int, j: int) -> None:
     """order.insert(j, order.pop(i)), keeping `position` (node -> index) up to date in O(|i - j|):
     recomputing it for every node made the passes quadratic (~40 s on a 16-layer Llama)."""
     order.insert(j, order.pop(i))
@@ -249,7 +249,7 @@ def hoist_frees(model: MemoryModel, dag: nx.DiGraph, order: list[fx.Node], sizes
         )
         allocated = sum(sizes[s] for s in model.allocates[n])
         if freed >= allocated or allocated <= SMALL_OUTPUT_BYTES:
-            _move(order, position, i, j)
+            move_to(order, position, i, j)
     return order
 
 
