@@ -22,7 +22,7 @@ def drop_buffer_markers(model: nn.Module) -> list[str]:
     dropped = []
     for name, buf in model.named_buffers(remove_duplicate=False):
         state = getattr(buf, "__dict__", {})
-        if any(m in state for m in _MARKERS):
+        if state.get("_is_buffer"):  # set with `persistent` by nn.Buffer; a tensor's own attributes stay
             for m in _MARKERS:
                 state.pop(m, None)
             dropped.append(name)

@@ -30,7 +30,7 @@ def prepare(model: nn.Module) -> nn.Module:
     - nn.RNN / GRU / LSTM: sets `torch._dynamo.config.allow_rnn = True` (process-wide), so Dynamo
       unrolls them instead of breaking the graph.
 
-    Any other model is returned untouched, so calling it on every model is safe.
+    Nothing else is changed, so calling it on every model is safe.
     """
     apply_for_good(model)
     drop_buffer_markers(model)
