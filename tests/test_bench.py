@@ -45,6 +45,19 @@ def test_bench_quick_smallest(tmp_path: Path) -> None:
     assert "| GPT-S | opacus-ghost |" in md and res["meta"]["torch"] and res["meta"]["cpu_model"]
 
 
+@pytest.mark.slow  # two cold compiles in subprocesses (~20 s)
+def test_compile_time_tool(tmp_path: Path) -> None:
+    """`python -m tools.compile_time`: both configurations run and the table reports them."""
+    stem = tmp_path / "compile-time"
+    cmd = [sys.executable, "-m", "tools.compile_time", "--models", "GPT-S", "--configs", "np-aot,gx-eager"]
+    proc = subprocess.run([*cmd, "--out", str(stem)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert [(r["model"], r["config"]) for r in rows] == [("GPT-S", "np-aot"), ("GPT-S", "gx-eager")]
+    assert all(r["compile_s"] > 0 and r["step_s"] > 0 for r in rows), rows
+    assert "| GPT-S | " in stem.with_suffix(".md").read_text()
+
+
 def test_scaling_slope_fit() -> None:
     from tools.bench.scaling import fit, slope
 
