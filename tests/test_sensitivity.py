@@ -115,6 +115,7 @@ SENS = [
     _slow("hf_llama_lora", "flat", "auto"),  # peft LoRA adapters, frozen base weights
     _slow("hf_mixtral", "flat", "auto"),  # top-2 routing, each expert on its x[mask] rows
     _slow("hf_dbrx", "flat", "auto"),  # experts loop replaced by masked rows, fused [E·F, d] weights
+    _slow("hf_ctrl", "flat", "auto"),  # a buffer reassigned in forward (its nn.Buffer markers dropped)
     _slow("hf_wav2vec2", "flat", "auto"),  # conv feature encoder, grouped positional conv, mean pooling
     # pad, roll, windows folded into the batch dim, gathered bias table, as_strided pooling
     pytest.param("swin", "flat", "auto", marks=pytest.mark.slow),
