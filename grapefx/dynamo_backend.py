@@ -360,7 +360,9 @@ class GrapefxBackend:
 
     # -- codegen ---------------------------------------------------------------------------------
     def _codegen(self, gm: fx.GraphModule, inputs: list[Any], is_backward: bool) -> Callable[..., Any]:
-        gm = lower_for_execution(gm)  # noise into the clipped sums' own buffers
+        lowered = lower_for_execution(gm)  # noise into the clipped sums' own buffers
+        own_copy = lowered is not gm  # a copy only this call holds: boxed in place, not copied again
+        gm = lowered
         if self.config.codegen == "inductor" and _has_inductor_trap(gm):
             warnings.warn(
                 "grapefx: this graph uses max pooling, whose Inductor lowering gives wrong gradients on "
@@ -386,17 +388,23 @@ class GrapefxBackend:
             gm = retrace(ViewTolerantInterpreter(gm).run, inputs, decompositions=table)
             with torch._inductor.config.patch(fallback_random=True, **salted_config()):
                 return compile_fx_inner(gm, inputs, is_backward=is_backward)
-        return _boxed(gm)
+        return _boxed(gm, in_place=own_copy)
 
 
-def _boxed(gm: fx.GraphModule) -> Callable[..., Any]:
+def _boxed(gm: fx.GraphModule, in_place: bool = False) -> Callable[..., Any]:
     """Eager codegen with the boxed calling convention: the generated code clears the argument
     list, so each saved activation is freed after its last use instead of at the end of the
-    backward (what `make_boxed_func` alone would do). Runs a copy; `gm` stays callable as is."""
+    backward (what `make_boxed_func` alone would do). Runs a copy, so `gm` stays callable as is,
+    unless `in_place` (a copy no one else holds: a deep backward's second copy would stay
+    resident, tens of MB, for the model's lifetime)."""
     boxed_codegen = getattr(torch.fx.graph, "_BoxedCodeGen", None)
     if boxed_codegen is None:  # private torch API: without it, inputs live to the end
         return make_boxed_func(gm)
-    return copy_graph_module(gm, boxed_codegen())
+    if not in_place:
+        return copy_graph_module(gm, boxed_codegen())
+    gm.graph.set_codegen(boxed_codegen())
+    gm.recompile()
+    return gm
 
 
 _INDUCTOR_TRAPS = (

@@ -35,10 +35,12 @@ sys.path.insert(0, str(ROOT / "tools"))
 from models import make_case  # noqa: E402
 
 import grapefx  # noqa: E402
+from grapefx.passes import schedule_memory  # noqa: E402
 from grapefx.schedule import MemoryModel  # noqa: E402
 from grapefx.schedule.measure import measured_peak  # noqa: E402
 
 MiB = 2**20
+schedule_memory.KEEP_TRACED_GRAPH = True  # the "unscheduled" graph below
 
 
 def run_one(model_name: str, strategy: str, policy: str) -> dict:

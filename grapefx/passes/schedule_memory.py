@@ -45,6 +45,7 @@ BALANCED_EXTRA_FLOPS = 0.10  # "balanced" accepts up to 10% more backward flops 
 BALANCED_PEAK_RATIO = 1.05  # ... and only while the peak exceeds 1.05x the non-private backward's
 MAX_ROUNDS = 3  # retraces spent looking for swaps
 MAX_SINGLE_RECOMPUTE_TRIALS = 6  # activations tried one by one when recomputing all does not help
+KEEP_TRACED_GRAPH = False  # keep a copy of the unscheduled private backward in MemoryPlan.traced_graph
 
 
 @dataclass
@@ -61,7 +62,9 @@ class MemoryPlan:
     recomputed: list[str] = field(default_factory=list)  # saved activations replayed after the barrier
     live_at_peak: list[tuple[str, int]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    traced_graph: fx.GraphModule | None = None  # the private backward as first traced (for benchmarks)
+    # the private backward as first traced: only with KEEP_TRACED_GRAPH (tools/bench_memory.py), since
+    # a deep model's copy is tens of MB resident for the model's lifetime
+    traced_graph: fx.GraphModule | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -118,7 +121,7 @@ def schedule_memory(
         return trial
 
     gm0, result0 = build(frozenset(), frozenset())
-    traced = copy_graph_module(gm0)
+    traced = copy_graph_module(gm0) if KEEP_TRACED_GRAPH else None
     original_peak = MemoryModel.of(original).simulate().peak_bytes
     traced_peak = MemoryModel.of(gm0).simulate().peak_bytes
     best = evaluate(frozenset(), (gm0, result0))  # gm0 itself may be reordered below; `traced` is a copy
