@@ -13,6 +13,7 @@ from oracle import assert_grads_match, oracle_grads
 
 import grapefx
 from grapefx.passes.common_subexpressions import merge_common_subexpressions
+from grapefx.rules.gram import block_count
 
 aten = torch.ops.aten
 
@@ -44,12 +45,13 @@ def _private_bmm_count(merge: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[in
     if not merge:
         monkeypatch.setattr("grapefx.passes.privatize_backward.merge_common_subexpressions", lambda gm: 0)
     torch.manual_seed(0)
-    model = SharedInputs()
-    cm = grapefx.compile(model, max_grad_norm=1.7, noise_multiplier=0.0, loss_reduction="sum")
-    x, y = torch.randn(5, 64, 64), torch.randint(0, 3, (5,))
+    model = SharedInputs(d=256)  # wide enough for ghost norms with blocked Grams
+    C = 2.85  # between the samples' norms: some clipped, some not
+    cm = grapefx.compile(model, max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum")
+    x, y = torch.randn(5, 64, 256), torch.randint(0, 3, (5,))
     _loss(cm(x), y).backward()
-    ref, norms = oracle_grads(model, (x, y), _loss, 1.7, "sum")
-    assert (norms > 1.7).any() and (norms < 1.7).any()
+    ref, norms = oracle_grads(model, (x, y), _loss, C, "sum")
+    assert (norms > C).any() and (norms < C).any()
     assert_grads_match(model, ref)
     gm = cm.grapefx_backend.graphs["backward"]
     return sum(n.target == aten.bmm.default for n in gm.graph.nodes), model
@@ -57,8 +59,10 @@ def _private_bmm_count(merge: bool, monkeypatch: pytest.MonkeyPatch) -> tuple[in
 
 def test_shared_inputs_share_their_gram_products(monkeypatch: pytest.MonkeyPatch) -> None:
     """q, k, v: one Gram of x instead of three; gate, up: one of the MLP input instead of two. At
-    T=64 a Gram is 4 block products: 8 + 4 fewer bmm, and 1 for the per-sample norms of b1 and b2
-    (the same [B, d] values). The gradients equal the oracle either way."""
+    T=64 and d=256 a Gram is 4 block products (rules/gram.block_count): 8 + 4 fewer bmm, and 1 for
+    the per-sample norms of b1 and b2 (the same [B, d] values). The gradients equal the oracle
+    either way."""
+    assert block_count(64, 256 + 256) == block_count(64, 256 + 512) == 4
     merged, model = _private_bmm_count(True, monkeypatch)
     assert model.b1.grad is not model.b2.grad  # identical expressions, still two gradients
     with monkeypatch.context() as m:

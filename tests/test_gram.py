@@ -14,14 +14,20 @@ from grapefx.rules.gram import (
     symmetric_gram_dot,
 )
 
+# The width is only a cost hint: a huge one forces the blocked form the T-based rule picks for
+# large products, so every block count is checked on small tensors.
+LARGE = 10**9
+
 
 @pytest.mark.parametrize("T", [1, 3, 16, 17, 64, 130])
 def test_ghost_norm_equals_the_instantiated_norm(T: int) -> None:
     g = torch.Generator().manual_seed(T)
     L = torch.randn(3, T, 5, generator=g, dtype=torch.float64)
     R = torch.randn(3, T, 7, generator=g, dtype=torch.float64)
-    per_sample = torch.einsum("btm,btn->bmn", L, R)
-    torch.testing.assert_close(ghost_norm_sq(L, R), per_sample.pow(2).sum(dim=(1, 2)), rtol=1e-12, atol=0)
+    expected = torch.einsum("btm,btn->bmn", L, R).pow(2).sum(dim=(1, 2))
+    torch.testing.assert_close(ghost_norm_sq(L, R), expected, rtol=1e-12, atol=0)
+    blocked = symmetric_gram_dot(dense_blocks(L), dense_blocks(R), T, LARGE)
+    torch.testing.assert_close(blocked, expected, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("T", [2, 16, 33, 64, 100])
@@ -35,8 +41,9 @@ def test_same_id_blocks_give_the_embedding_norm(T: int) -> None:
     per_sample = torch.zeros(4, V, 3, dtype=torch.float64).scatter_add(
         1, ids[..., None].expand_as(grads), grads * keep[..., None]
     )
-    got = symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(grads), T)
-    torch.testing.assert_close(got.double(), per_sample.pow(2).sum(dim=(1, 2)), rtol=1e-6, atol=1e-9)
+    for width in (3 + 1, LARGE):
+        got = symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(grads), T, width)
+        torch.testing.assert_close(got.double(), per_sample.pow(2).sum(dim=(1, 2)), rtol=1e-6, atol=1e-9)
 
 
 def test_blocking_computes_the_stated_share_of_the_products() -> None:
@@ -47,10 +54,21 @@ def test_blocking_computes_the_stated_share_of_the_products() -> None:
         calls.append((n_rows, n_cols))
         return torch.ones(1, n_rows, n_cols)
 
-    T = 128
-    assert block_count(T) == 4
-    symmetric_gram_dot(counting, counting, T)
+    T, width = 128, 1280  # M3's MLP: 21M multiply-adds per sample
+    assert block_count(T, width) == 4
+    symmetric_gram_dot(counting, counting, T, width)
     entries = sum(r * c for r, c in calls) / 2  # both sides are called once per block
-    assert entries == gram_fraction(T) * T * T
+    assert entries == gram_fraction(T, width) * T * T
     # all ones: Σ_{t,s} 1·1 = T²
-    assert symmetric_gram_dot(counting, counting, T).item() == T * T
+    assert symmetric_gram_dot(counting, counting, T, width).item() == T * T
+
+
+def test_small_products_take_one_block() -> None:
+    """A mixture-of-experts layer's expert (T=64, 128 -> 256) or a short sequence: one product."""
+    assert block_count(64, 128 + 256) == 1
+    assert block_count(32, 256 + 256) == 1
+    assert gram_fraction(64, 128 + 256) == 1.0
+    assert block_count(64, 256 + 1024) == 4
+    assert block_count(32, 256 + 8192) == 2
+    assert block_count(128, 64 + 64) == 4  # measured 15% faster blocked (results/gram-blocks-cpu-2c.md)
+    assert block_count(96, 32 + 32) == 4  # past 64 rows: blocks keep the Gram temporaries small

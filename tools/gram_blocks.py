@@ -17,13 +17,15 @@ from grapefx.rules import gram
 
 SHAPES = [(32, 16, 256, 256), (64, 16, 256, 1024), (64, 8, 128, 344), (64, 8, 128, 2048)]
 SHAPES += [(128, 16, 256, 1024), (128, 16, 256, 8192), (256, 8, 256, 1024), (512, 4, 256, 1024)]
+# MoE's experts and attention (d 128, width 256, T=64, B=8); small GPT layers
+SHAPES += [(64, 8, 128, 128), (64, 8, 128, 256), (64, 8, 256, 128), (32, 16, 256, 1024), (128, 16, 64, 64)]
 
 
 def _blocked(L: torch.Tensor, R: torch.Tensor, k: int) -> torch.Tensor:
     chosen = gram.block_count
-    gram.block_count = lambda T: k
+    gram.block_count = lambda T, width: k
     try:
-        return gram.symmetric_gram_dot(gram.dense_blocks(L), gram.dense_blocks(R), L.shape[1])
+        return gram.symmetric_gram_dot(gram.dense_blocks(L), gram.dense_blocks(R), L.shape[1], L.shape[2] + R.shape[2])
     finally:
         gram.block_count = chosen
 
@@ -41,7 +43,7 @@ def main() -> None:
             timer = tb.Timer("f(L, R, k)", globals={"f": _blocked, "L": L, "R": R, "k": k})
             times.append(timer.blocked_autorange(min_run_time=1.0).median * 1e3)
         cells = " | ".join(f"{t:.2f}" for t in times)
-        print(f"| {T} | {B} | {M} | {N} | {cells} | {gram.block_count(T)} |", flush=True)
+        print(f"| {T} | {B} | {M} | {N} | {cells} | {gram.block_count(T, M + N)} |", flush=True)
 
 
 if __name__ == "__main__":

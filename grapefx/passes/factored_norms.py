@@ -43,6 +43,11 @@ class Factor:
     def length(self) -> int:
         return (self.dense if self.dense is not None else self.ids).shape[1]
 
+    @property
+    def width(self) -> int:
+        """Multiply-adds per pair of rows in its Gram (an id comparison counts one)."""
+        return int(self.dense.shape[2]) if self.dense is not None else 1
+
 
 def gram(x: Factor, y: Factor) -> torch.Tensor:
     """[B, Tx, Ty] inner products of every row of x with every row of y."""
@@ -136,7 +141,7 @@ def lookup_norm_sq(site: SiteContext, lookup: fx.Node, per_sample: torch.Tensor)
     rows = accumulated(per_sample.reshape(b, n, -1))
     ids = ids.expand(b, n)
     keep = (ids != padding_idx) if padding_idx is not None and padding_idx >= 0 else None
-    return symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(rows), n)
+    return symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(rows), n, rows.shape[2] + 1)
 
 
 def factored_norm_sq(grad: ParamGrad, sites: list[SiteContext]) -> torch.Tensor | None:
@@ -152,7 +157,7 @@ def factored_norm_sq(grad: ParamGrad, sites: list[SiteContext]) -> torch.Tensor 
         for b in range(a, len(terms)):
             lb, rb = terms[b]
             if a == b:  # symmetric Grams: half of them suffices
-                part = symmetric_gram_dot(_self_blocks(la), _self_blocks(ra), la.length)
+                part = symmetric_gram_dot(_self_blocks(la), _self_blocks(ra), la.length, la.width + ra.width)
             else:
                 part = 2 * (gram(la, lb) * gram(ra, rb)).sum(dim=(1, 2))
             total = part if total is None else total + part

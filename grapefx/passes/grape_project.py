@@ -79,7 +79,7 @@ def projected_factors(site: SiteContext, proj: Projection, P: torch.Tensor) -> t
 def projected_norm_sq(site: SiteContext, proj: Projection, P: torch.Tensor) -> tuple[torch.Tensor, NormChoice]:
     L, R = projected_factors(site, proj, P)
     T, M, N = L.shape[1], L.shape[2], R.shape[2]
-    ghost, inst = 2.0 * T * T * (M + N) * gram_fraction(int(T)), 2.0 * T * M * N
+    ghost, inst = 2.0 * T * T * (M + N) * gram_fraction(int(T), int(M + N)), 2.0 * T * M * N
     method = (
         site.strategy if site.strategy in ("ghost", "instantiate") else ("ghost" if ghost < inst else "instantiate")
     )

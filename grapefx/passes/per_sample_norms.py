@@ -78,7 +78,7 @@ def _shared_choice(g: ParamGrad, sites: list[SiteContext], choices: list[NormCho
     lookup = broadcast_lookup(g, sites)
     if lookup is not None:  # positions: an embedding of batch-free ids, summed over the batch
         T, d, V = int(lookup.args[1].meta["val"].numel()), int(shape[-1]), int(lookup.args[2])
-        ghost = (2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T) * gram_fraction(T)
+        ghost = (2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T) * gram_fraction(T, d + 1)
         inst = MEMORY_WEIGHT * (3 * V * d + T * d) + sites[0].fresh_weight * V * d
         method = pick(sites[0].strategy, ghost, inst)
         reason = f"embedding of batch-free ids (positions), T={T} d={d} V={V}: ghost ~2T²d vs instantiate ~3Vd"

@@ -66,7 +66,7 @@ class EmbeddingRule(SiteRule):
         other_dims = [s for i, s in enumerate(shape_of(ids)) if i != lay.dim]
         T = int(math.prod(int(s) for s in other_dims) * lay.outer * lay.inner)  # tokens per sample
         d, V = int(shape_of(grad)[-1]), int(site.node.args[2])
-        ghost = (2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T) * gram_fraction(T)
+        ghost = (2.0 * T * T * d + MEMORY_WEIGHT * 3 * T * T) * gram_fraction(T, d + 1)
         # zero-fill, scatter, square-and-sum of a fresh [V, d]
         inst = MEMORY_WEIGHT * (3 * V * d + T * d) + site.fresh_weight * V * d
         reason = f"T={T} d={d} V={V}: ghost ~2T²d vs instantiate ~3Vd memory-bound per sample"
@@ -78,7 +78,8 @@ class EmbeddingRule(SiteRule):
         ids, g = tokens(site)
         padding_idx = site.node.args[3]
         keep = (ids != padding_idx) if padding_idx is not None and padding_idx >= 0 else None
-        return symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(accumulated(g)), ids.shape[1])
+        g = accumulated(g)
+        return symmetric_gram_dot(same_id_blocks(ids, keep), dense_blocks(g), ids.shape[1], g.shape[-1] + 1)
 
     def weighted(self, site: SiteContext, weights: torch.Tensor) -> torch.Tensor:
         grad, ids, num_weights, padding_idx, scale = site.node.args

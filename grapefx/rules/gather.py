@@ -74,7 +74,7 @@ class GatherRule(SiteRule):
         L, R, ids = products
         rows = int(_rows_per_sample(site, ids)) * int(L.meta["val"].shape[-1])
         M, N = int(L.meta["val"].shape[-2]), int(R.meta["val"].shape[-1])
-        ghost = (2.0 * rows * rows * (M + N) + MEMORY_WEIGHT * 3 * rows * rows) * gram_fraction(rows)
+        ghost = (2.0 * rows * rows * (M + N) + MEMORY_WEIGHT * 3 * rows * rows) * gram_fraction(rows, M + N)
         reason = (
             f"table {table}, {rows} rows of [{M}]⊗[{N}] per sample: ghost ~2n²(M+N) masked to equal ids "
             f"vs instantiate ~3·numel memory-bound per sample"
@@ -91,7 +91,8 @@ class GatherRule(SiteRule):
         left = accumulated(L).transpose(-1, -2).reshape(b, -1, L.shape[-2])  # [B, n·r, M]: row (s, j) = L_s[:, j]
         right = accumulated(R).reshape(b, -1, R.shape[-1])  # [B, n·r, N]: row (s, j) = R_s[j, :]
         ids = ids.repeat_interleave(r, dim=1)  # [B, n·r]
-        return symmetric_gram_dot(_masked(dense_blocks(left), same_id_blocks(ids)), dense_blocks(right), ids.shape[1])
+        blocks = _masked(dense_blocks(left), same_id_blocks(ids))
+        return symmetric_gram_dot(blocks, dense_blocks(right), ids.shape[1], left.shape[-1] + right.shape[-1])
 
     @staticmethod
     def _batched(site: SiteContext, node: fx.Node) -> torch.Tensor:

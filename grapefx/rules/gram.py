@@ -17,14 +17,25 @@ import torch
 BlockGram = Callable[[slice, slice], torch.Tensor]
 
 
-def block_count(T: int) -> int:
-    """Row blocks per sample: small T gains nothing from more, smaller products."""
+# Below this many multiply-adds per sample (T²·width) and up to UNBLOCKED_ROWS rows, the Gram
+# products are too small for blocking to pay: one block is as fast (tools/gram_blocks.py) and a
+# block column costs ~15 more ops to run (host time: the eager codegen's Python, a GPU's launches)
+# and to trace. Past UNBLOCKED_ROWS the blocks also keep the [B, T, T] temporaries at T/k columns.
+SMALL_GRAM_MACS = 2_000_000
+UNBLOCKED_ROWS = 64
+
+
+def block_count(T: int, width: int) -> int:
+    """Row blocks per sample for Gram products of rows `width` wide in all (M + N for two dense
+    factors): small T or small products gain nothing from more, smaller products."""
+    if T <= UNBLOCKED_ROWS and T * T * width < SMALL_GRAM_MACS:
+        return 1
     return 4 if T >= 64 else 2 if T >= 16 else 1
 
 
-def gram_fraction(T: int) -> float:
+def gram_fraction(T: int, width: int) -> float:
     """The share of the full T×T Gram products that the blocked form computes."""
-    k = block_count(T)
+    k = block_count(T, width)
     return (k + 1) / (2 * k)
 
 
@@ -54,9 +65,10 @@ def same_id_blocks(ids: torch.Tensor, keep: torch.Tensor | None = None) -> Block
     return block
 
 
-def symmetric_gram_dot(left: BlockGram, right: BlockGram, T: int) -> torch.Tensor:
-    """[B] Σ_{t,s} left[t,s]·right[t,s] for two symmetric [B, T, T] Gram matrices given by blocks."""
-    k = block_count(T)
+def symmetric_gram_dot(left: BlockGram, right: BlockGram, T: int, width: int) -> torch.Tensor:
+    """[B] Σ_{t,s} left[t,s]·right[t,s] for two symmetric [B, T, T] Gram matrices given by blocks,
+    of rows `width` wide in all (block_count)."""
+    k = block_count(T, width)
     bounds = [T * j // k for j in range(k + 1)]
     total: torch.Tensor | None = None
     for lo, hi in zip(bounds[:-1], bounds[1:]):
@@ -74,4 +86,4 @@ def ghost_norm_sq(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """[B] ‖Σ_t L_t ⊗ R_t‖² = Σ_{t,s} (L_t·L_s)(R_t·R_s) for L [B, T, M], R [B, T, N]."""
     if L.shape[1] == 1:  # one row per sample (a 2-D linear): ‖L‖²‖R‖², no [B, 1, 1] batched products
         return L.square().sum(dim=(1, 2)) * R.square().sum(dim=(1, 2))
-    return symmetric_gram_dot(dense_blocks(L), dense_blocks(R), L.shape[1])
+    return symmetric_gram_dot(dense_blocks(L), dense_blocks(R), L.shape[1], L.shape[2] + R.shape[2])

@@ -149,7 +149,7 @@ def fresh_memory_weight(device: torch.device | str) -> float:
 
 def mm_costs(T: int, M: int, N: int) -> tuple[float, float]:
     """(ghost, instantiate) cost of the norm of Σ_t L_t ⊗ R_t with L [T, M], R [T, N]."""
-    ghost = (2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T) * gram_fraction(T)
+    ghost = (2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T) * gram_fraction(T, M + N)
     inst = 2.0 * T * M * N + MEMORY_WEIGHT * 2 * M * N
     return ghost, inst
 
@@ -164,7 +164,7 @@ def mm_extra_costs(T: int, M: int, N: int, fresh: float = 0.0) -> tuple[float, f
     whether instantiation fits the memory rule. Ghost adds its Gram products; instantiation replaces
     the weight-gradient matmul by the per-sample bmm (same flops) and adds only memory traffic and,
     `fresh` per element, the device's cost of a newly allocated buffer (`fresh_memory_weight`)."""
-    ghost = (2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T) * gram_fraction(T)
+    ghost = (2.0 * T * T * (M + N) + MEMORY_WEIGHT * 2 * T * T) * gram_fraction(T, M + N)
     inst = (MEMORY_WEIGHT * 3 + fresh) * M * N  # square-and-sum, weighted sum, write; fresh pages
     fits = M * N <= INSTANTIATE_MEMORY_FACTOR * T * (M + N)
     return ghost, inst, fits
