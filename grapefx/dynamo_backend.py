@@ -160,7 +160,9 @@ class GrapefxBackend:
             # a mean over ignore_index-padded targets raises at run time
             guard_mean_losses(fw_gm, shared.get("forward_layouts", {}))
             # x[mask] read per sample: every sample must select as many rows, checked at run time
-            guard_masked_rows(fw_gm, shared.get("guarded_rows", {}), shared.get("forward_layouts", {}))
+            guard_masked_rows(
+                fw_gm, shared.get("guarded_rows", {}), shared.get("forward_layouts", {}), shared.get("returned_rows")
+            )
             self.graphs["forward"] = fw_gm
             return self._codegen(fw_gm, fw_inputs, is_backward=False)
 
@@ -228,10 +230,11 @@ class GrapefxBackend:
         outputs = list(fw_gm.graph.output_node().args[0])
         # x[mask] rows used one by one (a masked-token loss) are per sample whatever each sample's
         # count; the others are read as B equal blocks, checked on every step
-        rowwise = rowwise_selections(
+        uses = rowwise_selections(
             fw_gm, layouts.layouts, layouts.masked_rows, layouts.batch_reductions, _user_outputs(outputs)
         )
-        shared["guarded_rows"] = {n: v for n, v in layouts.masked_rows.items() if n not in rowwise}
+        shared["guarded_rows"] = {n: v for n, v in layouts.masked_rows.items() if n not in uses.rowwise}
+        shared["returned_rows"] = uses.returned
         shared["saved"] = {n.name: _saved_seed(n, layouts) for n in outputs if isinstance(n, fx.Node)}
         shared["tangent_layouts"] = _tangent_layouts(outputs, layouts.layouts)
         shared["zero_tangents"] = _hidden_mutation_tangents()

@@ -531,9 +531,45 @@ def test_boolean_mask_selection_with_unequal_counts_raises_on_that_step(codegen:
     assert model.fc.weight.grad is not None
     model.zero_grad()
     ids[0, 1], ids[1, 2] = 5, EosPool.EOS  # one EOS in sample 0, three in sample 1: 8 rows, B | 8
-    with pytest.raises(grapefx.BatchMixingError, match=r"(?s)index.*select 1, 3, 2, 2.*same number of rows"):
+    with pytest.raises(grapefx.BatchMixingError, match=r"(?s)index.*select 1, 3, 2, 2.*same number of rows") as info:
         cm(ids)
+    assert "returned by the compiled model" not in str(info.value)  # its view mixes rows in the graph
     assert model.fc.weight.grad is None
+
+
+class _SelectedRowsOut(nn.Module):
+    """A layer on x[mask] rows (sliced along the features), the rows returned, or their loss if `loss`."""
+
+    def __init__(self, loss: bool) -> None:
+        super().__init__()
+        self.a, self.b, self.loss = nn.Linear(8, 8), nn.Linear(6, 3), loss
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.b(self.a(x)[mask][:, 2:])
+        return out.pow(2).sum() if self.loss else out
+
+
+def test_rows_returned_with_unequal_counts_say_to_move_the_loss_inside() -> None:
+    """Rows used row by row but returned to the caller keep the equal-count check (the loss made of
+    them is out of sight); the message says so, and the same loss inside the module works."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 5, 8), torch.zeros(4, 5, dtype=torch.bool)
+    mask[:, :2] = True
+    mask[0, 3] = True  # 3, 2, 2, 2 rows
+    model, C = _SelectedRowsOut(loss=True), 5.2  # per-sample norms 10.0, 5.1, 4.5, 5.3
+    cm = grapefx.compile(_SelectedRowsOut(loss=False), max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum")
+    with pytest.raises(grapefx.BatchMixingError, match=r"(?s)select 3, 2, 2, 2.*returned by the compiled model"):
+        cm(x, mask).pow(2).sum().backward()
+    grapefx.compile(model, max_grad_norm=C, noise_multiplier=0.0, loss_reduction="sum")(x, mask).backward()
+    expected, scales = {n: torch.zeros_like(p) for n, p in model.named_parameters()}, []
+    for i in range(4):  # per-sample autograd (torch.func cannot vmap a boolean-mask selection)
+        grads = torch.autograd.grad(model(x[i : i + 1], mask[i : i + 1]), list(model.parameters()))
+        scales.append(min(1.0, C / (torch.sqrt(sum(g.pow(2).sum() for g in grads)).item() + 1e-6)))
+        for (n, _), g in zip(model.named_parameters(), grads):
+            expected[n] += scales[-1] * g
+    assert min(scales) < 1.0 == max(scales)  # some samples clipped, some not
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-6)
 
 
 class _MaskAcrossTheBatch(nn.Module):

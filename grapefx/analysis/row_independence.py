@@ -26,7 +26,7 @@ caller or anything else keeps the run-time check.
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import sympy
 import torch
@@ -77,13 +77,18 @@ _SHAPE_TAKERS = {aten.view, aten._unsafe_view, aten.reshape, aten.expand}
 _ASSERTS = {aten._assert_scalar.default, torch.ops.aten.sym_constrain_range_for_size.default}
 
 
+class RowUses(NamedTuple):
+    rowwise: set[fx.Node]  # used row by row only: no equal-count check
+    returned: set[fx.Node]  # row by row in the graph, but returned to the caller: checked (loss unseen)
+
+
 def rowwise_selections(
     gm: fx.GraphModule,
     layouts: dict[fx.Node, Any],
     masked_rows: dict[fx.Node, tuple[fx.Node, Any]],
     batch_reductions: dict[fx.Node, str],
     user_outputs: set[fx.Node],
-) -> set[fx.Node]:
+) -> RowUses:
     """The nodes of `masked_rows` (x[mask] selections and index_put writes of their rows; the forward
     layout analysis) whose rows are used row by row only: they need no equal-count check.
     `user_outputs`: the forward outputs the caller sees. Rows returned to it keep the check: the
@@ -91,6 +96,7 @@ def rowwise_selections(
     selections = {n for n in masked_rows if n.target in (aten.index.Tensor, aten._unsafe_index.Tensor)}
     origin: dict[fx.Node, frozenset[fx.Node]] = {s: frozenset([s]) for s in selections}
     bad: set[fx.Node] = set()
+    returned: set[fx.Node] = set()
     writes: dict[fx.Node, frozenset[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node in selections or node.op != "call_function" and node.op != "output":
@@ -99,7 +105,7 @@ def rowwise_selections(
         if not row_inputs:
             continue
         if node.op == "output":  # rows saved for the backward end there, each selection on its own
-            bad |= frozenset().union(*(origin[a] for a in row_inputs if a in user_outputs))
+            returned |= frozenset().union(*(origin[a] for a in row_inputs if a in user_outputs))
             continue
         sels = frozenset().union(*(origin[a] for a in row_inputs))
         masks = {masked_rows[s][0] for s in sels}
@@ -114,8 +120,9 @@ def rowwise_selections(
             origin[node] = sels
         elif verdict == "write":
             writes[node] = sels
-    good = selections - bad
-    return good | {w for w, sels in writes.items() if w in masked_rows and sels <= good}
+    good = selections - bad - returned
+    rowwise = good | {w for w, sels in writes.items() if w in masked_rows and sels <= good}
+    return RowUses(rowwise, returned - bad)
 
 
 def _use(

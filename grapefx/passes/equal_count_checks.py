@@ -18,12 +18,18 @@ import torch.fx as fx
 from grapefx.errors import BatchMixingError, describe_node
 from grapefx.passes.loss_checks import route_through_check
 
+RETURNED_HINT = (
+    " These rows (or values computed from them row by row) are returned by the compiled model, so "
+    "grapefx cannot see the loss computed from them: compute the loss inside the compiled module "
+    "(a forward that returns it), where a sum of one term per row is accepted whatever the counts."
+)
+
 
 @torch.library.custom_op("grapefx::require_equal_counts", mutates_args=())
-def require_equal_counts(rows: torch.Tensor, mask: torch.Tensor, where: str, lead: int) -> torch.Tensor:
+def require_equal_counts(rows: torch.Tensor, mask: torch.Tensor, where: str, lead: int, hint: str) -> torch.Tensor:
     """A copy of `rows` if every sample selects as many rows; raises otherwise. Sample i owns `lead`
-    consecutive entries of the mask's dim 0 (1 for a [B, T] mask, T for a flattened [B·T] one). One
-    host synchronization per step on a GPU."""
+    consecutive entries of the mask's dim 0 (1 for a [B, T] mask, T for a flattened [B·T] one);
+    `hint` ends the message. One host synchronization per step on a GPU."""
     counts = mask.reshape(mask.shape[0] // lead, -1).sum(dim=1)
     if counts.numel() and bool((counts != counts[0]).any()):
         listed = ", ".join(str(int(c)) for c in counts[:8]) + (", ..." if counts.numel() > 8 else "")
@@ -35,28 +41,33 @@ def require_equal_counts(rows: torch.Tensor, mask: torch.Tensor, where: str, lea
             "h[torch.arange(B), index] where index holds one position per sample. A loss over the "
             "selected rows needs no equal counts when it is a sum of one term per row "
             "(`F.cross_entropy(logits[mask], labels[mask], reduction='sum')`, divided by a constant "
-            "if you like): a mean over the rows divides by the count of the whole batch."
+            "if you like): a mean over the rows divides by the count of the whole batch." + hint
         )
     return rows.clone()
 
 
 @require_equal_counts.register_fake
-def _(rows: torch.Tensor, mask: torch.Tensor, where: str, lead: int) -> torch.Tensor:
+def _(rows: torch.Tensor, mask: torch.Tensor, where: str, lead: int, hint: str) -> torch.Tensor:
     return torch.empty_like(rows)
 
 
 def guard_masked_rows(
-    gm: fx.GraphModule, masked_rows: dict[fx.Node, tuple[fx.Node, object]], layouts: dict[fx.Node, Any]
+    gm: fx.GraphModule,
+    masked_rows: dict[fx.Node, tuple[fx.Node, object]],
+    layouts: dict[fx.Node, Any],
+    returned: set[fx.Node] | None = None,
 ) -> int:
     """Route every selection of `masked_rows` (node -> (mask, row count), the forward's layout
-    analysis; `layouts`: its batch layouts) through `require_equal_counts`; returns how many."""
+    analysis; `layouts`: its batch layouts) through `require_equal_counts`; returns how many.
+    `returned`: selections checked only because their rows reach the caller (their message says so)."""
     guarded = 0
     for node, (mask, _) in masked_rows.items():
         if node.graph is not gm.graph:
             continue
         lead = int(layouts[mask].inner)  # indexing_layout accepts masks whose dim 0 is B·lead, lead static
         check = torch.ops.grapefx.require_equal_counts.default
-        route_through_check(gm, node, check, (mask, describe_node(node), lead))
+        hint = RETURNED_HINT if returned and node in returned else ""
+        route_through_check(gm, node, check, (mask, describe_node(node), lead, hint))
         guarded += 1
     if guarded:
         gm.recompile()
