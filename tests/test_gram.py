@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.ops import aten
 
+import grapefx
 from grapefx.rules.gram import (
     block_count,
     dense_blocks,
@@ -72,3 +74,19 @@ def test_small_products_take_one_block() -> None:
     assert block_count(32, 256 + 8192) == 2
     assert block_count(128, 64 + 64) == 4  # measured 15% faster blocked (results/gram-blocks-cpu-2c.md)
     assert block_count(96, 32 + 32) == 4  # past 64 rows: blocks keep the Gram temporaries small
+
+
+def test_a_compiled_backward_takes_one_product_per_small_gram() -> None:
+    """End to end: ghost norms of two 16-wide layers on T=32 tokens (T²·(M+N) = 32k multiply-adds
+    per sample) compute each Gram in one bmm: two per weight, none of the block slices."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    cm = grapefx.compile(model, max_grad_norm=1.0, noise_multiplier=0.0, loss_reduction="sum", strategy="ghost")
+    cm(torch.randn(3, 32, 16)).sum().backward()
+    nodes = cm.grapefx_backend.graphs["backward"].graph.nodes
+    norm_bmms: dict[str, int] = {}
+    for n in nodes:
+        meta = n.meta.get("grapefx") or {}
+        if n.target == aten.bmm.default and meta.get("role") == "norm" and meta["param"].endswith("weight"):
+            norm_bmms[meta["param"]] = norm_bmms.get(meta["param"], 0) + 1
+    assert norm_bmms == {"0.weight": 2, "2.weight": 2}, norm_bmms
